@@ -1,0 +1,70 @@
+"""Run a side-network server until it is told to stop (signal, or the parent device process exits)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import asdict
+
+import torch
+
+from lightning_mobillm.server.runtime import ServerConfig, SideServer
+from lightning_mobillm.transport.link import serve_link
+
+log = logging.getLogger("lightning_mobillm.server")
+
+READY_PREFIX = "MOBILLM_SERVER_READY"
+
+
+def serve(config: ServerConfig, *, parent_pid: int | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, or until ``parent_pid`` is no longer this process's parent.
+
+    Prints one line ``MOBILLM_SERVER_READY port=<port> pid=<pid>`` on stdout once it accepts calls.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[server %(process)d] %(levelname)s %(message)s")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    token = config.resolved_token()
+    if token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without a token: any device that reaches this address can train", config.host)
+    side = SideServer(config)
+    grpc_server, port = serve_link(
+        side.handle,
+        host=config.host,
+        port=config.port,
+        token=token,
+        max_message_bytes=config.max_frame_mb * 2**20 + 2**20,
+        max_workers=config.max_workers,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"{READY_PREFIX} port={port} pid={os.getpid()}", flush=True)
+    log.info("listening on %s:%d (side network on %s)", config.host, port, side.device)
+    while not stop.wait(0.5):
+        if parent_pid is not None and os.getppid() != parent_pid:
+            log.warning("device process %d is gone; shutting down", parent_pid)
+            break
+    grpc_server.stop(grace=2.0).wait()
+    log.info("stopped (%d sessions open, %d frames refused)", len(side.sessions), side.frames_refused)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lightning_mobillm.server --config-json '{...}' [--parent-pid N]`` (used by the strategy)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_mobillm.server")
+    parser.add_argument("--config-json", default="{}", help="ServerConfig fields as a JSON object")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    args = parser.parse_args(argv)
+    fields = json.loads(args.config_json)
+    unknown = set(fields) - set(asdict(ServerConfig()))
+    if unknown:
+        parser.error(f"unknown server config keys: {sorted(unknown)}")
+    serve(ServerConfig(**fields), parent_pid=args.parent_pid)
+    sys.exit(0)

@@ -1,0 +1,343 @@
+"""The server process: validates frames, keeps one training session per device, steps the side module.
+
+The server never loads a backbone and never sees text or token ids. Each session holds a
+LightningModule built from the hyperparameters in the device's hello (only registered module names are
+accepted), its optimizer and scheduler, and the number of training steps it has applied. A frame that
+fails validation gets an error reply and leaves every session as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from lightning_mobillm.server import protocol as P
+from lightning_mobillm.specs import TapSpec
+from lightning_mobillm.transport.frames import Frame, FrameError, decode_frame, encode_frame
+
+log = logging.getLogger("lightning_mobillm.server")
+
+#: Module names a device may ask the server to build (never an arbitrary import path from the network).
+MODULE_REGISTRY: dict[str, str] = {
+    "side_tuning": "lightning_mobillm.modules.side_tuning:SideTuningModule",
+}
+
+
+def register_module(name: str, target: str) -> None:
+    """Allow devices to request ``target`` (``"package.module:Class"``) under ``name``."""
+    MODULE_REGISTRY[name] = target
+
+
+def _resolve_module_class(name: str) -> type:
+    if name not in MODULE_REGISTRY:
+        raise FrameError(f"unknown module {name!r}; this server accepts {sorted(MODULE_REGISTRY)}")
+    mod, _, cls = MODULE_REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+@dataclass
+class ServerConfig:
+    """Settings of a side-network server.
+
+    Args:
+        host: interface to listen on (``0.0.0.0`` to accept remote devices).
+        port: port to listen on; 0 picks a free one.
+        token: shared secret devices must present; if None, read from the ``token_env`` variable; if that
+            is unset too, the server accepts any device (loopback use only).
+        token_env: environment variable holding the token.
+        device: where the side network trains: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``.
+        precision: ``32`` or ``bf16-mixed`` (autocast) for the side network's steps.
+        grad_clip: max global gradient norm per step (None disables clipping).
+        max_frame_mb: frames larger than this are refused.
+        max_sessions: how many device sessions may be open at once.
+        max_workers: gRPC worker threads.
+        threads: torch intra-op threads for the server process (None keeps torch's default).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str | None = None
+    token_env: str = "MOBILLM_TOKEN"
+    device: str = "auto"
+    precision: Literal["32", "bf16-mixed"] = "32"
+    grad_clip: float | None = 1.0
+    max_frame_mb: int = 512
+    max_sessions: int = 64
+    max_workers: int = 8
+    threads: int | None = None
+
+    def resolved_token(self) -> str | None:
+        return self.token or os.environ.get(self.token_env) or None
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class Session:
+    key: str
+    module: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tap_spec: TapSpec
+    num_outputs: int
+    step: int = 0
+    last_reply: tuple[int, bytes] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SideServer:
+    """Handles frames (bytes in, bytes out). Thread-safe; one lock per session."""
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        self.device = self.config.torch_device()
+        self.sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self.frames_refused = 0
+        self.bytes_in = 0  # counted where frames are read and written, to cross-check the device's count
+        self.bytes_out = 0
+
+    # ---- entry point ---------------------------------------------------------------------------
+    def handle(self, data: bytes) -> bytes:
+        with self._lock:
+            self.bytes_in += len(data)
+        reply = self._handle(data)
+        with self._lock:
+            self.bytes_out += len(reply)
+        return reply
+
+    def _handle(self, data: bytes) -> bytes:
+        try:
+            frame = decode_frame(data, P.REQUEST_SCHEMAS, max_bytes=self.config.max_frame_mb * 2**20)
+            reply = getattr(self, f"_on_{frame.kind}")(frame)
+            if isinstance(reply, bytes):
+                return reply
+        except FrameError as err:
+            self.frames_refused += 1
+            log.warning("refused a frame: %s", err)
+            reply = P.error_frame(str(err))
+        except Exception as err:  # noqa: BLE001 - a bug must not take the server down
+            self.frames_refused += 1
+            log.exception("failed to handle a frame")
+            reply = P.error_frame(f"server error: {type(err).__name__}: {err}")
+        return encode_frame(reply)
+
+    def _session(self, frame: Frame) -> Session:
+        key = frame.header["session"]
+        session = self.sessions.get(key)
+        if session is None:
+            raise FrameError(f"unknown session {key!r}; send a hello first")
+        return session
+
+    # ---- handlers -------------------------------------------------------------------------------
+    def _on_hello(self, frame: Frame) -> Frame:
+        h = frame.header
+        key = f"{h['device_id']}/{h['run_id']}"
+        try:
+            spec = TapSpec.from_dict(h["tap_spec"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise FrameError(f"bad tap_spec in hello: {err}") from None
+        if spec.num_taps < 1 or spec.hidden_size < 1 or h["num_outputs"] < 1 or h["total_steps"] < 1:
+            raise FrameError("hello needs at least one tap, a positive width, outputs and total_steps")
+        cls = _resolve_module_class(h["module"])
+        with self._lock:
+            if key not in self.sessions and len(self.sessions) >= self.config.max_sessions:
+                raise FrameError(f"too many open sessions ({self.config.max_sessions})")
+        try:
+            module = cls.from_hparams_dict(h["hparams"])
+        except (TypeError, ValueError, KeyError) as err:
+            raise FrameError(f"hparams do not build {h['module']}: {err}") from None
+        module.build(spec, num_classes=h["num_outputs"])
+        module.total_steps = h["total_steps"]
+        module.to(self.device)
+        optimizer, scheduler = _optimizers(module.configure_optimizers())
+        session = Session(key, module, optimizer, scheduler, spec, h["num_outputs"])
+        with self._lock:
+            replaced = key in self.sessions
+            self.sessions[key] = session
+        log.info(
+            "session %s %s: %s, %d taps x %d, %d outputs, %d params, %d steps planned, on %s",
+            key,
+            "restarted" if replaced else "opened",
+            h["module"],
+            spec.num_taps,
+            spec.hidden_size,
+            h["num_outputs"],
+            sum(p.numel() for p in module.parameters()),
+            h["total_steps"],
+            self.device,
+        )
+        return Frame(kind=P.OK, header={"session": key, "server_pid": os.getpid(), "server_device": str(self.device)})
+
+    def _batch(self, session: Session, frame: Frame, *, with_labels: bool) -> dict[str, torch.Tensor]:
+        acts, lengths = P.unpack_acts(frame.tensors, frame.header["codec"])
+        n, layers, width = acts.shape
+        spec = session.tap_spec
+        if layers != spec.num_taps or width != spec.hidden_size:
+            raise FrameError(f"acts shape [{n}, {layers}, {width}] does not match the session's taps "
+                             f"[N, {spec.num_taps}, {spec.hidden_size}]")
+        if lengths.numel() == 0 or bool((lengths < 1).any()) or int(lengths.sum()) != n:
+            raise FrameError(f"lengths must be >= 1 and sum to N={n}")
+        if not torch.isfinite(acts).all():
+            raise FrameError("activations are not finite after decoding")
+        batch = {"acts": acts.to(self.device), "lengths": lengths.to(self.device)}
+        if with_labels:
+            labels = frame.tensors["labels"]
+            if labels.shape != lengths.shape:
+                raise FrameError(f"labels shape {list(labels.shape)} != lengths shape {list(lengths.shape)}")
+            if bool((labels < 0).any()) or bool((labels >= session.num_outputs).any()):
+                raise FrameError(f"labels must be in [0, {session.num_outputs})")
+            batch["labels"] = labels.to(self.device)
+        return batch
+
+    def _autocast(self):
+        if self.config.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _on_train(self, frame: Frame) -> bytes:
+        session = self._session(frame)
+        step = frame.header["step"]
+        with session.lock:
+            if session.last_reply is not None and session.last_reply[0] == step:
+                return session.last_reply[1]  # a retried frame: same reply, no second update
+            if step != session.step:
+                raise FrameError(f"out-of-order train frame: got step {step}, expected {session.step}")
+            batch = self._batch(session, frame, with_labels=True)
+            t0 = time.perf_counter()
+            module, optimizer = session.module, session.optimizer
+            module.train()
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                with self._autocast():
+                    loss, logits = module.compute_loss(batch)
+                if not torch.isfinite(loss):
+                    raise FrameError(f"non-finite loss {loss.item()}; step skipped")
+                loss.backward()
+                params = [p for p in module.parameters() if p.grad is not None]
+                if self.config.grad_clip is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+                else:
+                    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+                if not torch.isfinite(norm):
+                    raise FrameError("non-finite gradient; step skipped")
+                optimizer.step()
+            finally:
+                optimizer.zero_grad(set_to_none=True)
+            if session.scheduler is not None:
+                session.scheduler.step()
+            session.step += 1
+            acc = (logits.argmax(-1) == batch["labels"]).float().mean().item()
+            header = {
+                "step": step,
+                "loss": float(loss.item()),
+                "acc": acc,
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "grad_norm": float(norm),
+                "server_step_s": time.perf_counter() - t0,
+                "server_steps": session.step,
+            }
+            reply = encode_frame(Frame(kind=P.OK, header=header))
+            session.last_reply = (step, reply)
+            return reply
+
+    @torch.no_grad()
+    def _on_eval(self, frame: Frame) -> Frame:
+        session = self._session(frame)
+        with session.lock:
+            batch = self._batch(session, frame, with_labels=False)
+            t0 = time.perf_counter()
+            session.module.eval()
+            with self._autocast():
+                logits = session.module(batch["acts"], batch["lengths"])
+            return Frame(
+                kind=P.OK,
+                header={"server_step_s": time.perf_counter() - t0},
+                tensors={"logits": logits.float().cpu().contiguous()},
+            )
+
+    def _on_get_state(self, frame: Frame) -> Frame:
+        session = self._session(frame)
+        with session.lock:
+            state = {
+                "model": session.module.state_dict(),
+                "optimizer": session.optimizer.state_dict(),
+                "scheduler": session.scheduler.state_dict() if session.scheduler is not None else None,
+                "step": session.step,
+            }
+            skeleton, blob = P.pack_state(state)
+        with self._lock:
+            counts = {"bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+        return Frame(kind=P.OK, header={"skeleton": skeleton, "step": session.step, **counts}, tensors={"state": blob})
+
+    def _on_set_state(self, frame: Frame) -> Frame:
+        session = self._session(frame)
+        state = P.unpack_state(frame.header["skeleton"], frame.tensors["state"])
+        if not isinstance(state, dict) or not {"model", "step"} <= set(state):
+            raise FrameError("state must hold model and step (optimizer and scheduler are optional)")
+        with session.lock:
+            # Load into copies first so a state that does not fit leaves the session as it was.
+            module_state = {k: v.clone() for k, v in session.module.state_dict().items()}
+            opt_state = session.optimizer.state_dict()
+            sched_state = session.scheduler.state_dict() if session.scheduler is not None else None
+            try:
+                session.module.load_state_dict(state["model"], strict=True)
+                if state.get("optimizer") is not None:
+                    session.optimizer.load_state_dict(state["optimizer"])
+                if session.scheduler is not None and state.get("scheduler") is not None:
+                    session.scheduler.load_state_dict(state["scheduler"])
+                _check_optimizer_shapes(session.optimizer)
+                session.step = int(state["step"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as err:
+                session.module.load_state_dict(module_state)
+                session.optimizer.load_state_dict(opt_state)
+                if sched_state is not None:
+                    session.scheduler.load_state_dict(sched_state)
+                raise FrameError(f"state does not fit this session: {err}") from None
+            session.last_reply = None
+        log.info("session %s restored at step %d", session.key, session.step)
+        return Frame(kind=P.OK, header={"step": session.step})
+
+    def _on_bye(self, frame: Frame) -> Frame:
+        with self._lock:
+            session = self.sessions.pop(frame.header["session"], None)
+        if session is not None:
+            log.info("session %s closed after %d steps", session.key, session.step)
+        return Frame(kind=P.OK)
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != p.shape:
+                    raise ValueError(f"optimizer state {name!r} has shape {list(value.shape)}, "
+                                     f"its parameter {list(p.shape)}")
+
+
+def _optimizers(conf: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """Normalise what ``configure_optimizers`` returned to one optimizer and an optional scheduler."""
+    if isinstance(conf, torch.optim.Optimizer):
+        return conf, None
+    if isinstance(conf, dict):
+        sched = conf.get("lr_scheduler")
+        if isinstance(sched, dict):
+            sched = sched.get("scheduler")
+        return conf["optimizer"], sched
+    if isinstance(conf, (list, tuple)) and len(conf) == 2:
+        opts, scheds = conf
+        sched = scheds[0] if scheds else None
+        return opts[0], sched.get("scheduler") if isinstance(sched, dict) else sched
+    raise TypeError(f"the server supports one optimizer with an optional scheduler, got {type(conf).__name__}")
+

@@ -1,0 +1,426 @@
+"""``ServerAssistedStrategy`` (registered as ``mobillm``): the device's side of a MobiLLM split.
+
+The Trainer's process is the device. It holds the frozen backbone and the data, runs the backbone
+forward only, and streams the tapped activations (quantised by :class:`QuantizedTransfer`) to a server
+process over gRPC. The side network's training step, backward pass, optimizer and scheduler run only in
+the server process. The device keeps a copy of the side network's weights (no gradients, refreshed from
+the server for checkpoints and at the end of ``fit``) so a trained module can also run locally.
+
+Overlap: training frames go through an ordered queue; the device forwards batch ``k+1`` while the
+server trains on batch ``k``. ``pipeline_depth`` bounds how many frames may be in flight (0 = wait for
+every reply).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+from lightning_mobillm.backbone import FrozenBackbone
+from lightning_mobillm.callbacks.quantized_transfer import QuantizedTransfer
+from lightning_mobillm.server import protocol as P
+from lightning_mobillm.server.app import READY_PREFIX
+from lightning_mobillm.server.runtime import ServerConfig
+from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
+from lightning_mobillm.transport.link import LinkClient, LinkError
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """The server refused a frame or failed to handle it."""
+
+
+class ServerOptimizer(torch.optim.Optimizer):
+    """Stands in on the device for the optimizer that lives on the server.
+
+    Lightning's loop calls ``step(closure)``; the closure runs the strategy's training step, which sends
+    the batch's activations to the server. It holds one dummy scalar and no state.
+    """
+
+    def __init__(self) -> None:
+        super().__init__([torch.zeros(1)], {"lr": 0.0})
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        return closure() if closure is not None else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+class ServerAssistedStrategy(SingleDeviceStrategy):
+    """Split a fine-tuning run between this (device) process and a side-network server process.
+
+    Args:
+        server: ``host:port`` of a running server (``python -m lightning_mobillm serve``). ``None`` starts
+            an embedded server: a separate process on 127.0.0.1 at a free port, stopped with the run.
+        token: the device token; if None, read from ``token_env`` (an embedded server gets a fresh
+            random token when neither is set).
+        token_env: environment variable holding the token.
+        pipeline_depth: training frames allowed in flight while the device forwards the next batch
+            (0 = synchronous).
+        select: which tokens' activations are sent: ``all`` non-pad tokens (MobiLLM) or only the ``loss``
+            token (the PAE shortcut).
+        inference: where validation/test/predict run the side network: on the ``server`` (during ``fit``
+            always) or ``local``ly on the device with weights downloaded from the server.
+        embedded: settings of the embedded server (ignored when ``server`` is set).
+        device_id: the name this device gives itself in frames (default: hostname-pid).
+        connect_timeout: seconds to keep trying to reach the server before failing.
+        call_timeout: deadline of one call, seconds.
+        retries: retries of a call that failed with UNAVAILABLE.
+        backbone_device: where the backbone runs on the device (``cpu`` on a phone-class device).
+    """
+
+    strategy_name = "mobillm"
+
+    def __init__(
+        self,
+        server: str | None = None,
+        token: str | None = None,
+        token_env: str = "MOBILLM_TOKEN",
+        pipeline_depth: int = 1,
+        select: Literal["all", "loss"] = "all",
+        inference: Literal["server", "local"] = "server",
+        embedded: ServerConfig | None = None,
+        device_id: str | None = None,
+        connect_timeout: float = 60.0,
+        call_timeout: float = 600.0,
+        retries: int = 3,
+        backbone_device: str = "cpu",
+    ) -> None:
+        super().__init__(device=backbone_device)
+        if pipeline_depth < 0:
+            raise ValueError(f"pipeline_depth must be >= 0, got {pipeline_depth}")
+        self.server_address = server
+        self.token = token or os.environ.get(token_env) or (None if server else uuid.uuid4().hex)
+        self.token_env = token_env
+        self.pipeline_depth = pipeline_depth
+        self.select = select
+        self.inference = inference
+        self.embedded = embedded or ServerConfig()
+        self.device_id = device_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
+        self.retries = retries
+
+        self.backbone: FrozenBackbone | None = None
+        self.transfer: QuantizedTransfer | None = None
+        self.client: LinkClient | None = None
+        self.session: str | None = None
+        self.server_pid: int | None = None
+        self._proc: subprocess.Popen | None = None
+        self._pending: deque[tuple[int, Future]] = deque()
+        self._server_state: dict | None = None
+        # what the monitors read
+        self.last_train_reply: dict[str, Any] = {}
+        self.train_replies: int = 0
+        self.device_busy_s: float = 0.0
+        self.last_device_step_s: float = 0.0
+        self.server_busy_s: float = 0.0
+        self.device_forwards: int = 0
+        self.train_samples: int = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer if self.backbone is not None else None
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        module = self.lightning_module
+        if self.backbone is None:
+            self.backbone = FrozenBackbone(module.backbone_config, device=self.root_device)
+        num_classes = getattr(module.hparams, "num_classes", None) or getattr(
+            getattr(self.lightning_module.trainer, "datamodule", None), "num_classes", None
+        )
+        if not module.is_built:
+            module.build(self.backbone.tap_spec, num_classes=num_classes)
+        if self.client is None:
+            self._connect()
+
+    def setup(self, trainer) -> None:
+        if self.transfer is None:
+            self.transfer = next((c for c in trainer.callbacks if isinstance(c, QuantizedTransfer)), None)
+            if self.transfer is None:
+                self.transfer = QuantizedTransfer()
+                log.info("no QuantizedTransfer callback configured; sending %s", self.transfer.codec)
+        super().setup(trainer)
+        module = self.lightning_module
+        module.requires_grad_(False)  # the device never holds side-network gradients
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        total = int(trainer.estimated_stepping_batches) if fitting else 1
+        reply = self._request(
+            Frame(
+                kind=P.HELLO,
+                header={
+                    "device_id": self.device_id,
+                    "run_id": uuid.uuid4().hex[:12],
+                    "module": module.server_module_name,
+                    "hparams": P.json_safe(module.hparams_dict()),
+                    "tap_spec": module.tap_spec.to_dict(),
+                    "num_outputs": int(module.num_outputs),
+                    "total_steps": max(1, total),
+                    "codec": self.transfer.codec,
+                },
+            )
+        )
+        self.session = reply.header["session"]
+        self.server_pid = int(reply.header["server_pid"])
+        # The device's copy of the weights (fresh init, or restored from a checkpoint) is the truth.
+        self._push_state({"model": module.state_dict(), "step": 0})
+
+    def setup_optimizers(self, trainer) -> None:
+        self.optimizers = [ServerOptimizer()]
+        self.lr_scheduler_configs = []
+
+    def teardown(self) -> None:
+        try:
+            self._drain()
+        except Exception:  # noqa: BLE001 - tearing down after a failure must still stop the server
+            log.debug("pending frames failed during teardown", exc_info=True)
+        self._disconnect()
+        super().teardown()
+
+    # ---- connection ---------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        address = self.server_address
+        if address is None:
+            address = self._spawn_server()
+        self.client = LinkClient(
+            address,
+            self.token,
+            connect_timeout=self.connect_timeout,
+            call_timeout=self.call_timeout,
+            retries=self.retries,
+        )
+
+    def _spawn_server(self) -> str:
+        cfg = asdict(self.embedded)
+        cfg.update(host="127.0.0.1", port=0, token=None, token_env=self.token_env)
+        env = dict(os.environ)
+        env[self.token_env] = self.token
+        log_path = self._server_log_path()
+        stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
+        cmd = [sys.executable, "-m", "lightning_mobillm.server", "--config-json", json.dumps(cfg),
+               "--parent-pid", str(os.getpid())]
+        # A new session: Ctrl-C reaches only the device, which then stops the server cleanly.
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, start_new_session=True)
+        if stderr is not None:
+            stderr.close()
+        line = self._read_ready_line(self._proc, timeout=self.connect_timeout)
+        fields = dict(kv.split("=", 1) for kv in line.split()[1:])
+        log.info("embedded server pid %s on 127.0.0.1:%s (log: %s)", fields["pid"], fields["port"], log_path)
+        return f"127.0.0.1:{fields['port']}"
+
+    def _server_log_path(self) -> Path | None:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        try:
+            folder = Path(trainer.log_dir) if trainer is not None and trainer.log_dir else None
+        except Exception:  # noqa: BLE001 - a logger without a folder
+            folder = None
+        if folder is None:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / "server.log"
+
+    @staticmethod
+    def _read_ready_line(proc: subprocess.Popen, timeout: float) -> str:
+        result: list[str] = []
+
+        def reader() -> None:
+            for raw in proc.stdout:
+                text = raw.decode(errors="replace").strip()
+                if text.startswith(READY_PREFIX):
+                    result.append(text)
+                    return
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if not result:
+            code = proc.poll()
+            proc.kill()
+            raise LinkError(
+                f"embedded server did not start within {timeout:.0f} s"
+                + (f" (exit code {code})" if code is not None else "")
+            )
+        return result[0]
+
+    def _disconnect(self) -> None:
+        if self.client is not None:
+            if self.session is not None:
+                try:
+                    self.client.call(encode_frame(Frame(kind=P.BYE, header={"session": self.session})))
+                except LinkError:
+                    pass
+            self.client.close()
+            self.client = None
+            self.session = None
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def _reply(self, data: bytes) -> Frame:
+        frame = decode_frame(data, P.REPLY_SCHEMAS, require_finite=False)
+        if frame.kind == P.ERROR:
+            raise ServerError(f"server refused a frame: {frame.header['message']}")
+        return frame
+
+    def _request(self, frame: Frame) -> Frame:
+        return self._reply(self.client.call(encode_frame(frame)))
+
+    def _push_state(self, state: dict) -> None:
+        skeleton, blob = P.pack_state(state)
+        self._request(Frame(kind=P.SET_STATE, header={"session": self.session, "skeleton": skeleton},
+                            tensors={"state": blob}))
+
+    def fetch_server_state(self) -> dict:
+        """Wait for in-flight steps, then download the side network, optimizer, scheduler and step."""
+        self._drain()
+        reply = self._request(Frame(kind=P.GET_STATE, header={"session": self.session}))
+        return P.unpack_state(reply.header["skeleton"], reply.tensors["state"])
+
+    def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+        t0 = time.perf_counter()
+        out = self.backbone(batch["input_ids"], batch["attention_mask"], select=self.select)
+        tensors = self.transfer.pack(out.acts, out.lengths)
+        busy = time.perf_counter() - t0
+        self.device_forwards += 1
+        return tensors, busy
+
+    # ---- training -----------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        step = self.lightning_module.trainer.global_step
+        tensors, busy = self._forward(batch)
+        tensors["labels"] = batch["labels"].to(torch.int64).cpu()
+        self.train_samples += int(tensors["labels"].numel())
+        t0 = time.perf_counter()
+        data = encode_frame(
+            Frame(kind=P.TRAIN, header={"session": self.session, "step": step, "codec": self.transfer.codec},
+                  tensors=tensors)
+        )
+        self.last_device_step_s = busy + time.perf_counter() - t0
+        self.device_busy_s += self.last_device_step_s
+        self._pending.append((step, self.client.submit(data)))
+        while len(self._pending) > self.pipeline_depth or (self._pending and self._pending[0][1].done()):
+            self._complete_oldest()
+        return torch.tensor(self.last_train_reply.get("loss", float("nan")))
+
+    def _complete_oldest(self) -> None:
+        step, future = self._pending.popleft()
+        reply = self._reply(future.result()).header
+        if reply.get("step") != step:
+            raise ServerError(f"server answered step {reply.get('step')} for step {step}")
+        self.last_train_reply = reply
+        self.train_replies += 1
+        self.server_busy_s += reply["server_step_s"]
+        module = self.lightning_module
+        if module is not None and module._current_fx_name == "training_step":
+            module.log("train/loss", reply["loss"], prog_bar=True, on_step=True, on_epoch=True)
+            module.log("train/acc", reply["acc"], on_step=True, on_epoch=True)
+            module.log("train/lr", reply["lr"], on_step=True)
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._complete_oldest()
+
+    def backward(self, closure_loss: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return closure_loss  # backpropagation happens on the server
+
+    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        return optimizer.step(closure)
+
+    def on_train_end(self) -> None:
+        # The device's copy of the side network becomes the trained one.
+        state = self.fetch_server_state()
+        self.lightning_module.load_state_dict(state["model"])
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    def _side_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        tensors, _ = self._forward(batch)
+        if self.inference == "local" and self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            acts, lengths = P.unpack_acts(tensors, self.transfer.codec)
+            with torch.no_grad():
+                return self.lightning_module(acts, lengths).float()
+        self._drain()
+        reply = self._request(
+            Frame(kind=P.EVAL, header={"session": self.session, "codec": self.transfer.codec}, tensors=tensors)
+        )
+        return reply.tensors["logits"]
+
+    def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = self._side_logits(batch)
+        labels = batch["labels"].to(logits.device)
+        self.lightning_module.update_eval_metrics(stage, logits, labels)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, *args: Any) -> Any:
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, *args: Any) -> Any:
+        return self._eval_step("test", batch)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, *args: Any) -> Any:
+        logits = self._side_logits(batch)
+        return {"logits": logits, "preds": logits.argmax(-1), "index": batch.get("index")}
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self.session is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            self._server_state = self.fetch_server_state()
+            self.lightning_module.load_state_dict(self._server_state["model"])
+        return super().lightning_module_state_dict()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if self._server_state is not None:
+            checkpoint["mobillm_server"] = {k: v for k, v in self._server_state.items() if k != "model"}
+            self._server_state = None
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        server = checkpoint.get("mobillm_server")
+        if server is None:
+            log.warning("checkpoint has no server state; the side network's optimizer starts afresh")
+            return
+        self._push_state({"model": self.lightning_module.state_dict(), **server})
+        log.info("server state restored at step %d", server["step"])
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="MobiLLM device/server split")
+
+
+if ServerAssistedStrategy.strategy_name not in StrategyRegistry:
+    ServerAssistedStrategy.register_strategies(StrategyRegistry)
