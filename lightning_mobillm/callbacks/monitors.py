@@ -35,8 +35,8 @@ class DeviceMonitor(L.Callback):
 
     @staticmethod
     def _link(trainer: L.Trainer) -> dict[str, int]:
-        client = getattr(trainer.strategy, "client", None)
-        return client.stats.snapshot() if client is not None else {"bytes_up": 0, "bytes_down": 0, "calls": 0}
+        stats = getattr(trainer.strategy, "link_stats", None)
+        return stats.snapshot() if stats is not None else {"bytes_up": 0, "bytes_down": 0, "calls": 0}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()

@@ -1,0 +1,5 @@
+"""LightningModules: the side networks with their losses and optimisers."""
+
+from lightning_mobillm.modules.side_tuning import SideTuningModule, WarmupCosineLambda
+
+__all__ = ["SideTuningModule", "WarmupCosineLambda"]

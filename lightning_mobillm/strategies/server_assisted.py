@@ -42,7 +42,7 @@ from lightning_mobillm.server import protocol as P
 from lightning_mobillm.server.app import READY_PREFIX
 from lightning_mobillm.server.runtime import ServerConfig
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
-from lightning_mobillm.transport.link import LinkClient, LinkError
+from lightning_mobillm.transport.link import LinkClient, LinkError, LinkStats
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.backbone: FrozenBackbone | None = None
         self.transfer: QuantizedTransfer | None = None
         self.client: LinkClient | None = None
+        self.link_stats: LinkStats = LinkStats()  # outlives the connection, for summaries after teardown
         self.session: str | None = None
         self.server_pid: int | None = None
         self._proc: subprocess.Popen | None = None
@@ -219,6 +220,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             call_timeout=self.call_timeout,
             retries=self.retries,
         )
+        self.link_stats = self.client.stats
 
     def _spawn_server(self) -> str:
         cfg = asdict(self.embedded)
@@ -239,12 +241,14 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         return f"127.0.0.1:{fields['port']}"
 
     def _server_log_path(self) -> Path | None:
+        """``server.log`` in the run's log folder; None (the server inherits stderr) without a logger."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or not trainer.loggers:
+            return None
         try:
-            folder = Path(trainer.log_dir) if trainer is not None and trainer.log_dir else None
-        except Exception:  # noqa: BLE001 - a logger without a folder
-            folder = None
-        if folder is None:
+            _ = trainer.loggers[0].experiment  # let the logger create its folder before we write into it
+            folder = Path(trainer.log_dir)
+        except Exception:  # noqa: BLE001 - a logger without a local folder
             return None
         folder.mkdir(parents=True, exist_ok=True)
         return folder / "server.log"

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random backbones built from configs, a tiny word-level tokenizer, tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+TOPICS = {
+    "sport": "match goal team coach player league score win season cup",
+    "tech": "software chip phone network data computer internet code robot cloud",
+    "money": "bank market price shares profit economy trade tax growth stocks",
+}
+FILLER = "the a of and to in on with for said today new year people".split()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the words used by :func:`write_tiny_dataset`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for ws in TOPICS.values() for w in ws.split()} | set(FILLER) | {"Article", "Topic", ":"})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[EOS]", *words, *[f" {n}" for n in TOPICS]])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+def write_tiny_dataset(path: Path, n: int = 180, seed: int = 0) -> Path:
+    """JSON lines with ``text``/``label`` (string labels), learnable from the topic words."""
+    rng = random.Random(seed)
+    names = sorted(TOPICS)
+    with path.open("w") as f:
+        for i in range(n):
+            label = names[i % len(names)]
+            words = [rng.choice(TOPICS[label].split()) for _ in range(rng.randint(3, 8))]
+            words += [rng.choice(FILLER) for _ in range(rng.randint(2, 10))]
+            rng.shuffle(words)
+            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return path
+
+
+def build_tiny_model(kind: str):
+    """A tiny random model of the given family, built from a config (no download)."""
+    import torch
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        BertConfig,
+        Gemma3TextConfig,
+        LlamaConfig,
+        Qwen2Config,
+    )
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+    if kind == "llama":
+        return AutoModelForCausalLM.from_config(LlamaConfig(**common, num_key_value_heads=2, pad_token_id=0))
+    if kind == "qwen2":
+        return AutoModelForCausalLM.from_config(Qwen2Config(**common, num_key_value_heads=2, pad_token_id=0))
+    if kind == "gemma3":
+        return AutoModelForCausalLM.from_config(
+            Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=8, pad_token_id=0)
+        )
+    if kind == "bert":
+        return AutoModel.from_config(BertConfig(**common, pad_token_id=0))
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama with the tiny tokenizer: a ``BackboneConfig.source`` folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data_file(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny.jsonl")
