@@ -1,0 +1,142 @@
+"""The command line: ``python -m lightning_mobillm fit`` on a tiny backbone, bad keys, and ``serve``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from lightning_mobillm.callbacks import DeviceMonitor
+from lightning_mobillm.data import TextClassificationDataModule
+from lightning_mobillm.modules import SideTuningModule
+from lightning_mobillm.server.app import READY_PREFIX
+from lightning_mobillm.specs import BackboneConfig
+from lightning_mobillm.strategies import ServerAssistedStrategy, ServerError
+from lightning_mobillm.transport.link import LinkError
+
+RECIPE = """
+seed_everything: 0
+model:
+  class_path: lightning_mobillm.modules.SideTuningModule
+  init_args:
+    backbone: {{source: {model}}}
+    pool: mean
+    lr: 0.01
+data:
+  class_path: lightning_mobillm.data.TextClassificationDataModule
+  init_args:
+    dataset: json
+    data_files: {data}
+    prompt: "Article : {{text}} Topic :"
+    max_length: 20
+    batch_size: 8
+trainer:
+  max_epochs: 1
+  strategy:
+    class_path: lightning_mobillm.strategies.ServerAssistedStrategy
+    init_args:
+      embedded: {{device: cpu, threads: 1}}
+  callbacks:
+    - class_path: lightning_mobillm.callbacks.QuantizedTransfer
+      init_args: {{codec: int4}}
+    - class_path: lightning_mobillm.callbacks.DeviceMonitor
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {out}, name: cli}}
+  enable_checkpointing: false
+  enable_progress_bar: false
+  num_sanity_val_steps: 0
+"""
+
+
+def _cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "lightning_mobillm", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_fit_from_a_recipe(tmp_path, tiny_llama_dir, tiny_data_file):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(model=tiny_llama_dir, data=tiny_data_file, out=tmp_path / "runs"))
+    proc = _cli(["fit", "--config", str(recipe)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "cli" / "version_0" / "summary.json").read_text())
+    for key in ("device_pid", "server_pid", "bytes_up", "bytes_down", "device_peak_rss_mb", "steps", "val_acc",
+                "val_f1", "codec"):
+        assert summary[key] is not None, key
+    assert summary["codec"] == "int4" and summary["device_pid"] != summary["server_pid"]
+    assert (tmp_path / "runs" / "cli" / "version_0" / "server.log").read_text().count("session") >= 1
+
+
+def test_unknown_key_is_named(tmp_path, tiny_llama_dir, tiny_data_file):
+    recipe = tmp_path / "recipe.yaml"
+    text = RECIPE.format(model=tiny_llama_dir, data=tiny_data_file, out=tmp_path / "runs")
+    recipe.write_text(text.replace("    lr: 0.01", "    lr: 0.01\n    reductoin: 4"))
+    proc = _cli(["fit", "--config", str(recipe)], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "reductoin" in proc.stderr
+
+
+def test_ill_typed_key_is_named(tmp_path, tiny_llama_dir, tiny_data_file):
+    recipe = tmp_path / "recipe.yaml"
+    text = RECIPE.format(model=tiny_llama_dir, data=tiny_data_file, out=tmp_path / "runs")
+    recipe.write_text(text.replace("batch_size: 8", "batch_size: eight"))
+    proc = _cli(["fit", "--config", str(recipe)], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "batch_size" in proc.stderr
+
+
+@pytest.fixture
+def standalone_server(tmp_path):
+    """``python -m lightning_mobillm serve`` as a user would start it on a server machine."""
+    config = tmp_path / "server.yaml"
+    config.write_text("server:\n  host: 127.0.0.1\n  port: 0\n  token: s3cret\n  device: cpu\n  threads: 1\n")
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "serve", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    line = ""
+    while time.monotonic() < deadline and not line.startswith(READY_PREFIX):
+        line = proc.stdout.readline().strip()
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited: {proc.stderr.read()[-2000:]}")
+    port = int(dict(kv.split("=") for kv in line.split()[1:])["port"])
+    yield f"127.0.0.1:{port}", proc
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _fit_against(address: str, token: str, tiny_llama_dir, tiny_data_file, tmp_path) -> DeviceMonitor:
+    data = TextClassificationDataModule(dataset="json", data_files=str(tiny_data_file), max_length=20,
+                                        prompt="Article : {text} Topic :", tokenizer=str(tiny_llama_dir))
+    model = SideTuningModule(backbone=BackboneConfig(source=str(tiny_llama_dir)), num_classes=data.num_classes,
+                             pool="mean")
+    monitor = DeviceMonitor()
+    trainer = L.Trainer(
+        strategy=ServerAssistedStrategy(server=address, token=token, connect_timeout=5, retries=0),
+        accelerator="cpu", max_steps=3, callbacks=[monitor], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=1, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, data)
+    return monitor
+
+
+def test_device_trains_against_a_standalone_server(standalone_server, tiny_llama_dir, tiny_data_file, tmp_path):
+    address, proc = standalone_server
+    monitor = _fit_against(address, "s3cret", tiny_llama_dir, tiny_data_file, tmp_path)
+    assert monitor.summary["steps"] == 3 and monitor.summary["server_pid"] == proc.pid
+    # a device with the wrong token is refused, and the server keeps serving the right one
+    with pytest.raises((LinkError, ServerError), match="UNAUTHENTICATED"):
+        _fit_against(address, "wrong", tiny_llama_dir, tiny_data_file, tmp_path)
+    assert proc.poll() is None
+    assert _fit_against(address, "s3cret", tiny_llama_dir, tiny_data_file, tmp_path).summary["steps"] == 3
+
+
+def test_unreachable_server_is_named(tiny_llama_dir, tiny_data_file, tmp_path):
+    with pytest.raises(LinkError, match="127.0.0.1:9 is unreachable"):
+        _fit_against("127.0.0.1:9", "x", tiny_llama_dir, tiny_data_file, tmp_path)
