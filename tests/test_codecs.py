@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lightning_mobillm.server import protocol as P
 from lightning_mobillm.transport.codecs import (
     CODECS,
     bytes_per_value,
@@ -15,6 +16,7 @@ from lightning_mobillm.transport.codecs import (
     part_names,
     payload_nbytes,
 )
+from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
 
 SHAPES = [(3, 4, 576), (5, 7), (2, 9), (7,), (1, 1), (0, 8)]
 QMAX = {"int8": 127, "int4": 7}
@@ -95,7 +97,7 @@ def test_zero_vectors_round_trip_to_zero(codec: str) -> None:
         assert parts["scale"][1] == 0 and torch.isfinite(parts["scale"]).all()
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("shape", [(3, 4, 576), (5, 7), (2, 9)])
 def test_payload_bytes_match_bytes_per_value(codec: str, shape: tuple[int, ...]) -> None:
     q = encode(_x(shape), codec)["q"]
@@ -110,7 +112,7 @@ def test_payload_bytes_match_bytes_per_value(codec: str, shape: tuple[int, ...])
 
 
 def test_bytes_per_value_table() -> None:
-    assert [bytes_per_value(c) for c in CODECS] == [4, 2, 2, 1, 0.5]
+    assert [bytes_per_value(c) for c in CODECS] == [4, 2, 2, 1, 0.5, 1, 0.5]
     with pytest.raises(ValueError, match="int2"):
         bytes_per_value("int2")
 
@@ -241,6 +243,206 @@ def test_input_dtypes_and_no_mutation() -> None:
 def test_large_batch_is_fast_enough() -> None:
     """A realistic batch (8 x 128 tokens x 30 layers x 576) encodes and decodes without loops."""
     x = torch.randn(30, 8 * 128, 576)
-    for codec in ("int8", "int4"):
+    for codec in ("int8", "int4", "int8o", "int4o"):
         y = decode(encode(x, codec), codec)
         assert y.shape == x.shape
+
+
+# ---- outlier-aware codecs int8o / int4o -----------------------------------------------------------
+OUTLIER_CODECS = ["int8o", "int4o"]
+BASE = {"int8o": "int8", "int4o": "int4"}
+
+
+def _planted(shape: tuple[int, ...], channels_per_group: list[list[int]], seed: int = 0) -> torch.Tensor:
+    """Gaussian ``x`` with a few huge channels in each group (dim -2 for rank 3, one group otherwise)."""
+    x = _x(shape, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    for group, channels in enumerate(channels_per_group):
+        for c in channels:
+            vals = (torch.rand(shape[:-1], generator=g) + 1.0) * 300.0 * (-1) ** c
+            if len(shape) >= 3:
+                x[..., group, c] = vals[..., group]
+            else:
+                x[..., c] = vals
+    return x
+
+
+@pytest.mark.parametrize("codec", OUTLIER_CODECS)
+@pytest.mark.parametrize(
+    ("shape", "oidx_shape"),
+    [((6, 5, 64), (5, 8)), ((2, 3, 4, 33), (4, 8)), ((9, 64), (8,)), ((4, 33), (8,)), ((33,), (8,)),
+     ((3, 5), (5,)), ((2, 3, 1), (3, 1)), ((0, 3, 16), (3, 8)), ((0, 16), (8,))],
+)
+def test_outlier_round_trip_shapes_and_parts(codec: str, shape: tuple[int, ...], oidx_shape: tuple[int, ...]) -> None:
+    x = _x(shape, seed=3)
+    parts = encode(x, codec)
+    assert tuple(parts) == part_names(codec)
+    assert all(p.is_contiguous() for p in parts.values())
+    k = oidx_shape[-1]
+    assert parts["oidx"].dtype == torch.int16 and tuple(parts["oidx"].shape) == oidx_shape
+    assert parts["oval"].dtype == torch.float16 and tuple(parts["oval"].shape) == (*shape[:-1], k)
+    assert parts["scale"].shape == shape[:-1]
+    assert parts["q"].shape[-1] == (shape[-1] if codec == "int8o" else (shape[-1] + 1) // 2)
+    # indices sorted ascending and unique within each group
+    idx = parts["oidx"].reshape(-1, k).long()
+    assert (idx[:, 1:] > idx[:, :-1]).all()
+    y = decode(parts, codec)
+    assert y.dtype == torch.float32 and y.shape == x.shape and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("codec", OUTLIER_CODECS)
+@pytest.mark.parametrize("shape", [(16, 3, 64), (16, 64), (64,), (16, 3, 63)])
+def test_outlier_channels_exact_to_fp16_and_rest_within_half_a_step(codec: str, shape: tuple[int, ...]) -> None:
+    groups = shape[-2] if len(shape) >= 3 else 1
+    chosen = [[(5 + 7 * g) % shape[-1], (11 + 3 * g) % shape[-1], 40 + g] for g in range(groups)]
+    x = _planted(shape, chosen, seed=4)
+    parts = encode(x, codec, outlier_channels=3)
+    oidx = parts["oidx"].reshape(groups, 3).long()
+    for g in range(groups):
+        assert oidx[g].tolist() == sorted(chosen[g])  # the planted channels are the ones selected
+    y = decode(parts, codec)
+    xg, yg = x.reshape(-1, groups, shape[-1]), y.reshape(-1, groups, shape[-1])
+    rest = xg.clone()
+    for g in range(groups):
+        sel = oidx[g]
+        assert torch.equal(yg[:, g, sel], xg[:, g, sel].half().float())
+        rest[:, g, sel] = 0.0
+    qmax = QMAX[BASE[codec]]
+    torch.testing.assert_close(parts["scale"].reshape(-1, groups), rest.abs().amax(-1) / qmax)
+    err = (yg - xg)
+    for g in range(groups):
+        err[:, g, oidx[g]] = 0.0
+    assert (err.abs().amax(-1) <= parts["scale"].reshape(-1, groups) / 2 + 1e-5).all()
+
+
+@pytest.mark.parametrize("codec", OUTLIER_CODECS)
+def test_outlier_codec_error_far_below_plain(codec: str) -> None:
+    """Packed acts [N, L, d] with different outlier channels per layer, as in SmolLM2's hidden states."""
+    shape = (256, 4, 576)
+    x = _planted(shape, [[3, 77], [100, 101, 500], [9], [250, 251, 252, 253]], seed=5)
+
+    def rel(c: str) -> float:
+        return float((decode(encode(x, c), c) - x).norm() / x.norm())
+
+    plain, outlier = rel(BASE[codec]), rel(codec)
+    # int4's own grid error on the gaussian bulk (~10% of it) bounds what int4o can gain
+    assert outlier < plain / {"int8o": 20, "int4o": 5}[codec], (plain, outlier)
+
+
+def test_outlier_channels_option() -> None:
+    x = _x((5, 3, 16), seed=6)
+    # k = 0: plain int8 values plus empty outlier parts
+    p0 = encode(x, "int8o", outlier_channels=0)
+    assert p0["oidx"].shape == (3, 0) and p0["oval"].shape == (5, 3, 0)
+    assert torch.equal(decode(p0, "int8o"), decode(encode(x, "int8"), "int8"))
+    # k >= d: every channel is an outlier, so the result is x at fp16 precision
+    pall = encode(x, "int4o", outlier_channels=100)
+    assert pall["oidx"].shape == (3, 16)
+    assert torch.equal(decode(pall, "int4o"), x.half().float())
+    assert (pall["scale"] == 0).all()
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="outlier_channels"):
+            encode(x, "int8o", outlier_channels=bad)
+    # the other codecs ignore the keyword
+    assert torch.equal(encode(x, "int8", outlier_channels=3)["q"], encode(x, "int8")["q"])
+
+
+@pytest.mark.parametrize("codec", OUTLIER_CODECS)
+def test_outlier_zero_tensor(codec: str) -> None:
+    for shape in [(4, 3, 10), (4, 10), (10,)]:
+        parts = encode(torch.zeros(shape), codec)
+        y = decode(parts, codec)
+        assert torch.equal(y, torch.zeros(shape))
+        assert (parts["scale"] == 0).all() and torch.isfinite(parts["scale"]).all()
+
+
+def test_outlier_values_beyond_fp16_stay_float32() -> None:
+    x = _x((4, 2, 12), seed=7)
+    x[:, 1, 3] = 1e6  # beyond fp16's max of 65504
+    parts = encode(x, "int8o", outlier_channels=2)
+    assert parts["oval"].dtype == torch.float32
+    y = decode(parts, "int8o")
+    assert torch.equal(y[:, 1, 3], x[:, 1, 3])
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("codec", OUTLIER_CODECS)
+@pytest.mark.parametrize("shape", [(3, 4, 576), (5, 7), (2, 9)])
+def test_outlier_payload_bytes(codec: str, shape: tuple[int, ...]) -> None:
+    parts = encode(_x(shape), codec)
+    nbytes = sum(parts[n].numel() * parts[n].element_size() for n in ("q", "oval"))
+    assert nbytes == payload_nbytes(shape, codec)
+    k = min(8, shape[-1])
+    base = payload_nbytes(shape, BASE[codec])
+    assert payload_nbytes(shape, codec) == base + 2 * k * math.prod(shape[:-1])
+    assert payload_nbytes(shape, codec, outlier_channels=0) == base
+    assert bytes_per_value(codec) == bytes_per_value(BASE[codec])
+
+
+def _tamper(codec: str, shape: tuple[int, ...] = (4, 3, 10), **override: torch.Tensor) -> dict[str, torch.Tensor]:
+    parts = encode(_x(shape, seed=8), codec, outlier_channels=2)
+    return {**parts, **override}
+
+
+@pytest.mark.parametrize("codec", OUTLIER_CODECS)
+def test_outlier_decode_rejects_bad_indices(codec: str) -> None:
+    for bad in ([[0, 10], [1, 2], [3, 4]], [[-1, 2], [1, 2], [3, 4]], [[0, 1], [1, 32767], [3, 4]]):
+        with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+            decode(_tamper(codec, oidx=torch.tensor(bad, dtype=torch.int16)), codec)
+    with pytest.raises(ValueError, match="repeats a channel index"):
+        decode(_tamper(codec, oidx=torch.tensor([[0, 1], [5, 5], [3, 4]], dtype=torch.int16)), codec)
+    with pytest.raises(ValueError, match="repeats a channel index"):
+        decode(_tamper(codec, (4, 10), oidx=torch.tensor([7, 7], dtype=torch.int16)), codec)
+    # the same index in different groups is fine, and int32 indices are accepted
+    ok = decode(_tamper(codec, oidx=torch.tensor([[5, 6], [5, 6], [6, 5]], dtype=torch.int32)), codec)
+    assert ok.shape == (4, 3, 10)
+    for dtype in (torch.int64, torch.uint8, torch.float32):
+        with pytest.raises(ValueError, match="part 'oidx' must have dtype"):
+            decode(_tamper(codec, oidx=torch.tensor([[0, 1], [1, 2], [3, 4]]).to(dtype)), codec)
+
+
+@pytest.mark.parametrize("codec", OUTLIER_CODECS)
+def test_outlier_decode_rejects_mismatched_shapes(codec: str) -> None:
+    i16 = torch.int16
+    cases = [
+        (r"oidx' must have shape \[G=3, k\]", {"oidx": torch.tensor([0, 1], dtype=i16)}),
+        (r"oidx' must have shape \[G=3, k\]", {"oidx": torch.tensor([[0, 1], [1, 2]], dtype=i16)}),
+        (r"oidx' must have shape \[G=3, k\]", {"oidx": torch.zeros(1, 3, 2, dtype=i16)}),
+        (r"part 'oval' has shape", {"oval": torch.zeros(4, 3, 3, dtype=torch.float16)}),
+        (r"part 'oval' has shape", {"oval": torch.zeros(4, 2, dtype=torch.float16)}),
+        (r"part 'oval' has shape", {"oval": torch.zeros(5, 3, 2, dtype=torch.float16)}),
+        (r"more than d=10", {"oidx": torch.arange(11, dtype=i16).repeat(3, 1),
+                             "oval": torch.zeros(4, 3, 11, dtype=torch.float16)}),
+    ]
+    for match, override in cases:
+        with pytest.raises(ValueError, match=match):
+            decode(_tamper(codec, **override), codec)
+    with pytest.raises(ValueError, match=r"oidx' must have shape \[k\]"):
+        decode(_tamper(codec, (4, 10), oidx=torch.tensor([[0, 1]], dtype=i16)), codec)
+    with pytest.raises(ValueError, match="part 'oval' must have dtype"):
+        parts = _tamper(codec)
+        decode({**parts, "oval": parts["oval"].to(torch.bfloat16)}, codec)
+    bad = _tamper(codec)["oval"].clone()
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="'oval' must be finite"):
+        decode(_tamper(codec, oval=bad), codec)
+    # base-codec checks still apply, with the outlier codec's name in the message
+    with pytest.raises(ValueError, match=rf"codec '{codec}': part 'scale' has shape"):
+        decode(_tamper(codec, scale=torch.ones(4)), codec)
+
+
+@pytest.mark.parametrize("codec", OUTLIER_CODECS)
+def test_outlier_codecs_through_a_train_frame(codec: str) -> None:
+    acts = _planted((20, 3, 32), [[1, 2], [3], [30, 31]], seed=9)
+    lengths = torch.tensor([12, 8])
+    tensors = P.pack_acts(acts, lengths, codec, outlier_channels=4)
+    assert tensors["acts.oidx"].shape == (3, 4) and tensors["acts.oval"].shape == (20, 3, 4)
+    tensors["labels"] = torch.tensor([0, 1])
+    data = encode_frame(Frame(kind=P.TRAIN, header={"session": "s", "step": 0, "codec": codec}, tensors=tensors))
+    frame = decode_frame(data, P.REQUEST_SCHEMAS)
+    got, got_lengths = P.unpack_acts(frame.tensors, codec)
+    assert torch.equal(got, decode(encode(acts, codec, outlier_channels=4), codec))
+    assert torch.equal(got_lengths, lengths)
+    frame.tensors["acts.oidx"] = torch.tensor([[0, 0, 1, 2]] * 3, dtype=torch.int16)
+    with pytest.raises(P.FrameError, match="repeats a channel index"):
+        P.unpack_acts(frame.tensors, codec)

@@ -27,6 +27,8 @@ _ACTS = {
     "acts.q": TensorRule(dtypes=(*_FLOATS, torch.int8, torch.uint8), ndim=3),
     "acts.scale": TensorRule(dtypes=(torch.float32,), ndim=2),
     "acts.d": TensorRule(dtypes=(torch.int64,), ndim=1),
+    "acts.oidx": TensorRule(dtypes=(torch.int16, torch.int32), ndim=None),
+    "acts.oval": TensorRule(dtypes=(torch.float16, torch.float32), ndim=3),
     "lengths": TensorRule(dtypes=(torch.int64,), ndim=1),
 }
 _SESSION = {"session": str}
@@ -81,9 +83,14 @@ REPLY_SCHEMAS: dict[str, FrameSchema] = {
 
 
 # ---- activations ---------------------------------------------------------------------------------
-def pack_acts(acts: torch.Tensor, lengths: torch.Tensor, codec: str) -> dict[str, torch.Tensor]:
-    """Quantise packed activations ``[N, L, d]`` with ``codec`` into frame tensors (``acts.*``, ``lengths``)."""
-    parts = codecs.encode(acts, codec)
+def pack_acts(
+    acts: torch.Tensor, lengths: torch.Tensor, codec: str, outlier_channels: int = 8
+) -> dict[str, torch.Tensor]:
+    """Quantise packed activations ``[N, L, d]`` with ``codec`` into frame tensors (``acts.*``, ``lengths``).
+
+    ``outlier_channels`` is the number of channels per layer that ``int8o`` / ``int4o`` keep in fp16.
+    """
+    parts = codecs.encode(acts, codec, outlier_channels=outlier_channels)
     out = {f"acts.{k}": v.contiguous() for k, v in parts.items()}
     out["lengths"] = lengths.to(torch.int64).contiguous()
     return out

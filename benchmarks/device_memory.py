@@ -1,0 +1,147 @@
+"""Device memory of MobiLLM fine-tuning against plain inference of the same backbone.
+
+Runs, each in a fresh device process, on real BBC News batches of 8 x 128 tokens:
+  (a) forward-only inference of the backbone (the Hugging Face model, LM head at the last position, no taps);
+  (b) MobiLLM ``fit`` steps through the ServerAssistedStrategy (the side network trains in a separate
+      server process, whose memory is not the device's);
+and writes ``{"inference_peak_rss_mb", "mobillm_device_peak_rss_mb", "ratio", ...}`` as JSON.
+The converted backbone is put into the cache first, so neither child pays for the conversion.
+
+    python benchmarks/device_memory.py --steps 20 --dtype float32 --out benchmarks/results/device_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _data(batch_size: int, max_length: int, tokenizer):
+    from lightning_mobillm.data import TextClassificationDataModule
+
+    dm = TextClassificationDataModule(dataset="bbc_news", max_length=max_length, batch_size=batch_size)
+    dm.set_tokenizer(tokenizer)
+    return dm
+
+
+def child_inference(args) -> dict:
+    import torch
+
+    from lightning_mobillm.backbone import FrozenBackbone
+    from lightning_mobillm.specs import BackboneConfig
+
+    bb = FrozenBackbone(BackboneConfig(source=args.model, dtype=args.dtype))
+    dm = _data(args.batch_size, args.max_length, bb.tokenizer)
+    dm.setup("fit")
+    t0 = time.perf_counter()
+    steps = 0
+    with torch.inference_mode():
+        for batch in dm.train_dataloader():
+            # the LM head at the last position only, as generation does (full-vocab logits for every
+            # position would add ~200 MB and flatter the ratio)
+            bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+            steps += 1
+            if steps >= args.steps:
+                break
+    return {"peak_rss_mb": _peak_rss_mb(), "steps": steps, "s_per_step": (time.perf_counter() - t0) / steps}
+
+
+def child_mobillm(args) -> dict:
+    import lightning as L
+
+    from lightning_mobillm.callbacks import DeviceMonitor, QuantizedTransfer
+    from lightning_mobillm.data import TextClassificationDataModule
+    from lightning_mobillm.modules import SideTuningModule
+    from lightning_mobillm.server.runtime import ServerConfig
+    from lightning_mobillm.specs import BackboneConfig
+    from lightning_mobillm.strategies import ServerAssistedStrategy
+
+    dm = TextClassificationDataModule(dataset="bbc_news", max_length=args.max_length, batch_size=args.batch_size)
+    model = SideTuningModule(backbone=BackboneConfig(source=args.model, dtype=args.dtype), num_classes=dm.num_classes)
+    monitor = DeviceMonitor()
+    trainer = L.Trainer(
+        strategy=ServerAssistedStrategy(pipeline_depth=1, embedded=ServerConfig(device="cpu", threads=1)),
+        accelerator="cpu",
+        max_steps=args.steps,
+        limit_val_batches=0,
+        callbacks=[QuantizedTransfer(args.codec), monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(model, dm)
+    return {
+        "peak_rss_mb": _peak_rss_mb(),
+        "steps": trainer.global_step,
+        "s_per_step": (time.perf_counter() - t0) / max(1, trainer.global_step),
+        "server_pid": monitor.summary["server_pid"],
+        "device_pid": os.getpid(),
+        "bytes_up": monitor.summary["bytes_up"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--out", default="benchmarks/results/device_memory.json")
+    p.add_argument("--child", choices=["inference", "mobillm"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        fn = child_inference if args.child == "inference" else child_mobillm
+        print("RESULT " + json.dumps(fn(args)), flush=True)
+        return
+
+    from lightning_mobillm.assets import resolve_source
+
+    resolve_source(args.model)  # convert once here, not in the measured children
+    results = {}
+    for mode in ("inference", "mobillm"):
+        cmd = [sys.executable, __file__, "--child", mode, *sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.exit(f"{mode} child failed:\n{proc.stderr[-4000:]}")
+        results[mode] = json.loads(lines[-1][len("RESULT "):])
+        print(mode, results[mode], flush=True)
+    out = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "codec": args.codec,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "steps": args.steps,
+        "inference_peak_rss_mb": results["inference"]["peak_rss_mb"],
+        "mobillm_device_peak_rss_mb": results["mobillm"]["peak_rss_mb"],
+        "ratio": results["mobillm"]["peak_rss_mb"] / results["inference"]["peak_rss_mb"],
+        "inference_s_per_step": results["inference"]["s_per_step"],
+        "mobillm_device_s_per_step": results["mobillm"]["s_per_step"],
+        "device_and_server_pids_differ": results["mobillm"]["device_pid"] != results["mobillm"]["server_pid"],
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
