@@ -140,3 +140,31 @@ def test_device_trains_against_a_standalone_server(standalone_server, tiny_llama
 def test_unreachable_server_is_named(tiny_llama_dir, tiny_data_file, tmp_path):
     with pytest.raises(LinkError, match="127.0.0.1:9 is unreachable"):
         _fit_against("127.0.0.1:9", "x", tiny_llama_dir, tiny_data_file, tmp_path)
+
+
+def test_ctrl_c_stops_the_embedded_server(tmp_path, tiny_llama_dir, tiny_data_file):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(model=tiny_llama_dir, data=tiny_data_file, out=tmp_path / "runs")
+                      .replace("max_epochs: 1", "max_epochs: 1000"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "fit", "--config", str(recipe)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "runs" / "cli" / "version_0" / "server.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and "restored at step" in log.read_text()):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    server_pid = int(log.read_text().split("[server ", 1)[1].split("]", 1)[0])
+    time.sleep(2)  # let a few steps run
+    proc.send_signal(__import__("signal").SIGINT)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"server {server_pid} still running after the device was interrupted")
+    assert "stopped" in log.read_text()  # it shut down through its own handler, not killed
