@@ -162,8 +162,12 @@ class SideTuningModule(lightning.LightningModule):
 
     @property
     def num_outputs(self) -> int | None:
-        """Width of the side network's output (the number of classes)."""
-        return self.num_classes
+        """Width of the side network's output (the number of classes for a classifier)."""
+        return self.side.head.out_features if self.side is not None else None
+
+    def default_num_outputs(self, num_classes: int) -> int:
+        """Output width when :meth:`build` is not told one: a classifier head."""
+        return num_classes
 
     @property
     def is_built(self) -> bool:
@@ -193,8 +197,12 @@ class SideTuningModule(lightning.LightningModule):
         return cls(**kwargs)
 
     # ------------------------------------------------------------------------------------- build
-    def build(self, tap_spec: TapSpec, num_classes: int | None = None) -> None:
-        """Create the side network for the backbone's taps (seeded; idempotent for the same spec)."""
+    def build(self, tap_spec: TapSpec, num_classes: int | None = None, num_outputs: int | None = None) -> None:
+        """Create the side network for the backbone's taps (seeded; idempotent for the same spec).
+
+        ``num_outputs`` is the width of the side network's output; it defaults to ``num_classes`` (a
+        classifier head). Subclasses that fit other targets (PAE) give it explicitly.
+        """
         if isinstance(tap_spec, dict):
             tap_spec = TapSpec.from_dict(tap_spec)
         if not isinstance(tap_spec, TapSpec):
@@ -210,9 +218,10 @@ class SideTuningModule(lightning.LightningModule):
         if n_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {n_classes}")
 
+        n_outputs = int(num_outputs) if num_outputs is not None else self.default_num_outputs(n_classes)
         if self.is_built:
             assert self.tap_spec is not None
-            if self.tap_spec.to_dict() != tap_spec.to_dict():
+            if self.tap_spec.to_dict() != tap_spec.to_dict() or n_outputs != self.num_outputs:
                 raise ValueError(
                     f"side network already built for {self.tap_spec}; cannot rebuild it for {tap_spec}"
                 )
@@ -224,7 +233,7 @@ class SideTuningModule(lightning.LightningModule):
             side = ParallelAdapterSideNetwork(
                 num_taps=tap_spec.num_taps,
                 hidden_size=tap_spec.hidden_size,
-                num_outputs=n_classes,
+                num_outputs=n_outputs,
                 reduction=int(hp["reduction"]),
                 normalize_taps=bool(hp["normalize_taps"]),
                 activation=str(hp["activation"]),
@@ -265,11 +274,13 @@ class SideTuningModule(lightning.LightningModule):
         if self.tap_spec is not None:
             checkpoint["tap_spec"] = self.tap_spec.to_dict()
             checkpoint["side_num_classes"] = self.num_classes
+            checkpoint["side_num_outputs"] = self.num_outputs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         spec = checkpoint.get("tap_spec")
         if spec is not None:
-            self.build(TapSpec.from_dict(spec), num_classes=checkpoint.get("side_num_classes"))
+            self.build(TapSpec.from_dict(spec), num_classes=checkpoint.get("side_num_classes"),
+                       num_outputs=checkpoint.get("side_num_outputs"))
 
     # ------------------------------------------------------------------------------------ compute
     def forward(self, acts: Tensor, lengths: Tensor) -> Tensor:

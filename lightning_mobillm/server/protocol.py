@@ -19,6 +19,10 @@ from lightning_mobillm.transport.frames import Frame, FrameError, FrameSchema, T
 
 # ---- request kinds -------------------------------------------------------------------------------
 HELLO, TRAIN, EVAL, GET_STATE, SET_STATE, BYE = "hello", "train", "eval", "get_state", "set_state", "bye"
+#: PAE / Fed: activations + a device-defined target; the schema has no place for labels.
+TRAIN_TARGET = "train_target"
+#: a training step on samples the server already holds (activation cache): sample keys only.
+TRAIN_CACHED = "train_cached"
 # ---- reply kinds ---------------------------------------------------------------------------------
 OK, ERROR = "ok", "error"
 
@@ -53,6 +57,17 @@ REQUEST_SCHEMAS: dict[str, FrameSchema] = {
         tensors={**_ACTS, "labels": TensorRule(dtypes=(torch.int64,), ndim=1)},
         required_tensors=("acts.q", "lengths", "labels"),
         required_header={**_SESSION, "step": int, "codec": str},
+    ),
+    TRAIN_TARGET: FrameSchema(
+        kind=TRAIN_TARGET,
+        tensors={**_ACTS, "targets": TensorRule(dtypes=(torch.float32,), ndim=2)},
+        required_tensors=("acts.q", "lengths", "targets"),
+        required_header={**_SESSION, "step": int, "codec": str},
+    ),
+    TRAIN_CACHED: FrameSchema(
+        kind=TRAIN_CACHED,
+        tensors={},
+        required_header={**_SESSION, "step": int, "keys": list},
     ),
     EVAL: FrameSchema(
         kind=EVAL,

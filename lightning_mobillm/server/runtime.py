@@ -15,11 +15,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from lightning_mobillm.assets import cache_dir
 from lightning_mobillm.server import protocol as P
+from lightning_mobillm.server.cache import ActivationStore
 from lightning_mobillm.specs import TapSpec
 from lightning_mobillm.transport.frames import Frame, FrameError, decode_frame, encode_frame
 
@@ -28,6 +31,7 @@ log = logging.getLogger("lightning_mobillm.server")
 #: Module names a device may ask the server to build (never an arbitrary import path from the network).
 MODULE_REGISTRY: dict[str, str] = {
     "side_tuning": "lightning_mobillm.modules.side_tuning:SideTuningModule",
+    "additive_adapter": "lightning_mobillm.modules.additive:AdditiveAdapterModule",
 }
 
 
@@ -60,6 +64,8 @@ class ServerConfig:
         max_sessions: how many device sessions may be open at once.
         max_workers: gRPC worker threads.
         threads: torch intra-op threads for the server process (None keeps torch's default).
+        workdir: folder for the activation caches of sessions that ask for one (one subfolder per cache
+            id); None uses ``<cache_dir>/server``. An embedded server uses the run's log folder.
     """
 
     host: str = "127.0.0.1"
@@ -73,6 +79,7 @@ class ServerConfig:
     max_sessions: int = 64
     max_workers: int = 8
     threads: int | None = None
+    workdir: str | None = None
 
     def resolved_token(self) -> str | None:
         return self.token or os.environ.get(self.token_env) or None
@@ -91,9 +98,15 @@ class Session:
     scheduler: Any
     tap_spec: TapSpec
     num_outputs: int
+    label_free: bool = False
+    store: ActivationStore | None = None
     step: int = 0
     last_reply: tuple[int, bytes] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def target_key(self) -> str:
+        return "targets" if self.label_free else "labels"
 
 
 class SideServer:
@@ -158,11 +171,19 @@ class SideServer:
             module = cls.from_hparams_dict(h["hparams"])
         except (TypeError, ValueError, KeyError) as err:
             raise FrameError(f"hparams do not build {h['module']}: {err}") from None
-        module.build(spec, num_classes=h["num_outputs"])
+        num_classes = h.get("num_classes", h["num_outputs"])
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise FrameError(f"hello: num_classes must be an int >= 2, got {num_classes!r}")
+        try:
+            module.build(spec, num_classes=num_classes, num_outputs=h["num_outputs"])
+        except ValueError as err:
+            raise FrameError(f"cannot build {h['module']}: {err}") from None
         module.total_steps = h["total_steps"]
         module.to(self.device)
         optimizer, scheduler = _optimizers(module.configure_optimizers())
-        session = Session(key, module, optimizer, scheduler, spec, h["num_outputs"])
+        store = self._open_store(h.get("cache"))
+        session = Session(key, module, optimizer, scheduler, spec, h["num_outputs"],
+                          label_free=bool(getattr(cls, "label_free", False)), store=store)
         with self._lock:
             replaced = key in self.sessions
             self.sessions[key] = session
@@ -178,9 +199,32 @@ class SideServer:
             h["total_steps"],
             self.device,
         )
-        return Frame(kind=P.OK, header={"session": key, "server_pid": os.getpid(), "server_device": str(self.device)})
+        header = {"session": key, "server_pid": os.getpid(), "server_device": str(self.device)}
+        if store is not None:
+            header["cached_keys"] = len(store)
+        return Frame(kind=P.OK, header=header)
 
-    def _batch(self, session: Session, frame: Frame, *, with_labels: bool) -> dict[str, torch.Tensor]:
+    def _open_store(self, cache: Any) -> ActivationStore | None:
+        """The activation cache a hello asks for: ``{"cache_id": str, "memory_limit_mb": float}``."""
+        if cache is None:
+            return None
+        if not isinstance(cache, dict) or not isinstance(cache.get("cache_id"), str):
+            raise FrameError("hello: cache must be an object with a string cache_id")
+        cache_id = cache["cache_id"]
+        if not cache_id or len(cache_id) > 64 or not all(c.isalnum() or c in "-_" for c in cache_id):
+            raise FrameError("hello: cache_id must be 1-64 characters of [A-Za-z0-9_-]")
+        limit = cache.get("memory_limit_mb", 512)
+        if not isinstance(limit, (int, float)) or isinstance(limit, bool) or limit < 0:
+            raise FrameError("hello: cache.memory_limit_mb must be a number >= 0")
+        root = Path(self.config.workdir) if self.config.workdir else cache_dir() / "server"
+        folder = root / f"activation-cache-{cache_id}"
+        if (folder / "index.json").exists():
+            store = ActivationStore.open(folder, memory_limit_mb=float(limit))
+            log.info("reopened activation cache %s with %d samples", folder, len(store))
+            return store
+        return ActivationStore(folder, memory_limit_mb=float(limit))
+
+    def _batch(self, session: Session, frame: Frame, *, with_target: bool) -> dict[str, torch.Tensor]:
         acts, lengths = P.unpack_acts(frame.tensors, frame.header["codec"])
         n, layers, width = acts.shape
         spec = session.tap_spec
@@ -191,72 +235,139 @@ class SideServer:
             raise FrameError(f"lengths must be >= 1 and sum to N={n}")
         if not torch.isfinite(acts).all():
             raise FrameError("activations are not finite after decoding")
-        batch = {"acts": acts.to(self.device), "lengths": lengths.to(self.device)}
-        if with_labels:
-            labels = frame.tensors["labels"]
-            if labels.shape != lengths.shape:
-                raise FrameError(f"labels shape {list(labels.shape)} != lengths shape {list(lengths.shape)}")
-            if bool((labels < 0).any()) or bool((labels >= session.num_outputs).any()):
-                raise FrameError(f"labels must be in [0, {session.num_outputs})")
-            batch["labels"] = labels.to(self.device)
+        batch = {"acts": acts, "lengths": lengths}
+        if with_target:
+            batch[session.target_key] = self._target(session, frame.tensors[session.target_key], lengths)
         return batch
+
+    @staticmethod
+    def _target(session: Session, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if session.label_free:
+            if y.shape != (lengths.numel(), session.num_outputs):
+                raise FrameError(f"targets shape {list(y.shape)} != [{lengths.numel()}, {session.num_outputs}]")
+        else:
+            if y.shape != lengths.shape:
+                raise FrameError(f"labels shape {list(y.shape)} != lengths shape {list(lengths.shape)}")
+            if bool((y < 0).any()) or bool((y >= session.num_outputs).any()):
+                raise FrameError(f"labels must be in [0, {session.num_outputs})")
+        return y
 
     def _autocast(self):
         if self.config.precision == "bf16-mixed":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _keys(self, session: Session, frame: Frame, batch_size: int | None) -> list[str] | None:
+        keys = frame.header.get("keys")
+        if keys is None:
+            return None
+        if session.store is None:
+            raise FrameError("this session has no activation cache; open it with a cache in the hello")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise FrameError("keys must be a list of strings")
+        if batch_size is not None and len(keys) != batch_size:
+            raise FrameError(f"{len(keys)} keys for a batch of {batch_size}")
+        return keys
+
     def _on_train(self, frame: Frame) -> bytes:
         session = self._session(frame)
+        if session.label_free:
+            raise FrameError("this session is label-free (PAE/Fed): send train_target frames, never labels")
+        return self._train(session, frame)
+
+    def _on_train_target(self, frame: Frame) -> bytes:
+        session = self._session(frame)
+        if not session.label_free:
+            raise FrameError("this session trains on labels: send train frames")
+        return self._train(session, frame)
+
+    def _on_train_cached(self, frame: Frame) -> bytes:
+        return self._train(self._session(frame), frame)
+
+    def _train(self, session: Session, frame: Frame) -> bytes:
         step = frame.header["step"]
         with session.lock:
             if session.last_reply is not None and session.last_reply[0] == step:
                 return session.last_reply[1]  # a retried frame: same reply, no second update
             if step != session.step:
                 raise FrameError(f"out-of-order train frame: got step {step}, expected {session.step}")
-            batch = self._batch(session, frame, with_labels=True)
-            t0 = time.perf_counter()
-            module, optimizer = session.module, session.optimizer
-            module.train()
-            optimizer.zero_grad(set_to_none=True)
-            try:
-                with self._autocast():
-                    loss, logits = module.compute_loss(batch)
-                if not torch.isfinite(loss):
-                    raise FrameError(f"non-finite loss {loss.item()}; step skipped")
-                loss.backward()
-                params = [p for p in module.parameters() if p.grad is not None]
-                if self.config.grad_clip is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-                else:
-                    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-                if not torch.isfinite(norm):
-                    raise FrameError("non-finite gradient; step skipped")
-                optimizer.step()
-            finally:
-                optimizer.zero_grad(set_to_none=True)
-            if session.scheduler is not None:
-                session.scheduler.step()
-            session.step += 1
-            acc = (logits.argmax(-1) == batch["labels"]).float().mean().item()
-            header = {
-                "step": step,
-                "loss": float(loss.item()),
-                "acc": acc,
-                "lr": float(optimizer.param_groups[0]["lr"]),
-                "grad_norm": float(norm),
-                "server_step_s": time.perf_counter() - t0,
-                "server_steps": session.step,
-            }
+            cached = frame.kind == P.TRAIN_CACHED
+            if cached:
+                keys = self._keys(session, frame, None)
+                if not keys:
+                    raise FrameError("train_cached needs a non-empty list of keys")
+                found, missing = session.store.get_many(keys)
+                if missing:
+                    # nothing trained: the device forwards these samples again and resends the step
+                    return encode_frame(Frame(kind=P.OK, header={"step": step, "missing": missing,
+                                                                  **self._cache_stats(session)}))
+                batch = {"acts": found["acts"].float(), "lengths": torch.ones(len(keys), dtype=torch.int64),
+                         session.target_key: found["y"]}
+            else:
+                batch = self._batch(session, frame, with_target=True)
+                keys = self._keys(session, frame, int(batch["lengths"].numel()))
+                if keys is not None and int(batch["acts"].shape[0]) != len(keys):
+                    raise FrameError("the activation cache needs one token per sample (strategy select: loss)")
+            header = self._step(session, batch)
+            header["step"] = step
+            if keys is not None and not cached:
+                store_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(frame.header["codec"], torch.float16)
+                session.store.put_many(keys, {"acts": batch["acts"].to(store_dtype), "y": batch[session.target_key]})
+                header["cached"] = True
+            if session.store is not None:
+                header.update(self._cache_stats(session))
             reply = encode_frame(Frame(kind=P.OK, header=header))
             session.last_reply = (step, reply)
             return reply
+
+    @staticmethod
+    def _cache_stats(session: Session) -> dict[str, int]:
+        store = session.store
+        return {"cache_hits": store.hits, "cache_misses": store.misses,
+                "cache_bytes": store.bytes_in_memory + store.bytes_on_disk, "cache_size": len(store)}
+
+    def _step(self, session: Session, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step on a validated batch; parameters change only if everything is finite."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        t0 = time.perf_counter()
+        module, optimizer = session.module, session.optimizer
+        module.train()
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            with self._autocast():
+                loss, outputs = module.compute_loss(batch)
+            if not torch.isfinite(loss):
+                raise FrameError(f"non-finite loss {loss.item()}; step skipped")
+            loss.backward()
+            params = [p for p in module.parameters() if p.grad is not None]
+            if self.config.grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            else:
+                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            if not torch.isfinite(norm):
+                raise FrameError("non-finite gradient; step skipped")
+            optimizer.step()
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+        if session.scheduler is not None:
+            session.scheduler.step()
+        session.step += 1
+        header = {
+            "loss": float(loss.item()),
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "grad_norm": float(norm),
+            "server_step_s": time.perf_counter() - t0,
+            "server_steps": session.step,
+        }
+        if not session.label_free:
+            header["acc"] = (outputs.argmax(-1) == batch["labels"]).float().mean().item()
+        return header
 
     @torch.no_grad()
     def _on_eval(self, frame: Frame) -> Frame:
         session = self._session(frame)
         with session.lock:
-            batch = self._batch(session, frame, with_labels=False)
+            batch = {k: v.to(self.device) for k, v in self._batch(session, frame, with_target=False).items()}
             t0 = time.perf_counter()
             session.module.eval()
             with self._autocast():
@@ -277,6 +388,8 @@ class SideServer:
                 "step": session.step,
             }
             skeleton, blob = P.pack_state(state)
+            if session.store is not None:
+                session.store.flush()  # the cache's index and files are on disk with every checkpoint
         with self._lock:
             counts = {"bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
         return Frame(kind=P.OK, header={"skeleton": skeleton, "step": session.step, **counts}, tensors={"state": blob})
@@ -313,6 +426,9 @@ class SideServer:
         with self._lock:
             session = self.sessions.pop(frame.header["session"], None)
         if session is not None:
+            if session.store is not None:
+                session.store.flush()
+                session.store.close()
             log.info("session %s closed after %d steps", session.key, session.step)
         return Frame(kind=P.OK)
 

@@ -37,6 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from lightning_mobillm.backbone import FrozenBackbone
+from lightning_mobillm.callbacks.activation_cache import ActivationCache
 from lightning_mobillm.callbacks.quantized_transfer import QuantizedTransfer
 from lightning_mobillm.server import protocol as P
 from lightning_mobillm.server.app import READY_PREFIX
@@ -146,6 +147,9 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.server_busy_s: float = 0.0
         self.device_forwards: int = 0
         self.train_samples: int = 0
+        self.device_busy_by_epoch: dict[int, float] = {}
+        self.cache: ActivationCache | None = None
+        self.verbalizer_ids: list[int] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -162,8 +166,6 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         )
         if not module.is_built:
             module.build(self.backbone.tap_spec, num_classes=num_classes)
-        if self.client is None:
-            self._connect()
 
     def setup(self, trainer) -> None:
         if self.transfer is None:
@@ -172,10 +174,20 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                 self.transfer = QuantizedTransfer()
                 log.info("no QuantizedTransfer callback configured; sending %s", self.transfer.codec)
         super().setup(trainer)
+        if self.client is None:
+            self._connect()  # after checkpoint restore, so a resumed run finds its activation cache
         module = self.lightning_module
         module.requires_grad_(False)  # the device never holds side-network gradients
         fitting = trainer.state.fn == TrainerFn.FITTING
         total = int(trainer.estimated_stepping_batches) if fitting else 1
+        if getattr(module, "label_free", False):
+            if self.select != "loss":
+                raise ValueError(f"{type(module).__name__} is trained from the loss token only: "
+                                 "set trainer.strategy.init_args.select: loss")
+            class_names = getattr(trainer.datamodule, "class_names", None)
+            if not class_names:
+                raise ValueError("PAE needs the class names (the data module's class_names) for the verbalizer")
+            self.verbalizer_ids = self.backbone.verbalizer_token_ids(list(class_names))
         reply = self._request(
             Frame(
                 kind=P.HELLO,
@@ -185,9 +197,11 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                     "module": module.server_module_name,
                     "hparams": P.json_safe(module.hparams_dict()),
                     "tap_spec": module.tap_spec.to_dict(),
+                    "num_classes": int(module.num_classes),
                     "num_outputs": int(module.num_outputs),
                     "total_steps": max(1, total),
                     "codec": self.transfer.codec,
+                    **({"cache": self.cache.hello()} if self.cache is not None and fitting else {}),
                 },
             )
         )
@@ -228,6 +242,12 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         env = dict(os.environ)
         env[self.token_env] = self.token
         log_path = self._server_log_path()
+        if cfg.get("workdir") is None:
+            # activation caches live in the run's folder, and a resumed run reuses its first folder
+            remembered = self.cache.workdir if self.cache is not None else None
+            cfg["workdir"] = remembered or (str(log_path.parent) if log_path is not None else None)
+        if self.cache is not None:
+            self.cache.workdir = cfg["workdir"]
         stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
         cmd = [sys.executable, "-m", "lightning_mobillm.server", "--config-json", json.dumps(cfg),
                "--parent-pid", str(os.getpid())]
@@ -316,44 +336,90 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         reply = self._request(Frame(kind=P.GET_STATE, header={"session": self.session}))
         return P.unpack_state(reply.header["skeleton"], reply.tensors["state"])
 
-    def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
-        t0 = time.perf_counter()
-        out = self.backbone(batch["input_ids"], batch["attention_mask"], select=self.select)
-        tensors = self.transfer.pack(out.acts, out.lengths)
-        busy = time.perf_counter() - t0
+    def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Run the backbone, quantise its taps into frame tensors; also the backbone's own verbalizer
+        logits when the module composes with them (PAE)."""
+        label_free = getattr(self.lightning_module, "label_free", False)
+        out = self.backbone(batch["input_ids"], batch["attention_mask"], select=self.select,
+                            label_token_ids=self.verbalizer_ids if label_free else None)
         self.device_forwards += 1
-        return tensors, busy
+        return self.transfer.pack(out.acts, out.lengths), out.logits
+
+    def _train_frame(self, step: int, batch: dict[str, Tensor], keys: list[str] | None) -> bytes:
+        """Forward a training batch and build its frame: labels (MobiLLM) or device-defined targets (PAE)."""
+        tensors, backbone_logits = self._forward(batch)
+        labels = batch["labels"].to(torch.int64).cpu()
+        if backbone_logits is not None:
+            kind = P.TRAIN_TARGET
+            tensors["targets"] = self.lightning_module.device_targets(backbone_logits, labels).float().cpu()
+        else:
+            kind = P.TRAIN
+            tensors["labels"] = labels
+        header = {"session": self.session, "step": step, "codec": self.transfer.codec}
+        if keys is not None:
+            header["keys"] = keys
+        return encode_frame(Frame(kind=kind, header=header, tensors=tensors))
 
     # ---- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        step = self.lightning_module.trainer.global_step
-        tensors, busy = self._forward(batch)
-        tensors["labels"] = batch["labels"].to(torch.int64).cpu()
-        self.train_samples += int(tensors["labels"].numel())
+        trainer = self.lightning_module.trainer
+        step = trainer.global_step
         t0 = time.perf_counter()
-        data = encode_frame(
-            Frame(kind=P.TRAIN, header={"session": self.session, "step": step, "codec": self.transfer.codec},
-                  tensors=tensors)
-        )
-        self.last_device_step_s = busy + time.perf_counter() - t0
-        self.device_busy_s += self.last_device_step_s
-        self._pending.append((step, self.client.submit(data)))
-        while len(self._pending) > self.pipeline_depth or (self._pending and self._pending[0][1].done()):
-            self._complete_oldest()
+        self.train_samples += int(batch["labels"].numel())
+        keys = self.cache.sample_keys(batch["input_ids"], batch["attention_mask"]) if self.cache else None
+        if keys is not None and self.cache.all_cached(keys):
+            self._train_from_cache(step, batch, keys, t0)
+        else:
+            data = self._train_frame(step, batch, keys)
+            self._account_busy(t0)
+            self._pending.append((step, self.client.submit(data), keys))
+            while len(self._pending) > self.pipeline_depth or (self._pending and self._pending[0][1].done()):
+                self._complete_oldest()
         return torch.tensor(self.last_train_reply.get("loss", float("nan")))
 
+    def _account_busy(self, t0: float) -> None:
+        self.last_device_step_s = time.perf_counter() - t0
+        self.device_busy_s += self.last_device_step_s
+        epoch = self.lightning_module.trainer.current_epoch
+        self.device_busy_by_epoch[epoch] = self.device_busy_by_epoch.get(epoch, 0.0) + self.last_device_step_s
+
+    def _train_from_cache(self, step: int, batch: dict[str, Tensor], keys: list[str], t0: float) -> None:
+        """The server holds every sample of this batch: send the keys only, no device forward."""
+        self._drain()  # the device is idle in cached epochs, so ordering is kept simply by waiting
+        frame = Frame(kind=P.TRAIN_CACHED, header={"session": self.session, "step": step, "keys": keys})
+        data = encode_frame(frame)
+        self._account_busy(t0)
+        reply = self._reply(self.client.call(data)).header
+        if "missing" in reply:
+            # lost or corrupt on the server: forward this batch again and resend the same step
+            log.warning("server lost %d cached samples; forwarding the batch again", len(reply["missing"]))
+            self.cache.misses += len(reply["missing"])
+            self.cache.cached.difference_update(reply["missing"])
+            t1 = time.perf_counter()
+            data = self._train_frame(step, batch, keys)
+            self._account_busy(t1)
+            reply = self._reply(self.client.call(data)).header
+        else:
+            self.cache.hits += len(keys)
+        self._on_train_reply(step, reply, keys)
+
     def _complete_oldest(self) -> None:
-        step, future = self._pending.popleft()
-        reply = self._reply(future.result()).header
+        step, future, keys = self._pending.popleft()
+        self._on_train_reply(step, self._reply(future.result()).header, keys)
+
+    def _on_train_reply(self, step: int, reply: dict[str, Any], keys: list[str] | None) -> None:
         if reply.get("step") != step:
             raise ServerError(f"server answered step {reply.get('step')} for step {step}")
+        if reply.get("cached") and keys is not None:
+            self.cache.cached.update(keys)
         self.last_train_reply = reply
         self.train_replies += 1
         self.server_busy_s += reply["server_step_s"]
         module = self.lightning_module
         if module is not None and module._current_fx_name == "training_step":
             module.log("train/loss", reply["loss"], prog_bar=True, on_step=True, on_epoch=True)
-            module.log("train/acc", reply["acc"], on_step=True, on_epoch=True)
+            if "acc" in reply:
+                module.log("train/acc", reply["acc"], on_step=True, on_epoch=True)
             module.log("train/lr", reply["lr"], on_step=True)
 
     def _drain(self) -> None:
@@ -373,22 +439,30 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
     # ---- evaluation ---------------------------------------------------------------------------------
     def _side_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        tensors, _ = self._forward(batch)
-        if self.inference == "local" and self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+        """Class scores for a batch: the side network's logits (MobiLLM), or the backbone's prediction
+        composed with the side network's correction on the device (PAE)."""
+        tensors, backbone_logits = self._forward(batch)
+        module = self.lightning_module
+        if self.inference == "local" and module.trainer.state.fn != TrainerFn.FITTING:
             acts, lengths = P.unpack_acts(tensors, self.transfer.codec)
             with torch.no_grad():
-                return self.lightning_module(acts, lengths).float()
-        self._drain()
-        reply = self._request(
-            Frame(kind=P.EVAL, header={"session": self.session, "codec": self.transfer.codec}, tensors=tensors)
-        )
-        return reply.tensors["logits"]
+                side = module(acts, lengths).float()
+        else:
+            self._drain()
+            reply = self._request(
+                Frame(kind=P.EVAL, header={"session": self.session, "codec": self.transfer.codec}, tensors=tensors)
+            )
+            side = reply.tensors["logits"]
+        return module.compose(backbone_logits, side) if backbone_logits is not None else side
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logits = self._side_logits(batch)
-        labels = batch["labels"].to(logits.device)
-        self.lightning_module.update_eval_metrics(stage, logits, labels)
-        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+        scores = self._side_logits(batch)
+        labels = batch["labels"].to(scores.device)
+        module = self.lightning_module
+        # PAE composes probabilities, not logits: its validation loss is not a cross-entropy
+        loss = None if getattr(module, "label_free", False) else F.cross_entropy(scores, labels)
+        module.update_eval_metrics(stage, scores, labels, loss=loss)
+        return {"logits": scores}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, *args: Any) -> Any:
         return self._eval_step("val", batch)
