@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def child_mobillm(args) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=tempfile.mkdtemp(prefix="mobillm-bench-"),  # summary.json goes there, not the cwd
     )
     t0 = time.perf_counter()
     trainer.fit(model, dm)
