@@ -1,5 +1,6 @@
 """LightningModules: the side networks with their losses and optimisers."""
 
+from lightning_mobillm.modules.additive import AdditiveAdapterModule
 from lightning_mobillm.modules.side_tuning import SideTuningModule, WarmupCosineLambda
 
-__all__ = ["SideTuningModule", "WarmupCosineLambda"]
+__all__ = ["AdditiveAdapterModule", "SideTuningModule", "WarmupCosineLambda"]

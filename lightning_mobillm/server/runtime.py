@@ -218,11 +218,11 @@ class SideServer:
             raise FrameError("hello: cache.memory_limit_mb must be a number >= 0")
         root = Path(self.config.workdir) if self.config.workdir else cache_dir() / "server"
         folder = root / f"activation-cache-{cache_id}"
-        if (folder / "index.json").exists():
+        store = ActivationStore(folder, memory_limit_mb=float(limit)) if not folder.exists() else None
+        if store is None:
             store = ActivationStore.open(folder, memory_limit_mb=float(limit))
             log.info("reopened activation cache %s with %d samples", folder, len(store))
-            return store
-        return ActivationStore(folder, memory_limit_mb=float(limit))
+        return store
 
     def _batch(self, session: Session, frame: Frame, *, with_target: bool) -> dict[str, torch.Tensor]:
         acts, lengths = P.unpack_acts(frame.tensors, frame.header["codec"])

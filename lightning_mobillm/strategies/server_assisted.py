@@ -351,7 +351,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         labels = batch["labels"].to(torch.int64).cpu()
         if backbone_logits is not None:
             kind = P.TRAIN_TARGET
-            tensors["targets"] = self.lightning_module.device_targets(backbone_logits, labels).float().cpu()
+            tensors["targets"] = self.lightning_module.device_targets(backbone_logits, labels, keys).float().cpu()
         else:
             kind = P.TRAIN
             tensors["labels"] = labels
