@@ -202,3 +202,35 @@ def test_link_refuses_wrong_token_before_decoding():
 def test_unreachable_server_names_the_address():
     with pytest.raises(LinkError, match="127.0.0.1:9"):
         LinkClient("127.0.0.1:9", connect_timeout=1.0)
+
+
+def _pae_session(server: SideServer) -> str:
+    from lightning_mobillm.modules import AdditiveAdapterModule
+
+    module = AdditiveAdapterModule(backbone=BackboneConfig(source="unused"), num_classes=NUM_CLASSES, seed=0)
+    hello = _hello()
+    hello.header.update(module="additive_adapter", hparams=P.json_safe(module.hparams_dict()), num_outputs=16,
+                        num_classes=NUM_CLASSES)
+    reply = _call(server, hello)
+    assert reply.kind == P.OK, reply.header
+    return reply.header["session"]
+
+
+def _target_frame(session: str, step: int, **extra) -> Frame:
+    acts, lengths, _ = _batch(step, tokens=1)
+    tensors = {**P.pack_acts(acts, lengths, "int8"), "targets": torch.randn(6, 16), **extra}
+    return Frame(kind=P.TRAIN_TARGET, header={"session": session, "step": step, "codec": "int8"}, tensors=tensors)
+
+
+def test_label_free_session_refuses_labels():
+    server = SideServer(ServerConfig(device="cpu"))
+    session = _pae_session(server)
+    before = _snapshot(server, session)
+    # a labelled frame kind, and a target frame smuggling a labels tensor, are both refused
+    reply = _call(server, _train_frame(session, 0, seed=0))
+    assert reply.kind == P.ERROR and "label-free" in reply.header["message"]
+    reply = _call(server, _target_frame(session, 0, labels=torch.zeros(6, dtype=torch.int64)))
+    assert reply.kind == P.ERROR and "labels" in reply.header["message"]
+    _assert_unchanged(before, _snapshot(server, session))
+    reply = _call(server, _target_frame(session, 0))
+    assert reply.kind == P.OK and "acc" not in reply.header  # the server cannot score what it cannot see

@@ -181,9 +181,6 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         fitting = trainer.state.fn == TrainerFn.FITTING
         total = int(trainer.estimated_stepping_batches) if fitting else 1
         if getattr(module, "label_free", False):
-            if self.select != "loss":
-                raise ValueError(f"{type(module).__name__} is trained from the loss token only: "
-                                 "set trainer.strategy.init_args.select: loss")
             class_names = getattr(trainer.datamodule, "class_names", None)
             if not class_names:
                 raise ValueError("PAE needs the class names (the data module's class_names) for the verbalizer")
