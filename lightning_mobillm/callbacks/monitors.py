@@ -90,6 +90,7 @@ class DeviceMonitor(L.Callback):
             "bytes_up_per_sample": link["bytes_up"] / samples if samples else None,
             "device_peak_rss_mb": peak_rss_mb(),
             "device_busy_s": getattr(s, "device_busy_s", None),
+            "train_bytes_up_by_epoch": {str(k): v for k, v in getattr(s, "train_bytes_up_by_epoch", {}).items()},
             "device_busy_s_by_epoch": {str(k): v for k, v in getattr(s, "device_busy_by_epoch", {}).items()},
             "device_forwards": getattr(s, "device_forwards", None),
             "server_busy_s": getattr(s, "server_busy_s", None),

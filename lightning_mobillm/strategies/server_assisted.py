@@ -148,6 +148,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.device_forwards: int = 0
         self.train_samples: int = 0
         self.device_busy_by_epoch: dict[int, float] = {}
+        self.train_bytes_up_by_epoch: dict[int, int] = {}  # training frames only (no hello/eval/state)
         self.cache: ActivationCache | None = None
         self.verbalizer_ids: list[int] | None = None
 
@@ -368,24 +369,25 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             self._train_from_cache(step, batch, keys, t0)
         else:
             data = self._train_frame(step, batch, keys)
-            self._account_busy(t0)
+            self._account_busy(t0, len(data))
             self._pending.append((step, self.client.submit(data), keys))
             while len(self._pending) > self.pipeline_depth or (self._pending and self._pending[0][1].done()):
                 self._complete_oldest()
         return torch.tensor(self.last_train_reply.get("loss", float("nan")))
 
-    def _account_busy(self, t0: float) -> None:
+    def _account_busy(self, t0: float, frame_bytes: int) -> None:
         self.last_device_step_s = time.perf_counter() - t0
         self.device_busy_s += self.last_device_step_s
         epoch = self.lightning_module.trainer.current_epoch
         self.device_busy_by_epoch[epoch] = self.device_busy_by_epoch.get(epoch, 0.0) + self.last_device_step_s
+        self.train_bytes_up_by_epoch[epoch] = self.train_bytes_up_by_epoch.get(epoch, 0) + frame_bytes
 
     def _train_from_cache(self, step: int, batch: dict[str, Tensor], keys: list[str], t0: float) -> None:
         """The server holds every sample of this batch: send the keys only, no device forward."""
         self._drain()  # the device is idle in cached epochs, so ordering is kept simply by waiting
         frame = Frame(kind=P.TRAIN_CACHED, header={"session": self.session, "step": step, "keys": keys})
         data = encode_frame(frame)
-        self._account_busy(t0)
+        self._account_busy(t0, len(data))
         reply = self._reply(self.client.call(data)).header
         if "missing" in reply:
             # lost or corrupt on the server: forward this batch again and resend the same step
@@ -394,7 +396,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             self.cache.cached.difference_update(reply["missing"])
             t1 = time.perf_counter()
             data = self._train_frame(step, batch, keys)
-            self._account_busy(t1)
+            self._account_busy(t1, len(data))
             reply = self._reply(self.client.call(data)).header
         else:
             self.cache.hits += len(keys)
