@@ -48,7 +48,6 @@ class AdditiveAdapterModule(SideTuningModule):
         loss: Literal["mse", "smooth_l1"] = "mse",
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("dropout", 0.0)
         super().__init__(**kwargs)
         if loss not in ("mse", "smooth_l1"):
             raise ValueError(f"loss must be 'mse' or 'smooth_l1', got {loss!r}")
