@@ -6,27 +6,38 @@ In PAE mode the device never sends a label. It computes the backbone's own (zero
 (a 32-byte key) never leaves the device. The server fits the side network's output ``f(acts)``
 (``[B, out_dim]``) to the received targets (MSE); the device composes ``argmax(p_b + T.inverse(f(acts)))``.
 
-Transforms (``make_transform(name, num_classes, key=..., **knobs)``):
+Transforms (``make_transform(name, num_classes, key=..., **knobs)``; the defence: ``make_defence(K, key)``):
 
 * ``identity``: ``T(delta) = delta``. Naive: ``argmax(delta) == y`` for every sample (``delta_y = 1 - p_y
-  >= 0`` and every other entry is ``-p_j <= 0``), so the label is sent in clear.
-* ``rotation``: ``T(delta) = R delta`` with a secret Haar-random orthogonal ``R`` (K x K). Weak: a server
-  that knows ``p_b`` (it can recompute it from the last layer's activations with the public final norm
-  and LM head) undoes ``R`` by least squares with zero-shot pseudo-labels (measured: 100%).
-* ``embed`` (the project's defence, together with not tapping the last blocks): a secret affine
-  embedding into ``out_dim > K`` dimensions, ``T(delta) = A delta + b + sigma * n_i``:
+  > 0`` and every other entry is ``-p_j < 0``), so the label is sent in clear.
+* ``rotation``: ``T(delta) = R delta`` with a secret Haar-random orthogonal ``R`` (K x K). Weak: since
+  ``argmax(R^T t) = y`` exactly, a server fits a linear decoder from the targets to zero-shot pseudo-labels
+  and iterates (self-training); measured 100%, with or without the last blocks tapped.
+* ``embed``: a secret affine embedding into ``out_dim >= K`` dimensions,
+  ``T(delta) = A delta' + b + sigma * n_i``:
 
   - ``A`` = ``[out_dim, K]`` with orthonormal columns (a random secret K-dim subspace of the output
     space, which also hides the class order) times secret per-dimension scales; ``b`` secret offsets.
-  - ``n_i`` optional per-sample Gaussian noise (``sigma`` knob, default 0), drawn from a keyed hash of
-    the device's *sample key*, so a sample that is sent twice gets the same noise (the server cannot
-    average it away by asking again).
+    Alone this only defeats the naive argmax: any invertible *linear* map of ``delta`` is undone by the
+    same self-training decoder (measured 100%).
+  - ``rr_epsilon`` (the part that protects): K-ary randomized response on the label inside ``forward``,
+    ``delta' = unbiased_onehot(y_rr) - p_b``; the coin of each sample is a keyed hash of its sample key,
+    so a resent sample gets the same answer (no averaging). epsilon-label-DP per sample for everything the
+    server receives (the activations do not depend on the label; the rest is post-processing).
+  - ``sigma``: optional keyed Gaussian noise ``n_i`` (measured: a worse trade-off than randomized response).
 
-  ``inverse`` is the exact least-squares inverse ``A^+ (out - b)``; the noise is not inverted (it is
-  zero-mean and independent of the activations, so the server's model averages it out in training).
+  ``inverse`` is the exact least-squares inverse ``A^+ (out - b)`` (randomisation and noise are not
+  inverted: they are zero-mean given the activations, so the server's model averages them out).
 
-Also :func:`randomized_response` (K-ary randomized response on the labels, epsilon-label-DP for the
-targets of each sample, applied by the device *before* it forms ``delta``), kept for the trade-off study.
+**The defence** (:data:`DEFENCE_KNOBS`): ``embed`` with ``out_dim=16, rr_epsilon=4``, all blocks tapped
+(:data:`DEFAULT_PAE_LAYERS`).
+
+Device-side use (per batch; ``sample_keys`` = the keyed sample hashes the activation cache uses)::
+
+    T = make_defence(num_classes, key=device_key)          # once; key from new_key(), kept on the device
+    target = T.forward(prediction_difference(labels, z_b), sample_keys)   # [B, T.out_dim] -> server
+    scores = compose_prediction(z_b, T.inverse(side_out))  # side_out: the server's [B, T.out_dim]
+    pred = scores.argmax(-1)
 
 Secrets: every transform is built from ``key`` (bytes). All random quantities are derived from
 ``HMAC-SHA256(key, purpose)``; nothing secret is in :meth:`TargetTransform.public_config` (what may go
@@ -35,9 +46,10 @@ into hparams, logs and frames) or in ``repr``. Without ``key`` a fresh one is dr
 keystore); the server needs only ``public_config()["out_dim"]`` to size its side network's head.
 
 What this does not protect (see ``docs/threat-model.md``, measured by ``benchmarks/label_privacy.py``):
-the side network the server trains is, by design, a classifier; its outputs cluster by class and a
-server with any zero-shot signal can name the clusters. The transform keeps the *targets* from adding
-to what the server's own model and the activations already reveal.
+the activations themselves (on BBC News a server that knows the public backbone labels 94% of the samples
+from them alone, with no target), and the side network the server trains, which is by design a
+classifier whose outputs a server can cluster and name with its zero-shot signal. The transform bounds
+what the *targets* add beyond that.
 """
 
 from __future__ import annotations
@@ -53,17 +65,21 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_PAE_LAYERS",
+    "DEFENCE_KNOBS",
     "EmbedTransform",
     "IdentityTransform",
     "RotationTransform",
     "TargetTransform",
     "TRANSFORMS",
     "compose_prediction",
+    "make_defence",
     "make_transform",
     "new_key",
     "prediction_difference",
     "randomized_response",
     "sample_seeds",
+    "unbiased_onehot",
 ]
 
 KEY_BYTES = 32
@@ -96,28 +112,33 @@ def _generator(key: bytes, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def sample_seeds(key: bytes, sample_keys: Sequence[int] | Tensor, purpose: str = "noise") -> list[int]:
+def sample_seeds(key: bytes, sample_keys: Sequence[int | bytes | str] | Tensor, purpose: str = "noise") -> list[int]:
     """One 63-bit seed per sample: ``HMAC-SHA256(key, purpose | sample_key)``. Deterministic per sample and
     unpredictable without ``key``."""
     if isinstance(sample_keys, Tensor):
         sample_keys = sample_keys.reshape(-1).tolist()
     out = []
     for s in sample_keys:
-        msg = s if isinstance(s, bytes) else str(int(s)).encode()
+        if isinstance(s, bytes):
+            msg = s
+        elif isinstance(s, str):
+            msg = s.encode()
+        else:
+            msg = str(int(s)).encode()
         d = hmac.new(key, purpose.encode() + b"|" + msg, hashlib.sha256).digest()
         out.append(int.from_bytes(d[:8], "little") & ((1 << 63) - 1))
     return out
 
 
-def _keyed_normal(key: bytes, sample_keys: Sequence[int] | Tensor, dim: int, purpose: str) -> Tensor:
+def _keyed_normal(key: bytes, sample_keys: Sequence[int | bytes | str] | Tensor, dim: int, purpose: str) -> Tensor:
     """``[B, dim]`` standard normal rows, row ``i`` a function of ``(key, sample_keys[i])`` only."""
     rows = [torch.randn(dim, generator=torch.Generator().manual_seed(s)) for s in sample_seeds(key, sample_keys, purpose)]
     return torch.stack(rows) if rows else torch.zeros(0, dim)
 
 
-def _keyed_uniform(key: bytes, sample_keys: Sequence[int] | Tensor, purpose: str) -> Tensor:
-    seeds = sample_seeds(key, sample_keys, purpose)
-    return torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed(s)).item() for s in seeds])
+def _keyed_uniform(key: bytes, sample_keys: Sequence[int | bytes | str] | Tensor, purpose: str) -> Tensor:
+    """``[B]`` float64 in [0, 1), entry ``i`` a function of ``(key, sample_keys[i])`` only."""
+    return torch.tensor([s / 2.0**63 for s in sample_seeds(key, sample_keys, purpose)], dtype=torch.float64)
 
 
 def _haar_orthogonal(n: int, gen: torch.Generator) -> Tensor:
@@ -140,7 +161,7 @@ def compose_prediction(backbone_logits: Tensor, correction: Tensor) -> Tensor:
 
 
 def randomized_response(labels: Tensor, num_classes: int, epsilon: float, key: bytes | str | int,
-                        sample_keys: Sequence[int] | Tensor) -> Tensor:
+                        sample_keys: Sequence[int | bytes | str] | Tensor) -> Tensor:
     """K-ary randomized response: keep ``y`` with probability ``e^eps / (e^eps + K - 1)``, else one of the
     other ``K - 1`` classes uniformly. epsilon-label-DP for the target each sample sends. The coin of a
     sample is a keyed hash of its sample key (the same answer if it is sent twice).
@@ -156,6 +177,16 @@ def randomized_response(labels: Tensor, num_classes: int, epsilon: float, key: b
     v = _keyed_uniform(key, sample_keys, "rr-class")
     other = (labels + 1 + (v * (num_classes - 1)).long().clamp(max=num_classes - 2)) % num_classes
     return torch.where(u < keep, labels, other)
+
+
+def unbiased_onehot(noisy_labels: Tensor, num_classes: int, epsilon: float) -> Tensor:
+    """The one-hot of randomized-response labels, debiased so that its expectation is ``onehot(y)``:
+    ``(onehot(y_rr) - q) / (keep - q)`` with ``q = (1 - keep) / (K - 1)``. Use it in place of ``onehot(y)``
+    when forming ``delta`` (the side network then still learns ``onehot(y) - p_b`` on average)."""
+    keep = math.exp(epsilon) / (math.exp(epsilon) + num_classes - 1)
+    q = (1 - keep) / (num_classes - 1)
+    onehot = torch.nn.functional.one_hot(noisy_labels.long(), num_classes).float()
+    return (onehot - q) / (keep - q)
 
 
 class TargetTransform:
@@ -183,7 +214,7 @@ class TargetTransform:
         return self.num_classes
 
     # ------------------------------------------------------------------ public surface
-    def forward(self, delta: Tensor, sample_keys: Sequence[int] | Tensor | None = None) -> Tensor:
+    def forward(self, delta: Tensor, sample_keys: Sequence[int | bytes | str] | Tensor | None = None) -> Tensor:
         """``[B, K]`` prediction differences -> ``[B, out_dim]`` float32 targets to send.
 
         Args:
@@ -284,9 +315,16 @@ class EmbedTransform(TargetTransform):
         num_classes: ``K``.
         key: the device secret.
         out_dim: target width (>= K; default 16).
-        sigma: per-sample noise std in target units (0 = off; then ``sample_keys`` are not needed).
+        sigma: per-sample noise std in target units (0 = off).
         scale_range: the per-dimension scales are in ``[1/scale_range, scale_range]``.
         offset_std: std of the secret offsets.
+        rr_epsilon: if set, K-ary randomized response on the label inside ``forward`` (epsilon-label-DP per
+            sample): ``y = argmax(delta)`` and ``p_b = onehot(y) - delta`` are recovered exactly from ``delta``,
+            ``y`` is replaced by its randomized response (a keyed coin per sample key) and ``delta`` by
+            ``unbiased_onehot(y_rr) - p_b`` before the embedding. ``delta`` must then be exactly
+            ``onehot(y) - softmax(z_b)`` (checked).
+
+    ``sample_keys`` are needed when ``sigma > 0`` or ``rr_epsilon`` is set.
     """
 
     name = "embed"
@@ -299,8 +337,12 @@ class EmbedTransform(TargetTransform):
         sigma: float = 0.0,
         scale_range: float = 2.0,
         offset_std: float = 1.0,
+        rr_epsilon: float | None = None,
     ) -> None:
         super().__init__(num_classes, key)
+        if rr_epsilon is not None and not rr_epsilon > 0:
+            raise ValueError(f"rr_epsilon must be > 0 (or None), got {rr_epsilon}")
+        self.rr_epsilon = None if rr_epsilon is None else float(rr_epsilon)
         if int(out_dim) < self.num_classes:
             raise ValueError(f"out_dim must be >= num_classes ({self.num_classes}), got {out_dim}")
         if sigma < 0 or scale_range < 1 or offset_std < 0:
@@ -322,12 +364,25 @@ class EmbedTransform(TargetTransform):
 
     @property
     def needs_sample_keys(self) -> bool:  # type: ignore[override]
-        return self.sigma > 0
+        return self.sigma > 0 or self.rr_epsilon is not None
 
     def _public_knobs(self) -> dict[str, Any]:
-        return {"sigma": self.sigma, "scale_range": self.scale_range, "offset_std": self.offset_std}
+        return {
+            "sigma": self.sigma,
+            "scale_range": self.scale_range,
+            "offset_std": self.offset_std,
+            "rr_epsilon": self.rr_epsilon,
+        }
 
     def _forward(self, delta: Tensor, sample_keys) -> Tensor:
+        if self.rr_epsilon is not None:
+            y = delta.argmax(-1)
+            onehot = torch.nn.functional.one_hot(y, self.num_classes).to(delta.dtype)
+            probs = onehot - delta
+            if not (bool((probs > -1e-4).all()) and torch.allclose(probs.sum(-1), torch.ones_like(probs[:, 0]), atol=1e-3)):
+                raise ValueError("with rr_epsilon, delta must be onehot(y) - softmax(z_b) (hard labels)")
+            y_rr = randomized_response(y, self.num_classes, self.rr_epsilon, self._key, sample_keys)
+            delta = unbiased_onehot(y_rr, self.num_classes, self.rr_epsilon).to(delta.dtype) - probs
         out = delta @ self._A.T + self._b
         if self.sigma > 0:
             out = out + self.sigma * _keyed_normal(self._key, sample_keys, self._out_dim, "embed-noise").double()
@@ -342,6 +397,21 @@ TRANSFORMS: dict[str, type[TargetTransform]] = {
     "rotation": RotationTransform,
     "embed": EmbedTransform,
 }
+
+
+#: The project's defence (see docs/threat-model.md): the secret affine embedding into 16 dims with keyed
+#: randomized response at epsilon = 4 (6.8% of the labels flipped for K = 5), with every block tapped
+#: (DEFAULT_PAE_LAYERS). Lower epsilon = less leak, less accuracy (benchmarks/label_privacy.py trade-off).
+DEFENCE_KNOBS: dict[str, Any] = {"out_dim": 16, "rr_epsilon": 4.0}
+#: Which blocks PAE taps by default: all of them. Not sending the last blocks hides z_b but, measured, buys no
+#: label privacy against a server with unlabeled public text (a tuned lens recovers the zero-shot signal from
+#: block 23 or even 11) and costs 1-4 points of accuracy.
+DEFAULT_PAE_LAYERS = "all"
+
+
+def make_defence(num_classes: int, key: bytes | str | int | None = None, **overrides: Any) -> EmbedTransform:
+    """The project's defence: ``make_transform("embed", num_classes, key, **DEFENCE_KNOBS)`` (knobs overridable)."""
+    return EmbedTransform(num_classes, key=key, **{**DEFENCE_KNOBS, **overrides})
 
 
 def make_transform(name: str, num_classes: int, key: bytes | str | int | None = None, **knobs: Any) -> TargetTransform:

@@ -127,7 +127,8 @@ def test_corrupt_cache_is_detected_and_resent(tmp_path, tiny_data_file, tiny_lla
 
 
 def test_composition_equals_the_backbone_when_the_correction_is_zero():
-    module = AdditiveAdapterModule(backbone=BackboneConfig(source="unused"), num_classes=5)
+    # without randomized response the transform is exactly invertible
+    module = AdditiveAdapterModule(backbone=BackboneConfig(source="unused"), num_classes=5, transform_rr_epsilon=None)
     module.build(TapSpec(layers=[0, 1], hidden_size=8, arch="llama"))
     z = torch.randn(4, 5)
     zero_correction = module.transform.forward(torch.zeros(4, 5))
@@ -138,3 +139,16 @@ def test_composition_equals_the_backbone_when_the_correction_is_zero():
     assert target.shape == (4, module.num_outputs) == (4, 16)
     torch.testing.assert_close(module.compose(z, target), torch.nn.functional.one_hot(labels, 5).float(),
                                atol=1e-4, rtol=0)
+
+
+def test_the_default_defence_randomises_labels_with_keyed_stable_coins():
+    module = AdditiveAdapterModule(backbone=BackboneConfig(source="unused"), num_classes=5)
+    module.build(TapSpec(layers=[0, 1], hidden_size=8, arch="llama"))
+    z = torch.randn(256, 5)
+    labels = torch.randint(0, 5, (256,))
+    ids = torch.randint(5, 60, (256, 6))
+    mask = torch.ones_like(ids)
+    first = module.device_targets(z, labels, ids, mask)
+    torch.testing.assert_close(first, module.device_targets(z, labels, ids, mask))  # same sample, same coin
+    with pytest.raises(ValueError, match="input_ids"):
+        module.device_targets(z, labels)

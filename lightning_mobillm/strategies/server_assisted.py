@@ -349,7 +349,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         labels = batch["labels"].to(torch.int64).cpu()
         if backbone_logits is not None:
             kind = P.TRAIN_TARGET
-            tensors["targets"] = self.lightning_module.device_targets(backbone_logits, labels, keys).float().cpu()
+            tensors["targets"] = self.lightning_module.device_targets(
+                backbone_logits, labels, batch["input_ids"], batch["attention_mask"]).float().cpu()
         else:
             kind = P.TRAIN
             tensors["labels"] = labels
