@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from lightning_mobillm.transport import codecs
 from lightning_mobillm.transport.frames import Frame, FrameError, FrameSchema, TensorRule
@@ -158,14 +159,14 @@ def pack_state(state: Any) -> tuple[dict, torch.Tensor]:
     """Serialise a nested state into a JSON skeleton and one uint8 tensor (safetensors bytes)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = {"root": _flatten(state, tensors)}
-    blob = safetensors.torch.save(tensors)
+    blob = safetensors_save(tensors)
     return skeleton, torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 
 def unpack_state(skeleton: dict, blob: torch.Tensor) -> Any:
     """Inverse of :func:`pack_state`; parses only safetensors and JSON (nothing is executed)."""
     try:
-        tensors = safetensors.torch.load(blob.numpy().tobytes())
+        tensors = safetensors_load(blob.numpy().tobytes())
     except Exception as err:  # noqa: BLE001 - any parse failure is a bad frame
         raise FrameError(f"state blob is not valid safetensors: {err}") from None
     if "root" not in skeleton:

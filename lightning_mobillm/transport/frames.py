@@ -21,8 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 MAGIC = b"MLLM"
 VERSION = 1
@@ -89,7 +90,7 @@ def encode_frame(frame: Frame) -> bytes:
     except (TypeError, ValueError) as e:
         raise FrameError(f"frame header is not JSON-serializable: {e}") from e
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in frame.tensors.items()}
-    body = safetensors.torch.save(tensors)
+    body = safetensors_save(tensors)
     return _PREAMBLE.pack(MAGIC, VERSION, len(header_bytes)) + header_bytes + body
 
 
@@ -166,7 +167,7 @@ def _check_header(header: dict[str, Any], schema: FrameSchema) -> None:
 def _load_tensors(body: bytes) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes, turning any failure (including a Rust panic) into ``FrameError``."""
     try:
-        return safetensors.torch.load(body)
+        return safetensors_load(body)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # pyo3 panics derive from BaseException
