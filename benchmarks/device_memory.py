@@ -16,11 +16,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _children import report, run_child
 
 
 def _peak_rss_mb() -> float:
@@ -110,7 +111,7 @@ def main() -> None:
 
     if args.child:
         fn = child_inference if args.child == "inference" else child_mobillm
-        print("RESULT " + json.dumps(fn(args)), flush=True)
+        report(fn(args))
         return
 
     from lightning_mobillm.assets import resolve_source
@@ -118,13 +119,7 @@ def main() -> None:
     resolve_source(args.model)  # convert once here, not in the measured children
     results = {}
     for mode in ("inference", "mobillm"):
-        cmd = [sys.executable, __file__, "--child", mode, *sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.exit(f"{mode} child failed:\n{proc.stderr[-4000:]}")
-        results[mode] = json.loads(lines[-1][len("RESULT "):])
-        print(mode, results[mode], flush=True)
+        results[mode] = run_child(__file__, mode, sys.argv[1:])
     out = {
         "model": args.model,
         "dtype": args.dtype,

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _children import report, run_child
 
 RUNS = ("pae_cache", "pae_nocache", "mobillm_cache", "pae_fullseq")
 
@@ -99,7 +99,7 @@ def main() -> None:
     if args.layers != "all":
         args.layers = json.loads(args.layers)
     if args.child:
-        print("RESULT " + json.dumps(child(args)), flush=True)
+        report(child(args))
         return
 
     from lightning_mobillm.assets import resolve_source
@@ -107,13 +107,7 @@ def main() -> None:
     resolve_source(args.model)
     rows = {}
     for run in args.runs.split(","):
-        cmd = [sys.executable, __file__, "--child", run, *sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.exit(f"{run} failed:\n{proc.stderr[-4000:]}")
-        rows[run] = json.loads(lines[-1][len("RESULT "):])
-        print(run, json.dumps(rows[run]), flush=True)
+        rows[run] = run_child(__file__, run, sys.argv[1:])
 
     out: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("child", "out")}, "runs": rows}
     checks = {}
