@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import pytest
@@ -405,14 +404,12 @@ def test_smollm2_packaged_alias(monkeypatch):
     assert spec.hidden_size == 576 and spec.num_taps == 30 and spec.arch == "llama" and spec.is_decoder
     assert bb.tokenizer.pad_token == "<|im_end|>"
 
-    # the second load reuses the conversion cache: no conversion, and fast
+    # the second load reuses the conversion cache: no conversion
     def no_conversion(*args, **kwargs):
         raise AssertionError("the GGUF was converted again")
 
     monkeypatch.setattr(assets, "convert_gguf", no_conversion)
-    t0 = time.perf_counter()
     bb2 = FrozenBackbone(BackboneConfig(source="smollm2-135m", layers=[-1]))
-    assert time.perf_counter() - t0 < 15
     assert bb2.tap_spec.layers == [29]
     del bb2
 

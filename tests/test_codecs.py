@@ -240,8 +240,8 @@ def test_input_dtypes_and_no_mutation() -> None:
     assert torch.equal(x, before)
 
 
-def test_large_batch_is_fast_enough() -> None:
-    """A realistic batch (8 x 128 tokens x 30 layers x 576) encodes and decodes without loops."""
+def test_realistic_batch_round_trips() -> None:
+    """A realistic batch (8 x 128 tokens x 30 layers x 576) encodes and decodes (speed: benchmarks/codecs.py)."""
     x = torch.randn(30, 8 * 128, 576)
     for codec in ("int8", "int4", "int8o", "int4o"):
         y = decode(encode(x, codec), codec)
