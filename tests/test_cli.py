@@ -74,22 +74,21 @@ def test_fit_from_a_recipe(tmp_path, tiny_llama_dir, tiny_data_file):
     assert (tmp_path / "runs" / "cli" / "version_0" / "server.log").read_text().count("session") >= 1
 
 
-def test_unknown_key_is_named(tmp_path, tiny_llama_dir, tiny_data_file):
+@pytest.mark.parametrize(
+    ("old", "new", "named"),
+    [
+        ("    lr: 0.01", "    lr: 0.01\n    reductoin: 4", "reductoin"),  # an unknown key
+        ("batch_size: 8", "batch_size: eight", "batch_size"),  # an ill-typed value
+    ],
+    ids=["unknown-key", "ill-typed-key"],
+)
+def test_bad_key_is_named(tmp_path, tiny_llama_dir, tiny_data_file, old, new, named):
     recipe = tmp_path / "recipe.yaml"
     text = RECIPE.format(model=tiny_llama_dir, data=tiny_data_file, out=tmp_path / "runs")
-    recipe.write_text(text.replace("    lr: 0.01", "    lr: 0.01\n    reductoin: 4"))
+    recipe.write_text(text.replace(old, new))
     proc = _cli(["fit", "--config", str(recipe)], cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
-    assert "reductoin" in proc.stderr
-
-
-def test_ill_typed_key_is_named(tmp_path, tiny_llama_dir, tiny_data_file):
-    recipe = tmp_path / "recipe.yaml"
-    text = RECIPE.format(model=tiny_llama_dir, data=tiny_data_file, out=tmp_path / "runs")
-    recipe.write_text(text.replace("batch_size: 8", "batch_size: eight"))
-    proc = _cli(["fit", "--config", str(recipe)], cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0
-    assert "batch_size" in proc.stderr
+    assert named in proc.stderr
 
 
 @pytest.fixture
