@@ -248,6 +248,41 @@ def load_tokenizer(config: BackboneConfig):
     return tokenizer
 
 
+def load_hf_model(config: BackboneConfig, *, lm_head: bool) -> tuple[nn.Module, str]:
+    """Load the Hugging Face model a :class:`BackboneConfig` names, in its dtype; returns (model, local path).
+
+    ``lm_head=True`` loads decoders with their LM head (``AutoModelForCausalLM``); otherwise, and for
+    encoders, the bare model (``AutoModel``) whose output is the last hidden state.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    path = resolve_source(config.source, config.gguf_file, revision=config.revision)
+    kwargs: dict = {"trust_remote_code": config.trust_remote_code}
+    if config.revision is not None and path == config.source:
+        kwargs["revision"] = config.revision
+    hf_config = AutoConfig.from_pretrained(path, **kwargs)
+    cls = AutoModelForCausalLM if lm_head and is_decoder_config(hf_config) else AutoModel
+    model = cls.from_pretrained(path, config=hf_config, dtype=_torch_dtype(config.dtype), **kwargs)
+    return model, path
+
+
+def loss_token_index(attention_mask: torch.Tensor, is_decoder: bool) -> torch.Tensor:
+    """``[B]`` index of the token that enters the loss.
+
+    Decoders: the last non-pad token; encoders: the first non-pad token ([CLS]). Works for left and
+    right padding.
+    """
+    mask = attention_mask.to(torch.bool)
+    if mask.ndim != 2:
+        raise ValueError(f"attention_mask must be [B, T], got shape {tuple(mask.shape)}")
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("Every sample needs at least one non-pad token (a row of attention_mask is all 0)")
+    if is_decoder:
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        return torch.where(mask, positions, -1).amax(dim=1).to(torch.long)
+    return mask.to(torch.uint8).argmax(dim=1).to(torch.long)
+
+
 class FrozenBackbone:
     """A frozen Hugging Face model that runs forward only and returns packed taps of chosen blocks.
 
@@ -262,20 +297,13 @@ class FrozenBackbone:
     """
 
     def __init__(self, config: BackboneConfig, device: str | torch.device = "cpu"):
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
         self.config = config
         self.device = torch.device(device)
         self.dtype = _torch_dtype(config.dtype)
-        path = resolve_source(config.source, config.gguf_file, revision=config.revision)
+        model, path = load_hf_model(config, lm_head=True)
+        hf_config = model.config
         self._path = path
-        kwargs: dict = {"trust_remote_code": config.trust_remote_code}
-        if config.revision is not None and path == config.source:
-            kwargs["revision"] = config.revision
-        hf_config = AutoConfig.from_pretrained(path, **kwargs)
         self.is_decoder = is_decoder_config(hf_config)
-        cls = AutoModelForCausalLM if self.is_decoder else AutoModel
-        model = cls.from_pretrained(path, config=hf_config, dtype=self.dtype, **kwargs)
         model.requires_grad_(False)
         model.eval()
         self.model = model.to(self.device)
@@ -348,22 +376,8 @@ class FrozenBackbone:
 
     # ------------------------------------------------------------------ token selection
     def loss_token_index(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[B]`` index of the token that enters the loss.
-
-        Decoders: the last non-pad token; encoders: the first non-pad token ([CLS]). Works for left and
-        right padding.
-        """
-        mask = attention_mask.to(torch.bool)
-        if mask.ndim != 2:
-            raise ValueError(f"attention_mask must be [B, T], got shape {tuple(mask.shape)}")
-        if not bool(mask.any(dim=1).all()):
-            raise ValueError(
-                "Every sample needs at least one non-pad token (a row of attention_mask is all 0)"
-            )
-        if self.is_decoder:
-            positions = torch.arange(mask.shape[1], device=mask.device)
-            return torch.where(mask, positions, -1).amax(dim=1).to(torch.long)
-        return mask.to(torch.uint8).argmax(dim=1).to(torch.long)
+        """``[B]`` index of the token that enters the loss (see :func:`loss_token_index`)."""
+        return loss_token_index(attention_mask, self.is_decoder)
 
     def verbalizer_token_ids(self, class_names: list[str]) -> list[int]:
         """The first token id of ``" " + name`` for each class name (the verbalizer of a zero-shot prompt).

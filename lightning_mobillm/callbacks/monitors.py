@@ -23,29 +23,76 @@ class DeviceMonitor(L.Callback):
     serialised), ``time/device_step_s``, ``time/server_step_s``, ``mem/device_peak_rss_mb``; and at the
     end of ``fit`` writes ``summary.json`` into the run's log folder.
 
+    It works for every method of the framework, on-device baselines included. The counters come from
+    whichever of the strategy or the LightningModule has them:
+
+    * ``link_stats`` (a :class:`~lightning_mobillm.transport.link.LinkStats`): bytes on the wire;
+    * ``device_busy_s``: seconds of compute on the device (excluding waits for the server); without
+      it, the device is busy for the whole training batch (on-device training);
+    * ``server_busy_s``: seconds the server spent on this device's training steps;
+    * ``overlaps_server``: True when the device computes while the link and the server work.
+
     Args:
-        summary_file: file name of the summary, written into ``trainer.log_dir``.
+        summary_file: file name of the summary, written into ``trainer.log_dir`` (or an absolute path).
     """
 
     def __init__(self, summary_file: str = "summary.json") -> None:
         self.summary_file = summary_file
         self._t0 = 0.0
+        self._batch_t0 = 0.0
+        self._own_busy_s = 0.0
+        self._samples = 0
+        self._epoch_start: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.by_epoch: list[dict[str, float]] = []
         self.summary: dict[str, Any] = {}
 
     @staticmethod
-    def _link(trainer: L.Trainer) -> dict[str, int]:
-        stats = getattr(trainer.strategy, "link_stats", None)
+    def _attr(trainer: L.Trainer, name: str) -> Any:
+        for owner in (trainer.strategy, trainer.lightning_module):
+            value = getattr(owner, name, None)
+            if value is not None:
+                return value
+        return None
+
+    def _link(self, trainer: L.Trainer) -> dict[str, int]:
+        stats = self._attr(trainer, "link_stats")
         return stats.snapshot() if stats is not None else {"bytes_up": 0, "bytes_down": 0, "calls": 0}
+
+    def _counters(self, trainer: L.Trainer) -> dict[str, float]:
+        link = self._link(trainer)
+        busy = self._attr(trainer, "device_busy_s")
+        return {
+            "steps": float(trainer.global_step),
+            "samples": float(self._samples),
+            "device_busy_s": float(busy if busy is not None else self._own_busy_s),
+            "server_busy_s": float(self._attr(trainer, "server_busy_s") or 0.0),
+            "bytes_up": float(link["bytes_up"]),
+            "bytes_down": float(link["bytes_down"]),
+            "wall_s": time.perf_counter() - self._t0,
+        }
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()
+        self._own_busy_s = 0.0
+        self._samples = 0
         self.history = []
+        self.by_epoch = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = self._counters(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch_t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        s = trainer.strategy
+        self._own_busy_s += time.perf_counter() - self._batch_t0
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        self._samples += int(labels.shape[0]) if labels is not None else 0
         link = self._link(trainer)
+        s = trainer.strategy
         metrics = {
             "comm/bytes_up": float(link["bytes_up"]),
             "comm/bytes_down": float(link["bytes_down"]),
@@ -56,6 +103,14 @@ class DeviceMonitor(L.Callback):
         }
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        now = self._counters(trainer)
+        entry: dict[str, float] = {"epoch": trainer.current_epoch}
+        for key, value in now.items():
+            delta = value - self._epoch_start.get(key, 0.0)
+            entry[key] = int(delta) if key in ("steps", "samples", "bytes_up", "bytes_down") else delta
+        self.by_epoch.append(entry)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
@@ -64,6 +119,7 @@ class DeviceMonitor(L.Callback):
             self.history.append({
                 "elapsed_s": time.perf_counter() - self._t0,
                 "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
                 "val_acc": float(m["val/acc"]),
                 "val_f1": float(m.get("val/f1", float("nan"))),
             })
@@ -72,35 +128,46 @@ class DeviceMonitor(L.Callback):
         s = trainer.strategy
         link = self._link(trainer)
         m = trainer.callback_metrics
-        steps = trainer.global_step
-        samples = int(getattr(s, "train_samples", 0)) or None
+        counters = self._counters(trainer)
+        samples = int(getattr(s, "train_samples", 0)) or self._samples or None
         transfer = getattr(s, "transfer", None)
+
+        def per_sample(value: float | None) -> float | None:
+            return value / samples if samples and value is not None else None
+
         self.summary = {
             "device_pid": os.getpid(),
-            "server_pid": getattr(s, "server_pid", None),
+            "server_pid": self._attr(trainer, "server_pid"),
+            "method": type(pl_module).__name__,
             "codec": getattr(transfer, "codec", None),
             "select": getattr(s, "select", None),
             "pipeline_depth": getattr(s, "pipeline_depth", None),
-            "steps": steps,
+            "overlap": bool(self._attr(trainer, "overlaps_server")),
+            "steps": trainer.global_step,
             "epochs": trainer.current_epoch,
             "bytes_up": link["bytes_up"],
             "bytes_down": link["bytes_down"],
             "calls": link["calls"],
             "train_samples": samples,
-            "bytes_up_per_sample": link["bytes_up"] / samples if samples else None,
+            "bytes_up_per_sample": per_sample(link["bytes_up"]),
+            "bytes_down_per_sample": per_sample(link["bytes_down"]),
             "device_peak_rss_mb": peak_rss_mb(),
-            "device_busy_s": getattr(s, "device_busy_s", None),
+            "device_busy_s": counters["device_busy_s"],
+            "device_busy_s_per_sample": per_sample(counters["device_busy_s"]),
             "train_bytes_up_by_epoch": {str(k): v for k, v in getattr(s, "train_bytes_up_by_epoch", {}).items()},
             "device_busy_s_by_epoch": {str(k): v for k, v in getattr(s, "device_busy_by_epoch", {}).items()},
             "device_forwards": getattr(s, "device_forwards", None),
-            "server_busy_s": getattr(s, "server_busy_s", None),
-            "wall_s": time.perf_counter() - self._t0,
+            "server_busy_s": counters["server_busy_s"],
+            "wall_s": counters["wall_s"],
             "train_loss": float(m["train/loss_epoch"]) if "train/loss_epoch" in m else None,
             "val_acc": float(m["val/acc"]) if "val/acc" in m else None,
             "val_f1": float(m["val/f1"]) if "val/f1" in m else None,
             "quant_rel_error": getattr(transfer, "last_rel_error", None),
             "val_history": self.history,
+            "by_epoch": self.by_epoch,
         }
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / self.summary_file).write_text(json.dumps(self.summary, indent=2) + "\n")
+        path = Path(self.summary_file)
+        if not path.is_absolute():
+            path = Path(trainer.log_dir or trainer.default_root_dir) / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.summary, indent=2) + "\n")

@@ -31,7 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from lightning_mobillm.side.parallel_adapters import ParallelAdapterSideNetwork
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 
-__all__ = ["SideTuningModule", "WarmupCosineLambda"]
+__all__ = ["SideTuningModule", "WarmupCosineLambda", "classification_metrics"]
 
 _STAGES = ("val", "test")
 _STAGE_ALIASES = {"val": "val", "validate": "val", "validation": "val", "test": "test"}
@@ -68,7 +68,18 @@ class WarmupCosineLambda:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _to_backbone_config(backbone: BackboneConfig | dict | None) -> BackboneConfig:
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy (micro) and macro-F1, logged as ``{prefix}acc`` and ``{prefix}f1`` by every method."""
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+            "f1": MulticlassF1Score(num_classes=num_classes, average="macro"),
+        },
+        prefix=prefix,
+    )
+
+
+def to_backbone_config(backbone: BackboneConfig | dict | None) -> BackboneConfig:
     if backbone is None:
         return BackboneConfig()
     if isinstance(backbone, BackboneConfig):
@@ -123,7 +134,7 @@ class SideTuningModule(lightning.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if not 0.0 <= warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
-        self._backbone = _to_backbone_config(backbone)
+        self._backbone = to_backbone_config(backbone)
         # Hyperparameters are plain data: JSON-able, and loadable with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -244,18 +255,8 @@ class SideTuningModule(lightning.LightningModule):
         self.hparams["num_classes"] = n_classes
         self.tap_spec = TapSpec.from_dict(tap_spec.to_dict())
         self.side = side.to(self.device)
-        self.val_metrics = self._make_metrics(n_classes, "val/").to(self.device)
-        self.test_metrics = self._make_metrics(n_classes, "test/").to(self.device)
-
-    @staticmethod
-    def _make_metrics(num_classes: int, prefix: str) -> MetricCollection:
-        return MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-                "f1": MulticlassF1Score(num_classes=num_classes, average="macro"),
-            },
-            prefix=prefix,
-        )
+        self.val_metrics = classification_metrics(n_classes, "val/").to(self.device)
+        self.test_metrics = classification_metrics(n_classes, "test/").to(self.device)
 
     def _require_built(self) -> ParallelAdapterSideNetwork:
         if self.side is None:

@@ -157,6 +157,11 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
     def tokenizer(self):
         return self.backbone.tokenizer if self.backbone is not None else None
 
+    @property
+    def overlaps_server(self) -> bool:
+        """Whether the device forwards the next batch while the link and the server handle this one."""
+        return self.pipeline_depth > 0
+
     def setup_environment(self) -> None:
         super().setup_environment()
         module = self.lightning_module

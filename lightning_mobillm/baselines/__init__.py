@@ -1,0 +1,20 @@
+"""On-device baselines a user would otherwise pick, trained and measured like the MobiLLM runs.
+
+* :class:`FullFineTuneClassifier` -- on-device full fine-tuning;
+* :class:`LoRAClassifier` -- on-device LoRA (the PEFT library);
+* :class:`LadderSideTuningClassifier` -- on-device Ladder Side-Tuning;
+* :class:`SplitLearningClassifier` -- split learning over the framework's gRPC link (the device keeps the
+  first blocks with LoRA, a server the rest; activations up, gradients down).
+"""
+
+from lightning_mobillm.baselines.common import OnDeviceClassifier
+from lightning_mobillm.baselines.finetune import FullFineTuneClassifier, LoRAClassifier
+from lightning_mobillm.baselines.lst import LadderSideNetwork, LadderSideTuningClassifier
+
+__all__ = [
+    "FullFineTuneClassifier",
+    "LadderSideNetwork",
+    "LadderSideTuningClassifier",
+    "LoRAClassifier",
+    "OnDeviceClassifier",
+]

@@ -1,0 +1,126 @@
+"""The on-device baselines train on a tiny random backbone: their loss goes down, the right weights move."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_mobillm.baselines import (
+    FullFineTuneClassifier,
+    LadderSideNetwork,
+    LadderSideTuningClassifier,
+    LoRAClassifier,
+)
+from lightning_mobillm.callbacks import DeviceMonitor
+from lightning_mobillm.data import TextClassificationDataModule
+from lightning_mobillm.specs import BackboneConfig
+
+
+def _data(tiny_data_file, tiny_llama_dir) -> TextClassificationDataModule:
+    return TextClassificationDataModule(
+        dataset="json", data_files=str(tiny_data_file), prompt="Article : {text} Topic :", max_length=20,
+        batch_size=8, eval_batch_size=16, val_fraction=0.2, tokenizer=str(tiny_llama_dir),
+    )
+
+
+class LossLog(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def _fit(module: L.LightningModule, data, tmp_path, epochs: int = 4) -> tuple[LossLog, DeviceMonitor, L.Trainer]:
+    log, monitor = LossLog(), DeviceMonitor()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=epochs, callbacks=[log, monitor], logger=CSVLogger(tmp_path, name="run"),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, datamodule=data)
+    return log, monitor, trainer
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+BASELINES = {
+    "full_ft": lambda src, n: FullFineTuneClassifier(BackboneConfig(source=src), n, lr=1e-3, dropout=0.0),
+    "lora": lambda src, n: LoRAClassifier(BackboneConfig(source=src), n, lr=1e-2, dropout=0.0, r=4),
+    "lst": lambda src, n: LadderSideTuningClassifier(BackboneConfig(source=src), n, lr=3e-3, dropout=0.0,
+                                                     reduction=2, num_heads=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baseline_loss_goes_down_and_summary_is_written(name, tmp_path, tiny_data_file, tiny_llama_dir):
+    data = _data(tiny_data_file, tiny_llama_dir)
+    torch.manual_seed(0)
+    module = BASELINES[name](str(tiny_llama_dir), data.num_classes)
+    log, monitor, trainer = _fit(module, data, tmp_path)
+    per_epoch = len(log.losses) // 4
+    first, last = _mean(log.losses[:per_epoch]), _mean(log.losses[-per_epoch:])
+    assert last < 0.8 * first, (name, first, last)
+    summary = json.loads((tmp_path / "run" / "version_0" / "summary.json").read_text())
+    assert summary["steps"] == trainer.global_step == len(log.losses)
+    assert summary["bytes_up"] == summary["bytes_down"] == 0 and summary["overlap"] is False
+    assert summary["train_samples"] == 4 * len(data.train_dataloader().dataset)
+    assert summary["device_busy_s"] > 0 and summary["device_busy_s_per_sample"] > 0
+    assert [e["epoch"] for e in summary["by_epoch"]] == [0, 1, 2, 3]
+    assert sum(e["steps"] for e in summary["by_epoch"]) == summary["steps"]
+    assert len(summary["val_history"]) == 4 and summary["val_acc"] is not None
+
+
+def _trainable(module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_which_weights_train(tiny_llama_dir):
+    src = BackboneConfig(source=str(tiny_llama_dir))
+    full = FullFineTuneClassifier(src, 5)
+    full.configure_model()
+    assert _trainable(full) == {n for n, _ in full.named_parameters()}
+
+    lora = LoRAClassifier(src, 5, r=4)
+    lora.configure_model()
+    trainable = _trainable(lora)
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert any("q_proj" in n for n in trainable) and any("v_proj" in n for n in trainable)
+    assert not any("k_proj.lora" in n or "mlp" in n for n in trainable)
+
+    lst = LadderSideTuningClassifier(src, 5, reduction=2, num_heads=2)
+    lst.configure_model()
+    # the frozen backbone is not part of the module: not in the state dict, not trained, not saved
+    assert all(n.startswith(("ladder.", "head.")) for n, _ in lst.named_parameters())
+    assert lst.backbone.num_parameters() > 0
+
+
+def test_lst_ladder_is_causal_and_ignores_padding():
+    torch.manual_seed(0)
+    ladder = LadderSideNetwork(num_taps=3, hidden_size=16, reduction=2, num_heads=2, dropout=0.0).eval()
+    taps = torch.randn(2, 5, 3, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    out = ladder(taps, mask)
+    changed = taps.clone()
+    changed[:, 3:] += 5.0  # later tokens (and the pads of sample 1) change
+    out2 = ladder(changed, mask)
+    torch.testing.assert_close(out[:, :3], out2[:, :3])  # earlier positions do not see later ones
+    assert not torch.allclose(out[0, 3:], out2[0, 3:])
+    assert torch.isfinite(out).all()
+    assert ladder.gates().tolist() == [0.5, 0.5, 0.5]
+
+
+def test_bad_settings_are_named(tiny_llama_dir):
+    with pytest.raises(ValueError, match="num_heads"):
+        LadderSideNetwork(num_taps=2, hidden_size=16, reduction=2, num_heads=3)
+    with pytest.raises(ValueError, match="r must be"):
+        LoRAClassifier(BackboneConfig(source=str(tiny_llama_dir)), 5, r=0)
+    bad = LoRAClassifier(BackboneConfig(source=str(tiny_llama_dir)), 5, target_modules=["nope_proj"])
+    with pytest.raises(ValueError, match="nope_proj"):
+        bad.configure_model()
