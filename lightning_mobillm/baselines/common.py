@@ -19,7 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_mobillm.modules.side_tuning import WarmupCosineLambda, classification_metrics, to_backbone_config
+from lightning_mobillm.modules.side_tuning import (
+    WarmupCosineLambda,
+    classification_metrics,
+    to_backbone_config,
+)
 from lightning_mobillm.specs import BackboneConfig
 
 __all__ = ["OnDeviceClassifier", "LastTokenHead"]
