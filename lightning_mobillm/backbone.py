@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_mobillm.assets import is_packaged, resolve_source
+from lightning_mobillm.assets import PACKAGED_MODELS, is_packaged, resolve_source
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 
 logger = logging.getLogger(__name__)
@@ -225,8 +225,9 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def _set_pad_token(tokenizer, source: str) -> None:
     if tokenizer.pad_token is not None:
         return
-    if source == "smollm2-135m" and "<|im_end|>" in tokenizer.get_vocab():
-        tokenizer.pad_token = "<|im_end|>"
+    packaged_pad = PACKAGED_MODELS[source].pad_token if is_packaged(source) else None
+    if packaged_pad is not None and packaged_pad in tokenizer.get_vocab():
+        tokenizer.pad_token = packaged_pad
     elif tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     else:

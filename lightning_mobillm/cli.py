@@ -39,15 +39,17 @@ def serve_main(argv: list[str]) -> None:
     """``serve``: parse a :class:`ServerConfig` from ``--config`` / flags and serve until stopped."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from lightning_mobillm.server.app import serve
+    from lightning_mobillm.server.app import ROLES, serve
     from lightning_mobillm.server.runtime import ServerConfig
 
     parser = ArgumentParser(prog="python -m lightning_mobillm serve", description=serve.__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with the keys below")
+    parser.add_argument("--role", choices=sorted(ROLES), default="side",
+                        help="side: the MobiLLM/PAE side-network server; split: the split-learning baseline's")
     parser.add_class_arguments(ServerConfig, "server")
     cfg = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[server %(process)d] %(levelname)s %(message)s")
-    serve(ServerConfig(**cfg.server.as_dict()))
+    serve(ServerConfig(**cfg.server.as_dict()), role=cfg.role)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import lightning as L
 import pytest
@@ -14,9 +15,15 @@ from lightning_mobillm.baselines import (
     LadderSideNetwork,
     LadderSideTuningClassifier,
     LoRAClassifier,
+    SplitLearningClassifier,
 )
+from lightning_mobillm.baselines.split import load_split_part, packed_positions
 from lightning_mobillm.callbacks import DeviceMonitor
 from lightning_mobillm.data import TextClassificationDataModule
+from lightning_mobillm.server import protocol as P
+from lightning_mobillm.server import split as split_protocol
+from lightning_mobillm.server.runtime import ServerConfig
+from lightning_mobillm.server.split import SplitServer
 from lightning_mobillm.specs import BackboneConfig
 
 
@@ -124,3 +131,78 @@ def test_bad_settings_are_named(tiny_llama_dir):
     bad = LoRAClassifier(BackboneConfig(source=str(tiny_llama_dir)), 5, target_modules=["nope_proj"])
     with pytest.raises(ValueError, match="nope_proj"):
         bad.configure_model()
+
+
+def _split_module(tiny_llama_dir, n, **kw) -> SplitLearningClassifier:
+    return SplitLearningClassifier(BackboneConfig(source=str(tiny_llama_dir)), n, lr=1e-2, dropout=0.0, r=4,
+                                   embedded=ServerConfig(device="cpu", threads=1), **kw)
+
+
+def test_split_halves_compute_the_whole_model(tiny_llama_dir):
+    """Lower blocks on the device + upper blocks fed the packed states = the whole model, any padding."""
+    from transformers import AutoModel
+
+    src = BackboneConfig(source=str(tiny_llama_dir))
+    whole = AutoModel.from_pretrained(tiny_llama_dir).eval()
+    lower = load_split_part(src, 2, "lower").eval()
+    upper = load_split_part(src, 2, "upper").eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = (torch.arange(6)[None] >= torch.tensor([[2], [0]])).long()  # left padding on sample 0
+    with torch.no_grad():
+        ref = whole(input_ids=ids, attention_mask=mask, position_ids=packed_positions(mask)).last_hidden_state
+        states = lower(input_ids=ids, attention_mask=mask, position_ids=packed_positions(mask)).last_hidden_state
+        packed, lengths = states[mask.bool()], mask.sum(1)
+        padded = torch.zeros(2, 6, states.shape[-1]).masked_scatter(torch.arange(6)[None, :, None] < lengths[:, None, None],
+                                                                    packed)
+        out = upper(inputs_embeds=padded, attention_mask=(torch.arange(6)[None] < lengths[:, None]).long(),
+                    position_ids=torch.arange(6).expand(2, 6)).last_hidden_state
+    torch.testing.assert_close(out[0, :4], ref[0, 2:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-4, atol=1e-5)
+
+
+def test_split_learning_trains_over_the_link(tmp_path, tiny_data_file, tiny_llama_dir):
+    data = _data(tiny_data_file, tiny_llama_dir)
+    module = _split_module(tiny_llama_dir, data.num_classes, codec_up="fp32", codec_down="fp32")
+    _, monitor, trainer = _fit(module, data, tmp_path)
+    losses = module.server_losses
+    per_epoch = len(losses) // 4
+    assert _mean(losses[-per_epoch:]) < 0.8 * _mean(losses[:per_epoch])
+    s = monitor.summary
+    assert s["server_pid"] and s["server_pid"] != os.getpid() and s["overlap"] is False
+    # activations up, gradients down: both directions carry about one [tokens, d] tensor per step
+    assert s["bytes_up"] > 0 and 0.5 < s["bytes_down"] / s["bytes_up"] < 1.5
+    assert 0 < s["device_busy_s"] < s["wall_s"]
+    trainable = _trainable(module)
+    assert trainable and all("lora_" in n for n in trainable)  # the head lives on the server
+    assert module.client is None  # teardown closed the link and stopped the server
+
+
+def test_split_server_refuses_bad_frames(tiny_llama_dir):
+    from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
+
+    server = SplitServer(ServerConfig(device="cpu", allowed_backbones=[str(tiny_llama_dir)]))
+    hello = {"device_id": "d", "run_id": "r", "split_layer": 2, "num_classes": 5, "total_steps": 10,
+             "hparams": {"lr": 1e-3, "r": 4, "alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj"]}}
+
+    def ask(kind, header, tensors=None):
+        return decode_frame(server.handle(encode_frame(Frame(kind, header, tensors or {}))),
+                            split_protocol.REPLY_SCHEMAS, require_finite=False)
+
+    refused = ask("split_hello", {**hello, "backbone": {"source": "/etc"}})
+    assert refused.kind == "error" and "does not load backbone" in refused.header["message"]
+    ok = ask("split_hello", {**hello, "backbone": {"source": str(tiny_llama_dir)}})
+    session = ok.header["session"]
+    wrong_width = P.pack_acts(torch.randn(4, 1, 7), torch.tensor([4]), "fp32")
+    bad = ask("split_train", {"session": session, "step": 0, "codec": "fp32", "codec_down": "fp32"},
+              {**wrong_width, "labels": torch.tensor([1])})
+    assert bad.kind == "error" and "states shape" in bad.header["message"]
+    good = P.pack_acts(torch.randn(4, 1, 32), torch.tensor([4]), "fp32")
+    bad_label = ask("split_train", {"session": session, "step": 0, "codec": "fp32", "codec_down": "fp32"},
+                    {**good, "labels": torch.tensor([9])})
+    assert bad_label.kind == "error" and "labels" in bad_label.header["message"]
+    assert server.sessions[session].step == 0  # nothing was applied
+    reply = ask("split_train", {"session": session, "step": 0, "codec": "fp32", "codec_down": "fp32"},
+                {**good, "labels": torch.tensor([1])})
+    grad, lengths = P.unpack_acts(reply.tensors, reply.header["codec"])
+    assert reply.kind == "ok" and grad.shape == (4, 1, 32) and lengths.tolist() == [4]
+    assert server.sessions[session].step == 1

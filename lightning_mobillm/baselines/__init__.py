@@ -10,6 +10,7 @@
 from lightning_mobillm.baselines.common import OnDeviceClassifier
 from lightning_mobillm.baselines.finetune import FullFineTuneClassifier, LoRAClassifier
 from lightning_mobillm.baselines.lst import LadderSideNetwork, LadderSideTuningClassifier
+from lightning_mobillm.baselines.split import SplitLearningClassifier
 
 __all__ = [
     "FullFineTuneClassifier",
@@ -17,4 +18,5 @@ __all__ = [
     "LadderSideTuningClassifier",
     "LoRAClassifier",
     "OnDeviceClassifier",
+    "SplitLearningClassifier",
 ]

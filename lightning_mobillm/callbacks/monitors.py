@@ -28,7 +28,8 @@ class DeviceMonitor(L.Callback):
 
     * ``link_stats`` (a :class:`~lightning_mobillm.transport.link.LinkStats`): bytes on the wire;
     * ``device_busy_s``: seconds of compute on the device (excluding waits for the server); without
-      it, the device is busy for the whole training batch (on-device training);
+      it, the device is busy for the whole training batch less ``link_wait_s`` (seconds blocked on the
+      link, e.g. split learning), if given;
     * ``server_busy_s``: seconds the server spent on this device's training steps;
     * ``overlaps_server``: True when the device computes while the link and the server work.
 
@@ -65,7 +66,8 @@ class DeviceMonitor(L.Callback):
         return {
             "steps": float(trainer.global_step),
             "samples": float(self._samples),
-            "device_busy_s": float(busy if busy is not None else self._own_busy_s),
+            "device_busy_s": float(busy if busy is not None
+                                   else self._own_busy_s - float(self._attr(trainer, "link_wait_s") or 0.0)),
             "server_busy_s": float(self._attr(trainer, "server_busy_s") or 0.0),
             "bytes_up": float(link["bytes_up"]),
             "bytes_down": float(link["bytes_down"]),

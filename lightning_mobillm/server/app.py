@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -12,15 +13,30 @@ from dataclasses import asdict
 
 import torch
 
-from lightning_mobillm.server.runtime import ServerConfig, SideServer
+from lightning_mobillm.server.runtime import ServerConfig
 from lightning_mobillm.transport.link import serve_link
 
 log = logging.getLogger("lightning_mobillm.server")
 
 READY_PREFIX = "MOBILLM_SERVER_READY"
 
+#: What a server process can be: the MobiLLM/PAE side-network server, or the split-learning baseline's
+#: server (which, unlike the side server, holds the upper blocks of a backbone).
+ROLES: dict[str, str] = {
+    "side": "lightning_mobillm.server.runtime:SideServer",
+    "split": "lightning_mobillm.server.split:SplitServer",
+}
 
-def serve(config: ServerConfig, *, parent_pid: int | None = None) -> None:
+
+def make_handler(role: str, config: ServerConfig):
+    """Instantiate the server object of ``role`` (it has ``handle(bytes) -> bytes`` and ``device``)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+    module, _, cls = ROLES[role].partition(":")
+    return getattr(importlib.import_module(module), cls)(config)
+
+
+def serve(config: ServerConfig, *, parent_pid: int | None = None, role: str = "side") -> None:
     """Serve until SIGTERM/SIGINT, or until ``parent_pid`` is no longer this process's parent.
 
     Prints one line ``MOBILLM_SERVER_READY port=<port> pid=<pid>`` on stdout once it accepts calls.
@@ -32,7 +48,7 @@ def serve(config: ServerConfig, *, parent_pid: int | None = None) -> None:
     token = config.resolved_token()
     if token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: any device that reaches this address can train", config.host)
-    side = SideServer(config)
+    side = make_handler(role, config)
     grpc_server, port = serve_link(
         side.handle,
         host=config.host,
@@ -45,7 +61,7 @@ def serve(config: ServerConfig, *, parent_pid: int | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     print(f"{READY_PREFIX} port={port} pid={os.getpid()}", flush=True)
-    log.info("listening on %s:%d (side network on %s)", config.host, port, side.device)
+    log.info("%s server listening on %s:%d (training on %s)", role, config.host, port, side.device)
     while not stop.wait(0.5):
         if parent_pid is not None and os.getppid() != parent_pid:
             log.warning("device process %d is gone; shutting down", parent_pid)
@@ -55,16 +71,17 @@ def serve(config: ServerConfig, *, parent_pid: int | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lightning_mobillm.server --config-json '{...}' [--parent-pid N]`` (used by the strategy)."""
+    """``python -m lightning_mobillm.server [--role side|split] --config-json '{...}' [--parent-pid N]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m lightning_mobillm.server")
     parser.add_argument("--config-json", default="{}", help="ServerConfig fields as a JSON object")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    parser.add_argument("--role", choices=sorted(ROLES), default="side", help="which server to run")
     args = parser.parse_args(argv)
     fields = json.loads(args.config_json)
     unknown = set(fields) - set(asdict(ServerConfig()))
     if unknown:
         parser.error(f"unknown server config keys: {sorted(unknown)}")
-    serve(ServerConfig(**fields), parent_pid=args.parent_pid)
+    serve(ServerConfig(**fields), parent_pid=args.parent_pid, role=args.role)
     sys.exit(0)

@@ -66,6 +66,9 @@ class ServerConfig:
         threads: torch intra-op threads for the server process (None keeps torch's default).
         workdir: folder for the activation caches of sessions that ask for one (one subfolder per cache
             id); None uses ``<cache_dir>/server``. An embedded server uses the run's log folder.
+        allowed_backbones: backbones (``BackboneConfig.source`` values) a split-learning server may load
+            when a device asks; None allows the packaged offline models only. The side server never
+            loads a backbone.
     """
 
     host: str = "127.0.0.1"
@@ -80,6 +83,7 @@ class ServerConfig:
     max_workers: int = 8
     threads: int | None = None
     workdir: str | None = None
+    allowed_backbones: list[str] | None = None
 
     def resolved_token(self) -> str | None:
         return self.token or os.environ.get(self.token_env) or None
@@ -109,13 +113,19 @@ class Session:
         return "targets" if self.label_free else "labels"
 
 
-class SideServer:
-    """Handles frames (bytes in, bytes out). Thread-safe; one lock per session."""
+class FrameServer:
+    """Turns request bytes into reply bytes: validates a frame against :attr:`schemas`, dispatches it to
+    ``_on_<kind>``, and answers any refusal or bug with an error frame (the server keeps running and
+    the refused frame changes nothing). Thread-safe; subclasses lock their own state.
+    """
+
+    #: the request kinds this server accepts and what each may carry
+    schemas: dict = P.REQUEST_SCHEMAS
 
     def __init__(self, config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
         self.device = self.config.torch_device()
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.frames_refused = 0
         self.bytes_in = 0  # counted where frames are read and written, to cross-check the device's count
@@ -132,19 +142,37 @@ class SideServer:
 
     def _handle(self, data: bytes) -> bytes:
         try:
-            frame = decode_frame(data, P.REQUEST_SCHEMAS, max_bytes=self.config.max_frame_mb * 2**20)
+            frame = decode_frame(data, self.schemas, max_bytes=self.config.max_frame_mb * 2**20)
             reply = getattr(self, f"_on_{frame.kind}")(frame)
             if isinstance(reply, bytes):
                 return reply
         except FrameError as err:
-            self.frames_refused += 1
+            with self._lock:
+                self.frames_refused += 1
             log.warning("refused a frame: %s", err)
             reply = P.error_frame(str(err))
         except Exception as err:  # noqa: BLE001 - a bug must not take the server down
-            self.frames_refused += 1
+            with self._lock:
+                self.frames_refused += 1
             log.exception("failed to handle a frame")
             reply = P.error_frame(f"server error: {type(err).__name__}: {err}")
         return encode_frame(reply)
+
+    def _check_capacity(self, key: str) -> None:
+        with self._lock:
+            if key not in self.sessions and len(self.sessions) >= self.config.max_sessions:
+                raise FrameError(f"too many open sessions ({self.config.max_sessions})")
+
+    def _autocast(self):
+        if self.config.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+class SideServer(FrameServer):
+    """The MobiLLM / PAE server: one side-network training session per device run."""
+
+    sessions: dict[str, Session]
 
     def _session(self, frame: Frame) -> Session:
         key = frame.header["session"]
@@ -164,9 +192,7 @@ class SideServer:
         if spec.num_taps < 1 or spec.hidden_size < 1 or h["num_outputs"] < 1 or h["total_steps"] < 1:
             raise FrameError("hello needs at least one tap, a positive width, outputs and total_steps")
         cls = _resolve_module_class(h["module"])
-        with self._lock:
-            if key not in self.sessions and len(self.sessions) >= self.config.max_sessions:
-                raise FrameError(f"too many open sessions ({self.config.max_sessions})")
+        self._check_capacity(key)
         try:
             module = cls.from_hparams_dict(h["hparams"])
         except (TypeError, ValueError, KeyError) as err:
@@ -251,11 +277,6 @@ class SideServer:
             if bool((y < 0).any()) or bool((y >= session.num_outputs).any()):
                 raise FrameError(f"labels must be in [0, {session.num_outputs})")
         return y
-
-    def _autocast(self):
-        if self.config.precision == "bf16-mixed":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def _keys(self, session: Session, frame: Frame, batch_size: int | None) -> list[str] | None:
         keys = frame.header.get("keys")

@@ -13,19 +13,15 @@ every reply).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import socket
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +36,7 @@ from lightning_mobillm.backbone import FrozenBackbone
 from lightning_mobillm.callbacks.activation_cache import ActivationCache
 from lightning_mobillm.callbacks.quantized_transfer import QuantizedTransfer
 from lightning_mobillm.server import protocol as P
-from lightning_mobillm.server.app import READY_PREFIX
+from lightning_mobillm.server.process import EmbeddedServer
 from lightning_mobillm.server.runtime import ServerConfig
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
 from lightning_mobillm.transport.link import LinkClient, LinkError, LinkStats
@@ -136,7 +132,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.link_stats: LinkStats = LinkStats()  # outlives the connection, for summaries after teardown
         self.session: str | None = None
         self.server_pid: int | None = None
-        self._proc: subprocess.Popen | None = None
+        self._server: EmbeddedServer | None = None
         self._pending: deque[tuple[int, Future]] = deque()
         self._server_state: dict | None = None
         # what the monitors read
@@ -240,28 +236,16 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.link_stats = self.client.stats
 
     def _spawn_server(self) -> str:
-        cfg = asdict(self.embedded)
-        cfg.update(host="127.0.0.1", port=0, token=None, token_env=self.token_env)
-        env = dict(os.environ)
-        env[self.token_env] = self.token
+        config = dataclasses.replace(self.embedded, token_env=self.token_env)
         log_path = self._server_log_path()
-        if cfg.get("workdir") is None:
+        if config.workdir is None:
             # activation caches live in the run's folder, and a resumed run reuses its first folder
             remembered = self.cache.workdir if self.cache is not None else None
-            cfg["workdir"] = remembered or (str(log_path.parent) if log_path is not None else None)
+            config.workdir = remembered or (str(log_path.parent) if log_path is not None else None)
         if self.cache is not None:
-            self.cache.workdir = cfg["workdir"]
-        stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
-        cmd = [sys.executable, "-m", "lightning_mobillm.server", "--config-json", json.dumps(cfg),
-               "--parent-pid", str(os.getpid())]
-        # A new session: Ctrl-C reaches only the device, which then stops the server cleanly.
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, start_new_session=True)
-        if stderr is not None:
-            stderr.close()
-        line = self._read_ready_line(self._proc, timeout=self.connect_timeout)
-        fields = dict(kv.split("=", 1) for kv in line.split()[1:])
-        log.info("embedded server pid %s on 127.0.0.1:%s (log: %s)", fields["pid"], fields["port"], log_path)
-        return f"127.0.0.1:{fields['port']}"
+            self.cache.workdir = config.workdir
+        self._server = EmbeddedServer(config, self.token, role="side", log_path=log_path)
+        return self._server.start(timeout=self.connect_timeout)
 
     def _server_log_path(self) -> Path | None:
         """``server.log`` in the run's log folder; None (the server inherits stderr) without a logger."""
@@ -276,29 +260,6 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         folder.mkdir(parents=True, exist_ok=True)
         return folder / "server.log"
 
-    @staticmethod
-    def _read_ready_line(proc: subprocess.Popen, timeout: float) -> str:
-        result: list[str] = []
-
-        def reader() -> None:
-            for raw in proc.stdout:
-                text = raw.decode(errors="replace").strip()
-                if text.startswith(READY_PREFIX):
-                    result.append(text)
-                    return
-
-        thread = threading.Thread(target=reader, daemon=True)
-        thread.start()
-        thread.join(timeout)
-        if not result:
-            code = proc.poll()
-            proc.kill()
-            raise LinkError(
-                f"embedded server did not start within {timeout:.0f} s"
-                + (f" (exit code {code})" if code is not None else "")
-            )
-        return result[0]
-
     def _disconnect(self) -> None:
         if self.client is not None:
             if self.session is not None:
@@ -309,14 +270,9 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             self.client.close()
             self.client = None
             self.session = None
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     # ---- requests -----------------------------------------------------------------------------------
     def _reply(self, data: bytes) -> Frame:

@@ -1,0 +1,256 @@
+"""Split learning over the framework's gRPC link: the device keeps the first ``k`` blocks, a server the rest.
+
+Per training step the device runs the embeddings and blocks ``0..k-1`` (with LoRA on their attention
+projections), sends the hidden state after block ``k-1`` of every non-pad token (packed, quantised with
+``codec_up``) and the labels; the server runs blocks ``k..L-1``, the final norm and the head, steps its
+own LoRA adapters and head, and sends back the gradient of the loss with respect to what it received
+(``codec_down``). The device backpropagates that gradient through its blocks and steps its adapters.
+Traffic goes both ways, every step waits for the server, and the device still runs a backward pass: the
+costs MobiLLM is designed to avoid.
+
+Positions are explicit (``0..n-1`` over each sample's real tokens) on both sides, so the split model
+computes exactly what the whole model computes for left- or right-padded batches. Decoder backbones
+(Llama, Qwen2, Gemma3, SmolLM2) only: the server feeds the received states as ``inputs_embeds``.
+
+A resumed run cannot restore the server's half (the baseline has no server checkpoint), so resuming
+from a checkpoint is refused with an error rather than silently training a mismatched model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_mobillm.backbone import find_blocks, is_decoder_config, load_hf_model
+from lightning_mobillm.baselines.common import OnDeviceClassifier
+from lightning_mobillm.server import protocol as P
+from lightning_mobillm.server.process import EmbeddedServer
+from lightning_mobillm.server.runtime import ServerConfig
+from lightning_mobillm.specs import BackboneConfig
+from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
+from lightning_mobillm.transport.link import LinkClient
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SplitLearningClassifier", "add_lora", "load_split_part", "packed_positions"]
+
+SPLIT_HELLO, SPLIT_TRAIN, SPLIT_EVAL = "split_hello", "split_train", "split_eval"
+
+
+def packed_positions(attention_mask: Tensor) -> Tensor:
+    """Position ids counting only real tokens (``0..n-1`` per sample, 0 on pads), for any padding side."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def add_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> nn.Module:
+    """Freeze ``model`` and wrap it with PEFT LoRA adapters on ``target_modules``."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ValueError(f"LoRA target_modules {list(target_modules)} do not match the backbone: {err}") from None
+
+
+def load_split_part(config: BackboneConfig, split_layer: int, part: str) -> nn.Module:
+    """The bare decoder (``AutoModel``) cut at ``split_layer``: ``lower`` keeps the embeddings and blocks
+    ``0..k-1`` (no final norm: its output is the hidden state after block ``k-1``), ``upper`` keeps blocks
+    ``k..L-1`` and the final norm (it is fed ``inputs_embeds``; the embedding table is dropped)."""
+    model, _ = load_hf_model(config, lm_head=False)
+    if not is_decoder_config(model.config):
+        raise ValueError(f"split learning needs a decoder backbone; {model.config.model_type} is an encoder")
+    blocks = find_blocks(model)
+    if not 1 <= split_layer < len(blocks):
+        raise ValueError(f"split_layer must be in [1, {len(blocks) - 1}] for {len(blocks)} blocks, got {split_layer}")
+    if not isinstance(getattr(model, "norm", None), nn.Module):
+        raise ValueError(f"split learning needs a final .norm on the {type(model).__name__}")
+    if part == "lower":
+        del blocks[split_layer:]
+        model.norm = nn.Identity()
+    elif part == "upper":
+        del blocks[:split_layer]
+        model.embed_tokens = None
+    else:
+        raise ValueError(f"part must be 'lower' or 'upper', got {part!r}")
+    model.train()
+    return model
+
+
+class SplitLearningClassifier(OnDeviceClassifier):
+    """The device half of split learning (see the module docstring).
+
+    Args:
+        split_layer: blocks the device keeps (``k``; the paper-style default 2 keeps the device light).
+        r, alpha, lora_dropout, target_modules: LoRA on both halves (as :class:`LoRAClassifier`).
+        server: ``"host:port"`` of a split server (``python -m lightning_mobillm serve --role split``); None
+            starts one on loopback for this run.
+        token_env: environment variable with the shared token (for an embedded server a fresh one is drawn).
+        codec_up: codec of the activations sent up (``fp32``/``fp16``/``bf16``/``int8``/...).
+        codec_down: codec of the gradients sent down (``bf16`` keeps fp32's range).
+        embedded: settings of an embedded server (its ``allowed_backbones`` is set to this backbone).
+        connect_timeout, call_timeout: link timeouts in seconds.
+        **kwargs: see :class:`~lightning_mobillm.baselines.common.OnDeviceClassifier` (``lr`` etc. apply
+            to both halves; the server gets them in the hello).
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneConfig | None = None,
+        num_classes: int | None = None,
+        lr: float = 5e-4,
+        split_layer: int = 2,
+        r: int = 8,
+        alpha: int = 16,
+        lora_dropout: float = 0.05,
+        target_modules: list[str] | None = None,
+        server: str | None = None,
+        token_env: str = "MOBILLM_TOKEN",
+        codec_up: str = "int8",
+        codec_down: str = "bf16",
+        embedded: ServerConfig | None = None,
+        connect_timeout: float = 120.0,
+        call_timeout: float = 600.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(backbone=backbone, num_classes=num_classes, lr=lr, **kwargs)
+        self.lower: nn.Module | None = None
+        self.embedded = embedded or ServerConfig(threads=1)
+        self.client: LinkClient | None = None
+        self.session: str | None = None
+        self._server: EmbeddedServer | None = None
+        self.server_pid: int | None = None
+        self.link_stats = None
+        self.link_wait_s = 0.0
+        self.server_busy_s = 0.0
+        self.server_losses: list[float] = []
+        self._step = 0
+
+    # ---- networks -----------------------------------------------------------------------------
+    def build(self) -> None:
+        hp = self.hparams
+        lower = load_split_part(self.backbone_config, int(hp["split_layer"]), "lower")
+        self.lower = add_lora(lower, int(hp["r"]), int(hp["alpha"]), float(hp["lora_dropout"]), self.targets)
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.hparams["target_modules"] or ["q_proj", "v_proj"])
+
+    def device_states(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Packed hidden states after block ``k-1`` of the real tokens ``[N, d]`` and their lengths ``[B]``."""
+        out = self.lower(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=packed_positions(attention_mask), use_cache=False)
+        mask = attention_mask.bool()
+        return out.last_hidden_state[mask], mask.sum(dim=1)
+
+    # ---- link ---------------------------------------------------------------------------------
+    def _hello_header(self) -> dict[str, Any]:
+        hp = self.hparams
+        fitting = self.trainer.state.fn == "fit"
+        total = int(self.trainer.estimated_stepping_batches) if fitting else 1
+        return {
+            "device_id": os.uname().nodename,
+            "run_id": uuid.uuid4().hex[:12],
+            "backbone": self.backbone_config.to_dict(),
+            "split_layer": int(hp["split_layer"]),
+            "num_classes": self.num_classes,
+            "total_steps": max(1, total),
+            "hparams": P.json_safe({k: hp[k] for k in ("lr", "weight_decay", "betas", "warmup_ratio",
+                                                       "min_lr_ratio", "label_smoothing", "dropout", "seed",
+                                                       "r", "alpha", "lora_dropout")} | {"target_modules": self.targets}),
+        }
+
+    def _connect(self) -> None:
+        hp = self.hparams
+        address, token = hp["server"], os.environ.get(hp["token_env"])
+        if address is None:
+            token = secrets.token_hex(16)
+            config = dataclasses.replace(self.embedded, token_env=hp["token_env"],
+                                         allowed_backbones=[self.backbone_config.source])
+            log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+            if log_dir is not None:
+                log_dir.mkdir(parents=True, exist_ok=True)
+            self._server = EmbeddedServer(config, token, role="split",
+                                          log_path=log_dir / "server.log" if log_dir else None)
+            address = self._server.start(timeout=float(hp["connect_timeout"]))
+        self.client = LinkClient(address, token, connect_timeout=float(hp["connect_timeout"]),
+                                 call_timeout=float(hp["call_timeout"]))
+        self.link_stats = self.client.stats
+        reply = self._request(Frame(kind=SPLIT_HELLO, header=self._hello_header()))
+        self.session = reply.header["session"]
+        self.server_pid = int(reply.header["server_pid"])
+
+    def _request(self, frame: Frame) -> Frame:
+        from lightning_mobillm.server.split import REPLY_SCHEMAS, SplitServerError
+
+        t0 = time.perf_counter()
+        data = self.client.call(encode_frame(frame))
+        self.link_wait_s += time.perf_counter() - t0
+        reply = decode_frame(data, REPLY_SCHEMAS, require_finite=False)
+        if reply.kind == P.ERROR:
+            raise SplitServerError(f"split server refused a frame: {reply.header['message']}")
+        return reply
+
+    def _frame(self, kind: str, states: Tensor, lengths: Tensor, **extra_tensors: Tensor) -> Frame:
+        codec = self.hparams["codec_up"]
+        tensors = P.pack_acts(states.detach().float()[:, None, :], lengths.cpu(), codec)
+        header = {"session": self.session, "codec": codec, "codec_down": self.hparams["codec_down"]}
+        if kind == SPLIT_TRAIN:
+            header["step"] = self._step
+        return Frame(kind=kind, header=header, tensors={**tensors, **extra_tensors})
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.client is None:
+            self._connect()
+
+    def teardown(self, stage: str) -> None:
+        if self.client is not None:
+            try:
+                self.client.call(encode_frame(Frame(kind=P.BYE, header={"session": self.session})))
+            except Exception:  # noqa: BLE001 - the server may already be gone
+                pass
+            self.client.close()
+            self.client = None
+            self.session = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        raise RuntimeError(
+            "the split-learning baseline cannot resume: its server half is not checkpointed; start a new run"
+        )
+
+    # ---- steps --------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.client is None:
+            self._connect()
+        states, lengths = self.device_states(batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"].long().cpu()
+        reply = self._request(self._frame(SPLIT_TRAIN, states, lengths, labels=labels))
+        self._step += 1
+        grad, _ = P.unpack_acts(reply.tensors, reply.header["codec"])
+        h = reply.header
+        self.server_busy_s += float(h["server_step_s"])
+        self.server_losses.append(float(h["loss"]))
+        size = len(labels)
+        self.log("train/loss", h["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
+        self.log("train/server_lr", h["lr"], on_step=True, on_epoch=False, batch_size=size)
+        # d(loss)/d(device params) = sum over tokens of <states, grad>'s gradient: backpropagate the
+        # server's gradient through the device blocks (Lightning calls backward on this surrogate).
+        return (states * grad[:, 0].to(device=states.device, dtype=states.dtype)).sum()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.client is None:
+            self._connect()
+        states, lengths = self.device_states(input_ids, attention_mask)
+        return self._request(self._frame(SPLIT_EVAL, states, lengths)).tensors["logits"].to(self.device)

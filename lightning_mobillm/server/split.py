@@ -1,0 +1,226 @@
+"""The server half of the split-learning baseline (``python -m lightning_mobillm serve --role split``).
+
+Unlike the MobiLLM side server it loads a backbone: blocks ``k..L-1``, the final norm, LoRA adapters and
+a classification head, for each device session. It only loads backbones its config allows
+(``ServerConfig.allowed_backbones``; by default the packaged offline models), never remote code. Frames
+are validated like every other frame of the framework; a refused frame changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_mobillm.assets import PACKAGED_MODELS
+from lightning_mobillm.baselines.common import LastTokenHead
+from lightning_mobillm.baselines.split import (
+    SPLIT_EVAL,
+    SPLIT_HELLO,
+    SPLIT_TRAIN,
+    add_lora,
+    load_split_part,
+)
+from lightning_mobillm.modules.side_tuning import WarmupCosineLambda
+from lightning_mobillm.server import protocol as P
+from lightning_mobillm.server.runtime import FrameServer
+from lightning_mobillm.specs import BackboneConfig
+from lightning_mobillm.transport.frames import Frame, FrameError, FrameSchema, TensorRule, encode_frame
+
+log = logging.getLogger("lightning_mobillm.server")
+
+__all__ = ["REPLY_SCHEMAS", "REQUEST_SCHEMAS", "SplitServer", "SplitServerError"]
+
+_SESSION = {"session": str}
+_ACTS = dict(P.REQUEST_SCHEMAS[P.EVAL].tensors)
+
+REQUEST_SCHEMAS: dict[str, FrameSchema] = {
+    SPLIT_HELLO: FrameSchema(
+        kind=SPLIT_HELLO,
+        tensors={},
+        required_header={"device_id": str, "run_id": str, "backbone": dict, "split_layer": int,
+                         "num_classes": int, "total_steps": int, "hparams": dict},
+    ),
+    SPLIT_TRAIN: FrameSchema(
+        kind=SPLIT_TRAIN,
+        tensors={**_ACTS, "labels": TensorRule(dtypes=(torch.int64,), ndim=1)},
+        required_tensors=("acts.q", "lengths", "labels"),
+        required_header={**_SESSION, "step": int, "codec": str, "codec_down": str},
+    ),
+    SPLIT_EVAL: FrameSchema(
+        kind=SPLIT_EVAL,
+        tensors=dict(_ACTS),
+        required_tensors=("acts.q", "lengths"),
+        required_header={**_SESSION, "codec": str},
+    ),
+    P.BYE: P.REQUEST_SCHEMAS[P.BYE],
+}
+
+REPLY_SCHEMAS: dict[str, FrameSchema] = {
+    P.OK: FrameSchema(kind=P.OK, tensors={**_ACTS, "logits": TensorRule(dtypes=(torch.float32,), ndim=2)}),
+    P.ERROR: P.REPLY_SCHEMAS[P.ERROR],
+}
+
+
+class SplitServerError(RuntimeError):
+    """The split server refused a frame (the message says why)."""
+
+
+@dataclass
+class SplitSession:
+    key: str
+    upper: nn.Module
+    head: LastTokenHead
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    num_classes: int
+    hidden_size: int
+    label_smoothing: float
+    step: int = 0
+    last_reply: tuple[int, bytes] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SplitServer(FrameServer):
+    """Per device session: the upper blocks with LoRA + head, their AdamW and schedule."""
+
+    schemas = REQUEST_SCHEMAS
+    sessions: dict[str, SplitSession]
+
+    def _allowed(self, source: str) -> bool:
+        allowed = self.config.allowed_backbones
+        return source in (allowed if allowed is not None else PACKAGED_MODELS)
+
+    def _on_split_hello(self, frame: Frame) -> Frame:
+        h = frame.header
+        key = f"{h['device_id']}/{h['run_id']}"
+        try:
+            backbone = BackboneConfig(**h["backbone"])
+        except (TypeError, ValueError) as err:
+            raise FrameError(f"bad backbone in hello: {err}") from None
+        if not self._allowed(backbone.source) or backbone.trust_remote_code:
+            raise FrameError(f"this server does not load backbone {backbone.source!r} "
+                             f"(allowed: {self.config.allowed_backbones or sorted(PACKAGED_MODELS)}; no remote code)")
+        hp = h["hparams"]
+        if h["num_classes"] < 2 or h["total_steps"] < 1:
+            raise FrameError("hello needs num_classes >= 2 and total_steps >= 1")
+        self._check_capacity(key)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(hp.get("seed", 0)))
+                upper = load_split_part(backbone, h["split_layer"], "upper")
+                upper = add_lora(upper, int(hp["r"]), int(hp["alpha"]), float(hp["lora_dropout"]),
+                                 list(hp["target_modules"]))
+                hidden = int(upper.config.hidden_size)
+                head = LastTokenHead(hidden, h["num_classes"], float(hp.get("dropout", 0.1)))
+            lr, total = float(hp["lr"]), int(h["total_steps"])
+            params = [p for p in upper.parameters() if p.requires_grad] + list(head.parameters())
+            optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(hp.get("betas", (0.9, 0.999))),
+                                          weight_decay=float(hp.get("weight_decay", 0.0)))
+            warmup = min(total, round(float(hp.get("warmup_ratio", 0.0)) * total))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, WarmupCosineLambda(total, warmup, float(hp.get("min_lr_ratio", 0.0))))
+        except (KeyError, TypeError, ValueError) as err:
+            raise FrameError(f"cannot build the split server's half: {err}") from None
+        session = SplitSession(key, upper.to(self.device), head.to(self.device), optimizer, scheduler,
+                               h["num_classes"], hidden, float(hp.get("label_smoothing", 0.0)))
+        with self._lock:
+            self.sessions[key] = session
+        log.info("split session %s: %s from block %d, %d trainable parameters on %s", key, backbone.source,
+                 h["split_layer"], sum(p.numel() for p in params), self.device)
+        return Frame(kind=P.OK, header={"session": key, "server_pid": os.getpid(), "server_device": str(self.device)})
+
+    def _session(self, frame: Frame) -> SplitSession:
+        session = self.sessions.get(frame.header["session"])
+        if session is None:
+            raise FrameError(f"unknown session {frame.header['session']!r}; send a split_hello first")
+        return session
+
+    def _inputs(self, session: SplitSession, frame: Frame) -> tuple[torch.Tensor, torch.Tensor]:
+        acts, lengths = P.unpack_acts(frame.tensors, frame.header["codec"])
+        n, layers, width = acts.shape
+        if layers != 1 or width != session.hidden_size:
+            raise FrameError(f"states shape [{n}, {layers}, {width}] != [N, 1, {session.hidden_size}]")
+        if lengths.numel() == 0 or bool((lengths < 1).any()) or int(lengths.sum()) != n:
+            raise FrameError(f"lengths must be >= 1 and sum to N={n}")
+        if not torch.isfinite(acts).all():
+            raise FrameError("states are not finite after decoding")
+        return acts[:, 0].to(self.device), lengths.to(self.device)
+
+    def _logits(self, session: SplitSession, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Right-pad the packed states, run the upper blocks with positions ``0..n-1``, classify the last token."""
+        batch, seqlen = int(lengths.numel()), int(lengths.max())
+        mask = torch.arange(seqlen, device=self.device)[None, :] < lengths[:, None]
+        dtype = next(session.upper.parameters()).dtype
+        padded = states.new_zeros(batch, seqlen, states.shape[-1]).to(dtype)
+        padded = padded.masked_scatter(mask[..., None], states.to(dtype))
+        positions = torch.arange(seqlen, device=self.device).expand(batch, seqlen)
+        out = session.upper(inputs_embeds=padded, attention_mask=mask.long(), position_ids=positions,
+                            use_cache=False).last_hidden_state
+        return session.head(out[torch.arange(batch, device=self.device), lengths - 1])
+
+    def _on_split_train(self, frame: Frame) -> bytes:
+        session = self._session(frame)
+        step = frame.header["step"]
+        with session.lock:
+            if session.last_reply is not None and session.last_reply[0] == step:
+                return session.last_reply[1]  # a retried frame: same reply, no second update
+            if step != session.step:
+                raise FrameError(f"out-of-order split_train frame: got step {step}, expected {session.step}")
+            states, lengths = self._inputs(session, frame)
+            labels = frame.tensors["labels"].to(self.device)
+            if labels.shape != lengths.shape or bool((labels < 0).any() | (labels >= session.num_classes).any()):
+                raise FrameError(f"labels must be [B] in [0, {session.num_classes})")
+            t0 = time.perf_counter()
+            states.requires_grad_(True)
+            session.upper.train()
+            session.head.train()
+            with self._autocast():
+                logits = self._logits(session, states, lengths)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=session.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FrameError(f"non-finite loss {loss.item()}; step skipped")
+            loss.backward()
+            params = [p for g in session.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if self.config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            session.optimizer.step()
+            session.optimizer.zero_grad(set_to_none=True)
+            session.scheduler.step()
+            session.step += 1
+            codec = frame.header["codec_down"]
+            try:
+                tensors = P.pack_acts(states.grad.float()[:, None, :].cpu(), lengths.cpu(), codec)
+            except ValueError as err:
+                raise FrameError(f"codec_down {codec!r}: {err}") from None
+            header = {"step": step, "codec": codec, "loss": float(loss.detach()), "server_step_s": time.perf_counter() - t0,
+                      "lr": float(session.optimizer.param_groups[0]["lr"]),
+                      "acc": float((logits.argmax(-1) == labels).float().mean())}
+            reply = encode_frame(Frame(kind=P.OK, header=header, tensors=tensors))
+            session.last_reply = (step, reply)
+            return reply
+
+    @torch.no_grad()
+    def _on_split_eval(self, frame: Frame) -> Frame:
+        session = self._session(frame)
+        with session.lock:
+            states, lengths = self._inputs(session, frame)
+            session.upper.eval()
+            session.head.eval()
+            with self._autocast():
+                logits = self._logits(session, states, lengths)
+        return Frame(kind=P.OK, tensors={"logits": logits.float().cpu().contiguous()})
+
+    def _on_bye(self, frame: Frame) -> Frame:
+        with self._lock:
+            session = self.sessions.pop(frame.header["session"], None)
+        if session is not None:
+            log.info("split session %s closed after %d steps", session.key, session.step)
+        return Frame(kind=P.OK)
