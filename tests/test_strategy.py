@@ -88,6 +88,11 @@ def test_fit_runs_on_a_separate_server_process(tmp_path, tiny_data_file, tiny_ll
     assert audit.device["bytes_up"] == audit.server["bytes_in"]
     assert audit.device["bytes_down"] - audit.reply_len == audit.server["bytes_out"]
     assert summary["bytes_up"] > 0 and summary["steps"] == trainer.global_step > 0
+    # the per-sample figures count training traffic only: validation frames are on the link, not in them
+    assert summary["bytes_up"] == sum(summary["train_bytes_up_by_epoch"].values())
+    assert summary["bytes_up"] == sum(e["bytes_up"] for e in summary["by_epoch"])
+    assert summary["bytes_up"] < summary["link_bytes_up"] and 0 < summary["bytes_down"] < summary["link_bytes_down"]
+    assert summary["overlap"] is True
     # the device never held side-network gradients or optimizer state
     assert all(g is None for g in audit.grads) and audit.trainable == []
     assert audit.optimizer_state == [{}]

@@ -129,7 +129,9 @@ class SplitLearningClassifier(OnDeviceClassifier):
         self._server: EmbeddedServer | None = None
         self.server_pid: int | None = None
         self.link_stats = None
-        self.link_wait_s = 0.0
+        self.link_wait_s = 0.0  # seconds blocked on the server (not device compute)
+        self.train_bytes_up = 0  # training frames and their replies (validation traffic excluded)
+        self.train_bytes_down = 0
         self.server_busy_s = 0.0
         self.server_losses: list[float] = []
         self._step = 0
@@ -191,9 +193,13 @@ class SplitLearningClassifier(OnDeviceClassifier):
     def _request(self, frame: Frame) -> Frame:
         from lightning_mobillm.server.split import REPLY_SCHEMAS, SplitServerError
 
+        request = encode_frame(frame)
         t0 = time.perf_counter()
-        data = self.client.call(encode_frame(frame))
+        data = self.client.call(request)
         self.link_wait_s += time.perf_counter() - t0
+        if frame.kind == SPLIT_TRAIN:
+            self.train_bytes_up += len(request)
+            self.train_bytes_down += len(data)
         reply = decode_frame(data, REPLY_SCHEMAS, require_finite=False)
         if reply.kind == P.ERROR:
             raise SplitServerError(f"split server refused a frame: {reply.header['message']}")

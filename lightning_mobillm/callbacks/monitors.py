@@ -26,7 +26,10 @@ class DeviceMonitor(L.Callback):
     It works for every method of the framework, on-device baselines included. The counters come from
     whichever of the strategy or the LightningModule has them:
 
-    * ``link_stats`` (a :class:`~lightning_mobillm.transport.link.LinkStats`): bytes on the wire;
+    * ``train_bytes_up`` / ``train_bytes_down``: bytes of the training frames and their replies (what
+      ``bytes_up``/``bytes_down`` and the per-sample figures report; validation traffic excluded);
+    * ``link_stats`` (a :class:`~lightning_mobillm.transport.link.LinkStats`): every byte on the wire
+      (``link_bytes_up``/``link_bytes_down``; also ``bytes_*`` when there are no training counters);
     * ``device_busy_s``: seconds of compute on the device (excluding waits for the server); without
       it, the device is busy for the whole training batch less ``link_wait_s`` (seconds blocked on the
       link, e.g. split learning), if given;
@@ -62,6 +65,7 @@ class DeviceMonitor(L.Callback):
 
     def _counters(self, trainer: L.Trainer) -> dict[str, float]:
         link = self._link(trainer)
+        up, down = self._attr(trainer, "train_bytes_up"), self._attr(trainer, "train_bytes_down")
         busy = self._attr(trainer, "device_busy_s")
         return {
             "steps": float(trainer.global_step),
@@ -69,8 +73,8 @@ class DeviceMonitor(L.Callback):
             "device_busy_s": float(busy if busy is not None
                                    else self._own_busy_s - float(self._attr(trainer, "link_wait_s") or 0.0)),
             "server_busy_s": float(self._attr(trainer, "server_busy_s") or 0.0),
-            "bytes_up": float(link["bytes_up"]),
-            "bytes_down": float(link["bytes_down"]),
+            "bytes_up": float(up if up is not None else link["bytes_up"]),
+            "bytes_down": float(down if down is not None else link["bytes_down"]),
             "wall_s": time.perf_counter() - self._t0,
         }
 
@@ -147,12 +151,14 @@ class DeviceMonitor(L.Callback):
             "overlap": bool(self._attr(trainer, "overlaps_server")),
             "steps": trainer.global_step,
             "epochs": trainer.current_epoch,
-            "bytes_up": link["bytes_up"],
-            "bytes_down": link["bytes_down"],
+            "bytes_up": int(counters["bytes_up"]),
+            "bytes_down": int(counters["bytes_down"]),
+            "link_bytes_up": link["bytes_up"],
+            "link_bytes_down": link["bytes_down"],
             "calls": link["calls"],
             "train_samples": samples,
-            "bytes_up_per_sample": per_sample(link["bytes_up"]),
-            "bytes_down_per_sample": per_sample(link["bytes_down"]),
+            "bytes_up_per_sample": per_sample(counters["bytes_up"]),
+            "bytes_down_per_sample": per_sample(counters["bytes_down"]),
             "device_peak_rss_mb": peak_rss_mb(),
             "device_busy_s": counters["device_busy_s"],
             "device_busy_s_per_sample": per_sample(counters["device_busy_s"]),

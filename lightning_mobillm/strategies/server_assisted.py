@@ -145,6 +145,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.train_samples: int = 0
         self.device_busy_by_epoch: dict[int, float] = {}
         self.train_bytes_up_by_epoch: dict[int, int] = {}  # training frames only (no hello/eval/state)
+        self.train_bytes_up: int = 0  # training frames and their replies, counted where they are (de)serialised
+        self.train_bytes_down: int = 0
         self.cache: ActivationCache | None = None
         self.verbalizer_ids: list[int] | None = None
 
@@ -343,6 +345,11 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         epoch = self.lightning_module.trainer.current_epoch
         self.device_busy_by_epoch[epoch] = self.device_busy_by_epoch.get(epoch, 0.0) + self.last_device_step_s
         self.train_bytes_up_by_epoch[epoch] = self.train_bytes_up_by_epoch.get(epoch, 0) + frame_bytes
+        self.train_bytes_up += frame_bytes
+
+    def _train_reply(self, data: bytes) -> dict[str, Any]:
+        self.train_bytes_down += len(data)
+        return self._reply(data).header
 
     def _train_from_cache(self, step: int, batch: dict[str, Tensor], keys: list[str], t0: float) -> None:
         """The server holds every sample of this batch: send the keys only, no device forward."""
@@ -350,7 +357,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         frame = Frame(kind=P.TRAIN_CACHED, header={"session": self.session, "step": step, "keys": keys})
         data = encode_frame(frame)
         self._account_busy(t0, len(data))
-        reply = self._reply(self.client.call(data)).header
+        reply = self._train_reply(self.client.call(data))
         if "missing" in reply:
             # lost or corrupt on the server: forward this batch again and resend the same step
             log.warning("server lost %d cached samples; forwarding the batch again", len(reply["missing"]))
@@ -359,14 +366,14 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             t1 = time.perf_counter()
             data = self._train_frame(step, batch, keys)
             self._account_busy(t1, len(data))
-            reply = self._reply(self.client.call(data)).header
+            reply = self._train_reply(self.client.call(data))
         else:
             self.cache.hits += len(keys)
         self._on_train_reply(step, reply, keys)
 
     def _complete_oldest(self) -> None:
         step, future, keys = self._pending.popleft()
-        self._on_train_reply(step, self._reply(future.result()).header, keys)
+        self._on_train_reply(step, self._train_reply(future.result()), keys)
 
     def _on_train_reply(self, step: int, reply: dict[str, Any], keys: list[str] | None) -> None:
         if reply.get("step") != step:

@@ -1,0 +1,627 @@
+"""Every method on the same model, data and seed: device memory, device compute, bytes, accuracy, and the
+time to reach a target accuracy on other devices and links (simulated from the measurements).
+
+    python benchmarks/compare.py --preset small            # all six methods, under 30 min on 2 CPU cores
+    python benchmarks/compare.py --preset full --methods mobillm,lora
+    python benchmarks/compare.py --preset small --dry-run  # write the derived configs, print the commands
+    python benchmarks/compare.py --table-only benchmarks/results/compare.json
+
+For each method the recipe below is turned into ``<workdir>/<method>/config.yaml`` (same backbone, dtype,
+data, batch, seed and validation schedule for every method; one CSV logger; no checkpoints; a
+``DeviceMonitor``) and run as ``python -m lightning_mobillm fit --config ...`` in a fresh process, one
+method after another. Its output goes to ``<workdir>/<method>/run.log`` and its ``DeviceMonitor`` writes
+``<workdir>/<method>/version_0/summary.json``. A method that fails gets a row with the end of its log.
+
+The JSON (``--out``) holds the settings, the machine (with this CPU's measured GFLOPS), one row per method
+with ratios against MobiLLM, the issue's targets checked from the rows, and the time to ``--target-acc``
+and the accuracy curves per device profile and link (``lightning_mobillm.simulate``, ``docs/profiles.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import operator
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_mobillm.simulate import (
+    LINKS,
+    PROFILES,
+    DeviceProfile,
+    Link,
+    measure_cpu_gflops,
+    parse_link,
+    parse_profile,
+    simulated_curve,
+    time_to_accuracy,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS: dict[str, str] = {
+    "full_ft": "recipes/baselines/full_ft.yaml",
+    "lora": "recipes/baselines/lora.yaml",
+    "lst": "recipes/baselines/lst.yaml",
+    "split": "recipes/baselines/split.yaml",
+    "mobillm": "recipes/quickstart.yaml",
+    "pae": "recipes/pae/smollm2-bbc.yaml",
+}
+OVERLAPPED = frozenset({"mobillm", "pae"})  # used when a summary does not say whether its run overlapped
+DEVICE_MONITOR = "lightning_mobillm.callbacks.DeviceMonitor"
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+LOG_TAIL_LINES = 30
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What every method shares in one comparison.
+
+    Args:
+        seed: ``seed_everything`` and the data split seed.
+        source: the backbone (``model.init_args.backbone.source``).
+        dtype: the backbone's dtype on the device.
+        max_length: tokens per sample.
+        batch_size: training batch.
+        eval_batch_size: validation batch.
+        limit_train_samples: stratified subset of the training split; ``None`` = all of it.
+        max_epochs: epochs of every method not in ``epochs_by_method``.
+        val_check_interval: validate this often within an epoch (a fraction of it).
+        epochs_by_method: per-method epochs overriding ``max_epochs``.
+    """
+
+    seed: int
+    source: str
+    dtype: str
+    max_length: int
+    batch_size: int
+    eval_batch_size: int
+    limit_train_samples: int | None
+    max_epochs: int
+    val_check_interval: float
+    epochs_by_method: dict[str, int] = field(default_factory=dict)
+
+    def epochs(self, method: str) -> int:
+        return self.epochs_by_method.get(method, self.max_epochs)
+
+
+PRESETS: dict[str, Preset] = {
+    # PAE gets 3 epochs: its activation cache (no device forward after epoch 1) is what it is measured for.
+    "small": Preset(
+        seed=0,
+        source="smollm2-135m",
+        dtype="float32",
+        max_length=128,
+        batch_size=8,
+        eval_batch_size=16,
+        limit_train_samples=800,
+        max_epochs=1,
+        val_check_interval=0.5,
+        epochs_by_method={"pae": 3},
+    ),
+    "full": Preset(
+        seed=0,
+        source="smollm2-135m",
+        dtype="float32",
+        max_length=256,
+        batch_size=8,
+        eval_batch_size=16,
+        limit_train_samples=None,
+        max_epochs=3,
+        val_check_interval=0.5,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- derived configs
+
+
+def derive_config(recipe: Mapping[str, Any], method: str, preset: Preset, workdir: Path) -> dict[str, Any]:
+    """The config ``method`` runs with: ``recipe`` with the preset's shared settings, one CSV logger whose
+    ``log_dir`` is ``<workdir>/<method>/version_0``, no checkpointing and a ``DeviceMonitor``."""
+    cfg = copy.deepcopy(dict(recipe))
+    cfg["seed_everything"] = preset.seed
+    cfg["data"]["init_args"].update(
+        max_length=preset.max_length,
+        batch_size=preset.batch_size,
+        eval_batch_size=preset.eval_batch_size,
+        limit_train_samples=preset.limit_train_samples,
+        seed=preset.seed,
+    )
+    backbone = cfg["model"]["init_args"].get("backbone")
+    if not isinstance(backbone, dict):
+        raise ValueError(f"{method}: the recipe has no model.init_args.backbone mapping")
+    backbone.update(source=preset.source, dtype=preset.dtype)
+    trainer = cfg.setdefault("trainer", {})
+    callbacks = trainer.get("callbacks") or []
+    callbacks = [callbacks] if isinstance(callbacks, dict) else list(callbacks)
+    callbacks = [cb for cb in callbacks if not _class_path(cb).endswith(".ModelCheckpoint")]
+    if not any(_class_path(cb).endswith(".DeviceMonitor") for cb in callbacks):
+        callbacks.append({"class_path": DEVICE_MONITOR})
+    trainer.update(
+        max_epochs=preset.epochs(method),
+        val_check_interval=preset.val_check_interval,
+        enable_checkpointing=False,  # a full fine-tuning checkpoint is over 1 GB
+        enable_progress_bar=False,  # run.log stays readable
+        callbacks=callbacks,
+        # CSVLogger.log_dir = save_dir/name/version_<version>: where DeviceMonitor writes summary.json
+        logger={
+            "class_path": CSV_LOGGER,
+            "init_args": {"save_dir": str(workdir), "name": method, "version": 0},
+        },
+    )
+    return cfg
+
+
+def _class_path(callback: Mapping[str, Any] | str) -> str:
+    return callback if isinstance(callback, str) else str(callback.get("class_path", ""))
+
+
+def run_dir(workdir: Path, method: str) -> Path:
+    return workdir / method
+
+
+def summary_path(workdir: Path, method: str) -> Path:
+    return run_dir(workdir, method) / "version_0" / "summary.json"
+
+
+def fit_command(config: Path) -> list[str]:
+    return [sys.executable, "-m", "lightning_mobillm", "fit", "--config", str(config)]
+
+
+def run_method(method: str, config: Path, workdir: Path) -> tuple[dict[str, Any], float]:
+    """Run one method in a fresh process; its summary (or ``{"error": <end of its log>}``) and seconds."""
+    shutil.rmtree(run_dir(workdir, method) / "version_0", ignore_errors=True)  # no stale summary or CSV
+    log = run_dir(workdir, method) / "run.log"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.run(
+            fit_command(config), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        ).returncode
+    seconds = time.perf_counter() - t0
+    summary = summary_path(workdir, method)
+    if code == 0 and summary.exists():
+        return json.loads(summary.read_text()), seconds
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
+    reason = f"exit code {code}" if code else f"no {summary}"
+    return {"error": f"{reason}; end of {log}:\n{tail}"}, seconds
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _sum(a: float | None, b: float | None) -> float | None:
+    return a + b if a is not None and b is not None else None
+
+
+def _points(a: float | None, b: float | None) -> float | None:
+    """``a - b`` for two accuracies (fractions), in percentage points."""
+    return 100 * (a - b) if a is not None and b is not None else None
+
+
+def make_row(method: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """One method's row from its ``summary.json``; per-sample figures divide by every training sample
+    processed (all epochs) when the summary does not give them."""
+    if "error" in summary:
+        return {"error": summary["error"]}
+    samples = summary.get("train_samples")
+
+    def per_sample(key: str) -> float | None:
+        if summary.get(f"{key}_per_sample") is not None:
+            return summary[f"{key}_per_sample"]
+        return _ratio(summary.get(key), samples)
+
+    return {
+        "device_peak_rss_mb": summary.get("device_peak_rss_mb"),
+        "device_busy_s_per_sample": per_sample("device_busy_s"),
+        "bytes_up_per_sample": per_sample("bytes_up"),
+        "bytes_down_per_sample": per_sample("bytes_down"),
+        "server_busy_s_per_sample": per_sample("server_busy_s"),
+        "val_acc": summary.get("val_acc"),
+        "val_f1": summary.get("val_f1"),
+        "wall_s": summary.get("wall_s"),
+        "steps": summary.get("steps"),
+        "epochs": summary.get("epochs"),
+        "train_samples": samples,
+        "overlap": bool(summary.get("overlap", method in OVERLAPPED)),
+        "val_history": summary.get("val_history", []),
+        "by_epoch": summary.get("by_epoch", []),
+    }
+
+
+def _bytes_total(row: Mapping[str, Any]) -> float | None:
+    return _sum(row["bytes_up_per_sample"], row["bytes_down_per_sample"])
+
+
+def ratios_vs(row: Mapping[str, Any], ref: Mapping[str, Any]) -> dict[str, float | None]:
+    """``row`` against the reference row (MobiLLM): ratios, and the accuracy difference in points."""
+    return {
+        "device_peak_rss_mb": _ratio(row["device_peak_rss_mb"], ref["device_peak_rss_mb"]),
+        "device_busy_s_per_sample": _ratio(row["device_busy_s_per_sample"], ref["device_busy_s_per_sample"]),
+        "bytes_up_per_sample": _ratio(row["bytes_up_per_sample"], ref["bytes_up_per_sample"]),
+        "bytes_total_per_sample": _ratio(_bytes_total(row), _bytes_total(ref)),
+        "val_acc_diff_points": _points(row["val_acc"], ref["val_acc"]),
+    }
+
+
+Rows = Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets: ``value(rows) <op> threshold``, measurable when ``methods`` all ran."""
+
+    description: str
+    methods: tuple[str, str]
+    value: Callable[[Rows], float | None]
+    op: str
+    threshold: float
+
+
+def _key_ratio(key: str, a: str, b: str) -> Callable[[Rows], float | None]:
+    return lambda rows: _ratio(rows[a][key], rows[b][key])
+
+
+def _acc_gap(a: str, b: str) -> Callable[[Rows], float | None]:
+    def gap(rows: Rows) -> float | None:
+        points = _points(rows[a]["val_acc"], rows[b]["val_acc"])
+        return abs(points) if points is not None else None
+
+    return gap
+
+
+TARGETS: dict[str, Target] = {
+    "mobillm_peak_memory_vs_full_ft": Target(
+        "MobiLLM device peak memory / full fine-tuning's",
+        ("mobillm", "full_ft"),
+        _key_ratio("device_peak_rss_mb", "mobillm", "full_ft"),
+        "<=",
+        1 / 4,
+    ),
+    "mobillm_peak_memory_vs_lora": Target(
+        "MobiLLM device peak memory / LoRA's",
+        ("mobillm", "lora"),
+        _key_ratio("device_peak_rss_mb", "mobillm", "lora"),
+        "<=",
+        1 / 2.5,
+    ),
+    "mobillm_device_busy_vs_lora": Target(
+        "MobiLLM device busy seconds per sample / LoRA's",
+        ("mobillm", "lora"),
+        _key_ratio("device_busy_s_per_sample", "mobillm", "lora"),
+        "<=",
+        0.4,
+    ),
+    "pae_device_busy_vs_lora": Target(
+        "PAE (its epochs, activation cache) device busy seconds per sample / LoRA's",
+        ("pae", "lora"),
+        _key_ratio("device_busy_s_per_sample", "pae", "lora"),
+        "<=",
+        0.15,
+    ),
+    "split_bytes_vs_pae_bytes_up": Target(
+        "split learning's bytes up + down per sample / PAE's bytes up per sample",
+        ("split", "pae"),
+        lambda rows: _ratio(_bytes_total(rows["split"]), rows["pae"]["bytes_up_per_sample"]),
+        ">=",
+        50.0,
+    ),
+    "mobillm_val_acc_gap_vs_lora_points": Target(
+        "|val acc MobiLLM - val acc LoRA| in points",
+        ("mobillm", "lora"),
+        _acc_gap("mobillm", "lora"),
+        "<=",
+        1.0,
+    ),
+    "pae_val_acc_gap_vs_lora_points": Target(
+        "|val acc PAE - val acc LoRA| in points",
+        ("pae", "lora"),
+        _acc_gap("pae", "lora"),
+        "<=",
+        1.0,
+    ),
+}
+_OPS = {"<=": operator.le, ">=": operator.ge}
+
+
+def check_targets(rows: Rows) -> dict[str, dict[str, Any]]:
+    """Every target as ``{description, value, op, target, measured, met}``; a target whose methods did not
+    all run (or whose value cannot be computed) is ``measured: false, met: false`` with the reason."""
+    out = {}
+    for name, t in TARGETS.items():
+        missing = [m for m in t.methods if m not in rows or "error" in rows[m]]
+        value = None if missing else t.value(rows)
+        entry = {
+            "description": t.description,
+            "value": value,
+            "op": t.op,
+            "target": t.threshold,
+            "measured": value is not None,
+            "met": value is not None and _OPS[t.op](value, t.threshold),
+        }
+        if value is None:
+            entry["not_measured"] = (
+                f"no result for {', '.join(missing)}" if missing else "a figure is missing or 0"
+            )
+        out[name] = entry
+    return out
+
+
+def build_report(
+    preset_name: str,
+    summaries: Mapping[str, Mapping[str, Any]],
+    machine: Mapping[str, Any],
+    target_acc: float,
+    profiles: Mapping[str, DeviceProfile] = PROFILES,
+    links: Mapping[str, Link] = LINKS,
+    process_s: Mapping[str, float] | None = None,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """The benchmark's JSON from one summary (or ``{"error": ...}``) per method, in the given order.
+
+    Device profiles are scaled against ``machine["cpu_gflops"][<preset dtype>]``. Failed methods have no
+    time-to-accuracy and no curve.
+    """
+    preset = PRESETS[preset_name]
+    cpu_gflops = machine.get("cpu_gflops", {}).get(preset.dtype)
+    factors = {name: p.factor(cpu_gflops) for name, p in profiles.items()}
+    rows = {m: make_row(m, s) for m, s in summaries.items()}
+    for m, s in (process_s or {}).items():
+        rows[m]["process_wall_s"] = s
+    ref = rows.get("mobillm")
+    if ref is not None and "error" not in ref:
+        for row in rows.values():
+            if "error" not in row:
+                row["ratios_vs_mobillm"] = ratios_vs(row, ref)
+    ran = {m: r for m, r in rows.items() if "error" not in r and r["by_epoch"] and r["val_history"]}
+    tta: dict[str, dict[str, dict[str, float | None]]] = {}
+    curves: dict[str, dict[str, dict[str, list[list[float]]]]] = {}
+    for pname, factor in factors.items():
+        for lname, link in links.items():
+            tta.setdefault(pname, {})[lname] = {
+                m: time_to_accuracy(r, factor, link, r["overlap"], target_acc) for m, r in ran.items()
+            }
+            curves.setdefault(pname, {})[lname] = {
+                m: [list(p) for p in simulated_curve(r, factor, link, r["overlap"])] for m, r in ran.items()
+            }
+    settings = {k: v for k, v in asdict(preset).items() if k != "epochs_by_method"}
+    settings.update(
+        preset=preset_name,
+        methods=list(summaries),
+        epochs_by_method={m: preset.epochs(m) for m in summaries},
+        recipes={m: METHODS.get(m) for m in summaries},
+        target_acc=target_acc,
+        workdir=str(workdir) if workdir is not None else None,
+        profiles={n: {**asdict(p), "factor": factors[n]} for n, p in profiles.items()},
+        links={n: asdict(lk) for n, lk in links.items()},
+    )
+    return {
+        "preset": preset_name,
+        "settings": settings,
+        "machine": dict(machine),
+        "rows": rows,
+        "time_to_accuracy": tta,
+        "curves": curves,
+        "targets": check_targets(rows),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU count and model, torch version and threads, and this CPU's matmul GFLOPS in float32 and bfloat16."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        model = names[0] if names else model
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_gflops": {dtype: measure_cpu_gflops(dtype) for dtype in ("float32", "bfloat16")},
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a temporary file in the same folder, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _table(header: list[str], lines: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *lines])
+
+
+def format_tables(report: Mapping[str, Any]) -> str:
+    """Markdown: one row per method, the targets, and the time to the target accuracy."""
+    rows = report["rows"]
+    lines = []
+    for m, r in rows.items():
+        if "error" in r:
+            lines.append([m, "failed: " + r["error"].splitlines()[0], *[""] * 10])
+            continue
+        q = r.get("ratios_vs_mobillm", {})
+        lines.append(
+            [
+                m,
+                str(r["epochs"]),
+                _fmt(r["device_peak_rss_mb"], ".0f"),
+                _fmt(r["device_busy_s_per_sample"], ".4f"),
+                _fmt(r["bytes_up_per_sample"], ",.0f"),
+                _fmt(r["bytes_down_per_sample"], ",.0f"),
+                _fmt(None if r["val_acc"] is None else 100 * r["val_acc"], ".1f"),
+                _fmt(r["wall_s"], ".0f"),
+                _fmt(q.get("device_peak_rss_mb"), ".2f"),
+                _fmt(q.get("device_busy_s_per_sample"), ".2f"),
+                _fmt(q.get("bytes_total_per_sample"), ".3g"),
+                _fmt(q.get("val_acc_diff_points"), "+.1f"),
+            ]
+        )
+    out = [
+        _table(
+            [
+                "method",
+                "epochs",
+                "peak MB",
+                "busy s/sample",
+                "up B/sample",
+                "down B/sample",
+                "val acc %",
+                "wall s",
+                "peak x mobillm",
+                "busy x mobillm",
+                "bytes x mobillm",
+                "acc diff pts",
+            ],
+            lines,
+        )
+    ]
+    out.append(
+        _table(
+            ["target", "value", "target", "met"],
+            [
+                [
+                    t["description"],
+                    _fmt(t["value"], ".3g"),
+                    f"{t['op']} {t['target']:.3g}",
+                    ("yes" if t["met"] else "no") if t["measured"] else "not measured",
+                ]
+                for t in report["targets"].values()
+            ],
+        )
+    )
+    methods = [m for m in rows if "error" not in rows[m]]
+    acc = report["settings"]["target_acc"]
+    out.append(
+        _table(
+            ["profile", "link", *[f"{m}: s to {100 * acc:.0f}%" for m in methods]],
+            [
+                [p, lk, *[_fmt(secs.get(m), ".0f") for m in methods]]
+                for p, by_link in report["time_to_accuracy"].items()
+                for lk, secs in by_link.items()
+            ],
+        )
+    )
+    return "\n\n".join(out)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS)
+    )
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/compare.json")
+    p.add_argument("--workdir", type=Path, default=Path("runs/compare"))
+    p.add_argument("--target-acc", type=float, default=0.90, help="validation accuracy (a fraction) to time")
+    p.add_argument(
+        "--profile",
+        type=parse_profile,
+        action="append",
+        default=[],
+        metavar="NAME=FACTOR|NAME=<G>gflops",
+        help="add or replace a device profile (repeatable)",
+    )
+    p.add_argument(
+        "--link",
+        type=parse_link,
+        action="append",
+        default=[],
+        metavar="NAME=UP_MBIT[/DOWN_MBIT][@LATENCY_MS]",
+        help="add or replace a link (repeatable)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="write the derived configs and print the commands")
+    p.add_argument("--table-only", type=Path, metavar="JSON", help="print the tables of an existing JSON")
+    args = p.parse_args()
+    if args.table_only:
+        print(format_tables(json.loads(args.table_only.read_text())))
+        return
+    methods = args.methods.split(",")
+    if unknown := sorted(set(methods) - set(METHODS)):
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    profiles = {**PROFILES, **{q.name: q for q in args.profile}}
+    links = {**LINKS, **{lk.name: lk for lk in args.link}}
+    preset = PRESETS[args.preset]
+    workdir = args.workdir.resolve()
+
+    summaries: dict[str, dict[str, Any]] = {}
+    configs: dict[str, Path] = {}
+    for m in methods:
+        try:
+            recipe = yaml.safe_load((REPO / METHODS[m]).read_text())
+            cfg = derive_config(recipe, m, preset, workdir)
+        except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
+            summaries[m] = {"error": f"cannot derive a config from {METHODS[m]}: {type(e).__name__}: {e}"}
+            print(f"{m}: {summaries[m]['error']}", flush=True)
+            continue
+        configs[m] = run_dir(workdir, m) / "config.yaml"
+        configs[m].parent.mkdir(parents=True, exist_ok=True)
+        configs[m].write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if args.dry_run:
+        for m, path in configs.items():
+            print(f"{m}: {shlex.join(fit_command(path))} > {run_dir(workdir, m) / 'run.log'} 2>&1")
+        return
+
+    from lightning_mobillm.assets import resolve_source
+
+    resolve_source(preset.source)  # convert the packaged model once, outside every method's timing
+    machine = machine_info()
+    print(f"machine: {json.dumps(machine)}", flush=True)
+    process_s: dict[str, float] = {}
+
+    def report() -> dict[str, Any]:
+        ordered = {m: summaries[m] for m in methods if m in summaries}
+        return build_report(
+            args.preset, ordered, machine, args.target_acc, profiles, links, process_s, workdir
+        )
+
+    for i, m in enumerate(methods, 1):
+        if m not in configs:
+            continue
+        print(f"[{i}/{len(methods)}] {m}: {shlex.join(fit_command(configs[m]))}", flush=True)
+        summaries[m], process_s[m] = run_method(m, configs[m], workdir)
+        status = "failed, see " + str(run_dir(workdir, m) / "run.log") if "error" in summaries[m] else "done"
+        print(f"[{i}/{len(methods)}] {m}: {status} in {process_s[m]:.0f} s", flush=True)
+        write_json(args.out, report())  # after every method: an interrupted comparison keeps what it measured
+    final = report()
+    write_json(args.out, final)
+    print(format_tables(final))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

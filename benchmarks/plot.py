@@ -1,0 +1,149 @@
+"""Figures from the JSON of ``benchmarks/compare.py``.
+
+    python benchmarks/plot.py benchmarks/results/compare.json --out docs/img [--link 50mbit]
+
+writes ``compare_memory.png`` (device peak memory per method), ``compare_bytes.png`` (bytes up and down
+per training sample, log scale; methods that train on the device send nothing and are labelled so) and
+``compare_time_to_accuracy.png`` (validation accuracy against simulated time, one panel per device
+profile, for one link).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+COLORS = [f"C{i}" for i in range(10)]
+
+
+def _color(methods: list[str], method: str) -> str:
+    return COLORS[methods.index(method) % len(COLORS)]
+
+
+def _label_missing(ax: Axes, x: float, y: float, text: str) -> None:
+    ax.text(x, y, text, ha="center", va="bottom", fontsize=8, color="0.3")
+
+
+def _method_axis(ax: Axes, methods: list[str]) -> None:
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+
+
+def plot_memory(rows: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """Bar per method: device peak RSS in MB; a failed method is labelled, not dropped."""
+    methods = list(rows)
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for x, m in enumerate(methods):
+        mb = rows[m].get("device_peak_rss_mb")
+        if mb is None:
+            _label_missing(ax, x, 0, "failed" if "error" in rows[m] else "not measured")
+            continue
+        ax.bar(x, mb, color=_color(methods, m))
+        ax.text(x, mb, f"{mb:,.0f}", ha="center", va="bottom", fontsize=8)
+    _method_axis(ax, methods)
+    ax.set_ylim(0, 1.1 * max((r.get("device_peak_rss_mb") or 0 for r in rows.values()), default=0) or 1)
+    ax.set_ylabel("device peak RSS (MB)")
+    ax.set_title("Device peak memory")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_bytes(rows: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """Bytes up and down per training sample per method, log y. Zero cannot sit on a log axis: a method
+    that sends nothing is labelled ``0 (on device)`` and a zero direction ``0``."""
+    methods = list(rows)
+    values = [rows[m].get(k) for m in methods for k in ("bytes_up_per_sample", "bytes_down_per_sample")]
+    positive = [v for v in values if v]
+    floor = min(positive) / 10 if positive else 1.0
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_yscale("log")
+    width = 0.38
+    for x, m in enumerate(methods):
+        up, down = rows[m].get("bytes_up_per_sample"), rows[m].get("bytes_down_per_sample")
+        if "error" in rows[m] or up is None or down is None:
+            _label_missing(ax, x, floor * 1.5, "failed" if "error" in rows[m] else "not measured")
+        elif up == down == 0:
+            _label_missing(ax, x, floor * 1.5, "0 (on device)")
+        else:
+            for dx, v, hatch in ((-width / 2, up, None), (width / 2, down, "//")):
+                if v:
+                    ax.bar(x + dx, v, width, color=_color(methods, m), hatch=hatch, edgecolor="k")
+                    ax.text(x + dx, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=7, rotation=90)
+                else:
+                    _label_missing(ax, x + dx, floor * 1.5, "0")
+    ax.legend(
+        handles=[
+            Patch(facecolor="w", edgecolor="k", label="up"),
+            Patch(facecolor="w", edgecolor="k", hatch="//", label="down"),
+        ],
+        fontsize=8,
+    )
+    ax.set_ylim(floor, 30 * max(positive, default=floor))  # room for the value labels
+    _method_axis(ax, methods)
+    ax.set_ylabel("bytes per training sample (log)")
+    ax.set_title("Bytes on the link per training sample")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_time_to_accuracy(report: Mapping[str, Any], link: str, path: Path) -> Path:
+    """Validation accuracy against simulated time, one panel per device profile, one line per method."""
+    curves = report["curves"]
+    profiles = report["settings"]["profiles"]
+    target = report["settings"]["target_acc"]
+    methods = list(report["rows"])
+    fig = Figure(figsize=(4.5 * len(curves), 4), layout="constrained")
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (profile, by_link) in zip(axes, curves.items()):
+        if link not in by_link:
+            raise ValueError(f"no link {link!r} in the JSON; it has {sorted(by_link)}")
+        for m, points in by_link[link].items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, [100 * y for y in ys], marker="o", color=_color(methods, m), label=m)
+        ax.axhline(100 * target, color="k", linestyle="--", linewidth=1, label=f"target {100 * target:.0f}%")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("simulated time (s, log)")
+        ax.set_title(f"{profile} (x{profiles[profile]['factor']:.2g} this CPU), {link}", fontsize=9)
+    axes[0].set_ylabel("validation accuracy (%)")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle("Time to accuracy (simulated from the measured run)")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot(report: Mapping[str, Any], out: Path, link: str = "50mbit") -> list[Path]:
+    """Write the three figures into ``out``; the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        plot_memory(report["rows"], out / "compare_memory.png"),
+        plot_bytes(report["rows"], out / "compare_bytes.png"),
+        plot_time_to_accuracy(report, link, out / "compare_time_to_accuracy.png"),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", type=Path, help="the output of benchmarks/compare.py")
+    p.add_argument("--out", type=Path, default=Path("docs/img"))
+    p.add_argument("--link", default="50mbit", help="the link of the time-to-accuracy figure")
+    args = p.parse_args()
+    for path in plot(json.loads(args.json.read_text()), args.out, args.link):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
