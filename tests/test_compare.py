@@ -190,12 +190,16 @@ def test_derived_config_applies_the_preset_logger_and_callback_rules(recipes, tm
         }
         # CSVLogger.log_dir = save_dir/name/version_<int version>: where DeviceMonitor writes summary.json
         assert compare.summary_path(tmp_path, method) == tmp_path / method / "version_0" / "summary.json"
+        strategy = trainer["strategy"]
+        if isinstance(strategy, dict) and strategy["class_path"].endswith("ServerAssistedStrategy"):
+            # measured synchronously (device and server share the cores); the simulation overlaps them
+            assert strategy["init_args"]["pipeline_depth"] == 0
 
 
 def test_presets_epochs():
     small, full = compare.PRESETS["small"], compare.PRESETS["full"]
     assert small.epochs("pae") == 3 and {small.epochs(m) for m in compare.METHODS if m != "pae"} == {1}
-    assert {full.epochs(m) for m in compare.METHODS} == {3}
+    assert {full.epochs(m) for m in compare.METHODS} == {3} and compare.PRESETS["smoke"].epochs("pae") == 2
     assert (small.limit_train_samples, full.limit_train_samples, full.max_length) == (800, None, 256)
 
 

@@ -129,7 +129,7 @@ class SplitLearningClassifier(OnDeviceClassifier):
         self._server: EmbeddedServer | None = None
         self.server_pid: int | None = None
         self.link_stats = None
-        self.link_wait_s = 0.0  # seconds blocked on the server (not device compute)
+        self.link_wait_s = 0.0  # seconds training steps spent blocked on the server (not device compute)
         self.train_bytes_up = 0  # training frames and their replies (validation traffic excluded)
         self.train_bytes_down = 0
         self.server_busy_s = 0.0
@@ -196,8 +196,8 @@ class SplitLearningClassifier(OnDeviceClassifier):
         request = encode_frame(frame)
         t0 = time.perf_counter()
         data = self.client.call(request)
-        self.link_wait_s += time.perf_counter() - t0
         if frame.kind == SPLIT_TRAIN:
+            self.link_wait_s += time.perf_counter() - t0
             self.train_bytes_up += len(request)
             self.train_bytes_down += len(data)
         reply = decode_frame(data, REPLY_SCHEMAS, require_finite=False)
