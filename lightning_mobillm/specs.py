@@ -17,8 +17,9 @@ class BackboneConfig:
     """Which frozen backbone the device runs, and which of its blocks are tapped.
 
     Args:
-        source: a packaged offline alias (``smollm2-135m``, ``minilm-l6``), a Hugging Face hub id, or a
-            local folder holding a ``config.json``.
+        source: a packaged offline alias (``smollm2-135m``, ``qwen2.5-coder-0.5b``,
+            ``qwen2.5-coder-1.5b``, ``minilm-l6``; see :mod:`lightning_mobillm.assets`), a Hugging Face
+            hub id, or a local folder holding a ``config.json``.
         gguf_file: file name of a GGUF checkpoint inside ``source`` (a folder); converted once into the
             cache folder.
         dtype: the dtype the backbone computes in on the device.

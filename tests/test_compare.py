@@ -356,6 +356,9 @@ def test_targets_met_not_met_and_not_measured(report):
     assert t["mobillm_val_acc_gap_vs_lora_points"]["met"] is True
     assert t["pae_val_acc_gap_vs_lora_points"]["value"] == pytest.approx(2.5)
     assert t["pae_val_acc_gap_vs_lora_points"]["met"] is False
+    better = {**report["rows"], "mobillm": {**report["rows"]["mobillm"], "val_acc": 0.99}}
+    gap = compare.check_targets(better)["mobillm_val_acc_gap_vs_lora_points"]
+    assert gap["value"] == pytest.approx(-6.5) and gap["met"] is True  # better than LoRA counts as within
     assert all(v["measured"] for k, v in t.items() if k != "mobillm_peak_memory_vs_full_ft")
 
 
