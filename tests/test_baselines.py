@@ -17,7 +17,6 @@ from lightning_mobillm.baselines import (
     LoRAClassifier,
     SplitLearningClassifier,
 )
-from lightning_mobillm.baselines.split import load_split_part, packed_positions
 from lightning_mobillm.callbacks import DeviceMonitor
 from lightning_mobillm.data import TextClassificationDataModule
 from lightning_mobillm.server import protocol as P
@@ -136,28 +135,6 @@ def test_bad_settings_are_named(tiny_llama_dir):
 def _split_module(tiny_llama_dir, n, **kw) -> SplitLearningClassifier:
     return SplitLearningClassifier(BackboneConfig(source=str(tiny_llama_dir)), n, lr=1e-2, dropout=0.0, r=4,
                                    embedded=ServerConfig(device="cpu", threads=1), **kw)
-
-
-def test_split_halves_compute_the_whole_model(tiny_llama_dir):
-    """Lower blocks on the device + upper blocks fed the packed states = the whole model, any padding."""
-    from transformers import AutoModel
-
-    src = BackboneConfig(source=str(tiny_llama_dir))
-    whole = AutoModel.from_pretrained(tiny_llama_dir).eval()
-    lower = load_split_part(src, 2, "lower").eval()
-    upper = load_split_part(src, 2, "upper").eval()
-    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
-    mask = (torch.arange(6)[None] >= torch.tensor([[2], [0]])).long()  # left padding on sample 0
-    with torch.no_grad():
-        ref = whole(input_ids=ids, attention_mask=mask, position_ids=packed_positions(mask)).last_hidden_state
-        states = lower(input_ids=ids, attention_mask=mask, position_ids=packed_positions(mask)).last_hidden_state
-        packed, lengths = states[mask.bool()], mask.sum(1)
-        padded = torch.zeros(2, 6, states.shape[-1]).masked_scatter(torch.arange(6)[None, :, None] < lengths[:, None, None],
-                                                                    packed)
-        out = upper(inputs_embeds=padded, attention_mask=(torch.arange(6)[None] < lengths[:, None]).long(),
-                    position_ids=torch.arange(6).expand(2, 6)).last_hidden_state
-    torch.testing.assert_close(out[0, :4], ref[0, 2:], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out[1], ref[1], rtol=1e-4, atol=1e-5)
 
 
 def test_split_learning_trains_over_the_link(tmp_path, tiny_data_file, tiny_llama_dir):

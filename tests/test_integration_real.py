@@ -48,3 +48,34 @@ def test_smollm2_bbc_news_learns_through_the_link(tmp_path):
     assert s["bytes_up"] >= 320 * 30 * 576
     # 5 classes (majority 23%): after 40 steps on real activations the side network is far above chance
     assert s["val_acc"] > 0.6, s
+
+
+@needs_assets
+def test_split_learning_halves_of_smollm2_compute_the_whole_model():
+    """The split baseline's device and server halves of the real SmolLM2 (rotary positions, left-padded
+    batch) give the unsplit model's final hidden states: split learning is compared on the real model."""
+    import torch
+    from transformers import AutoModel
+
+    from lightning_mobillm.assets import resolve_source
+    from lightning_mobillm.backbone import load_tokenizer
+    from lightning_mobillm.baselines.split import load_split_part, packed_positions
+
+    config = BackboneConfig(source="smollm2-135m")
+    tok = load_tokenizer(config)
+    tok.padding_side = "left"
+    batch = tok(["Article: Shares rose sharply today.\nTopic:", "Article: The film won.\nTopic:"],
+                return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (mask == 0).any()  # a padded sample is part of the check
+    whole = AutoModel.from_pretrained(resolve_source("smollm2-135m")).eval()
+    lower, upper = load_split_part(config, 2, "lower").eval(), load_split_part(config, 2, "upper").eval()
+    with torch.no_grad():
+        ref = whole(input_ids=ids, attention_mask=mask, position_ids=packed_positions(mask)).last_hidden_state
+        states = lower(input_ids=ids, attention_mask=mask, position_ids=packed_positions(mask)).last_hidden_state
+        lengths = mask.sum(1)
+        right = torch.arange(ids.shape[1])[None] < lengths[:, None]
+        padded = torch.zeros_like(states).masked_scatter(right[..., None], states[mask.bool()])
+        out = upper(inputs_embeds=padded, attention_mask=right.long(),
+                    position_ids=torch.arange(ids.shape[1]).expand_as(ids)).last_hidden_state
+    torch.testing.assert_close(out[right], ref[mask.bool()], rtol=1e-3, atol=1e-3)
