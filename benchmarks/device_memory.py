@@ -49,11 +49,18 @@ def child_inference(args) -> dict:
     dm.setup("fit")
     t0 = time.perf_counter()
     steps = 0
+    head = bb.model.get_output_embeddings()
     with torch.inference_mode():
         for batch in dm.train_dataloader():
             # the LM head at the last position only, as generation does (full-vocab logits for every
-            # position would add ~200 MB and flatter the ratio)
-            bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+            # position would add ~200 MB and flatter the ratio). Not ``model(..., logits_to_keep=1)``:
+            # its ``[B, 1, d]`` slice is not contiguous, and torch's CPU matmul then expands the head's
+            # weight to ``[B, d, V]`` and copies it (0.9 GB for SmolLM2 in fp32, 3.7 GB and 16 s for
+            # Qwen2.5-Coder-1.5B in bf16). A ``[B, d]`` input is a plain matmul.
+            hidden = bb.base_model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+            head(hidden[:, -1])
             steps += 1
             if steps >= args.steps:
                 break

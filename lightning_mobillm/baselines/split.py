@@ -220,10 +220,7 @@ class SplitLearningClassifier(OnDeviceClassifier):
 
     def teardown(self, stage: str) -> None:
         if self.client is not None:
-            try:
-                self.client.call(encode_frame(Frame(kind=P.BYE, header={"session": self.session})))
-            except Exception:  # noqa: BLE001 - the server may already be gone
-                pass
+            P.say_bye(self.client, self.session)
             self.client.close()
             self.client = None
             self.session = None

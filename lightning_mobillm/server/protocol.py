@@ -16,7 +16,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from lightning_mobillm.transport import codecs
-from lightning_mobillm.transport.frames import Frame, FrameError, FrameSchema, TensorRule
+from lightning_mobillm.transport.frames import Frame, FrameError, FrameSchema, TensorRule, encode_frame
 
 # ---- request kinds -------------------------------------------------------------------------------
 HELLO, TRAIN, EVAL, GET_STATE, SET_STATE, BYE = "hello", "train", "eval", "get_state", "set_state", "bye"
@@ -172,6 +172,16 @@ def unpack_state(skeleton: dict, blob: torch.Tensor) -> Any:
     if "root" not in skeleton:
         raise FrameError("state skeleton has no root")
     return _unflatten(skeleton["root"], tensors)
+
+
+def say_bye(client: Any, session: str | None) -> None:
+    """Best effort: tell the server a session ends (it may already be gone)."""
+    if session is None:
+        return
+    try:
+        client.call(encode_frame(Frame(kind=BYE, header={"session": session})))
+    except Exception:  # noqa: BLE001 - a closed or unreachable server needs no goodbye
+        pass
 
 
 def error_frame(message: str, **header: Any) -> Frame:

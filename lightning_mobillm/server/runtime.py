@@ -163,6 +163,16 @@ class FrameServer:
             if key not in self.sessions and len(self.sessions) >= self.config.max_sessions:
                 raise FrameError(f"too many open sessions ({self.config.max_sessions})")
 
+    @staticmethod
+    def _replayed(session: Any, step: int, kind: str) -> bytes | None:
+        """The stored reply when ``step`` was already applied (a retried frame is never applied twice);
+        raises on a step out of order. Call with the session's lock held."""
+        if session.last_reply is not None and session.last_reply[0] == step:
+            return session.last_reply[1]
+        if step != session.step:
+            raise FrameError(f"out-of-order {kind} frame: got step {step}, expected {session.step}")
+        return None
+
     def _autocast(self):
         if self.config.precision == "bf16-mixed":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -308,10 +318,8 @@ class SideServer(FrameServer):
     def _train(self, session: Session, frame: Frame) -> bytes:
         step = frame.header["step"]
         with session.lock:
-            if session.last_reply is not None and session.last_reply[0] == step:
-                return session.last_reply[1]  # a retried frame: same reply, no second update
-            if step != session.step:
-                raise FrameError(f"out-of-order train frame: got step {step}, expected {session.step}")
+            if (replayed := self._replayed(session, step, frame.kind)) is not None:
+                return replayed
             cached = frame.kind == P.TRAIN_CACHED
             if cached:
                 keys = self._keys(session, frame, None)

@@ -170,10 +170,8 @@ class SplitServer(FrameServer):
         session = self._session(frame)
         step = frame.header["step"]
         with session.lock:
-            if session.last_reply is not None and session.last_reply[0] == step:
-                return session.last_reply[1]  # a retried frame: same reply, no second update
-            if step != session.step:
-                raise FrameError(f"out-of-order split_train frame: got step {step}, expected {session.step}")
+            if (replayed := self._replayed(session, step, frame.kind)) is not None:
+                return replayed
             states, lengths = self._inputs(session, frame)
             labels = frame.tensors["labels"].to(self.device)
             if labels.shape != lengths.shape or bool((labels < 0).any() | (labels >= session.num_classes).any()):

@@ -39,7 +39,7 @@ from lightning_mobillm.server import protocol as P
 from lightning_mobillm.server.process import EmbeddedServer
 from lightning_mobillm.server.runtime import ServerConfig
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
-from lightning_mobillm.transport.link import LinkClient, LinkError, LinkStats
+from lightning_mobillm.transport.link import LinkClient, LinkStats
 
 log = logging.getLogger(__name__)
 
@@ -264,11 +264,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
     def _disconnect(self) -> None:
         if self.client is not None:
-            if self.session is not None:
-                try:
-                    self.client.call(encode_frame(Frame(kind=P.BYE, header={"session": self.session})))
-                except LinkError:
-                    pass
+            P.say_bye(self.client, self.session)
             self.client.close()
             self.client = None
             self.session = None
