@@ -48,6 +48,8 @@ class WatchedRun:
         tree_peak_rss_mb: the largest summed RSS of the child and its descendants (e.g. an embedded
             server process) seen by the watchdog.
         min_available_mb: the least available memory of the machine seen while the child ran.
+        max_load1: the highest 1-minute load average seen while it ran; well above the child's own
+            threads, other jobs competed for the CPU and its timings are inflated.
         wall_s: the child's wall-clock time.
         stdout: the child's standard output (also kept in ``log_prefix.stdout`` if given).
         stderr: its standard error.
@@ -58,6 +60,7 @@ class WatchedRun:
     sampled_peak_rss_mb: float
     tree_peak_rss_mb: float
     min_available_mb: float
+    max_load1: float
     wall_s: float
     stdout: str
     stderr: str
@@ -101,6 +104,7 @@ def run_watched(
         exceeded = False
         peak = tree_peak = 0
         min_avail = float("inf")
+        max_load = 0.0
         tree_every = max(1, round(0.5 / poll_s))
         try:
             child = psutil.Process(proc.pid)
@@ -112,6 +116,7 @@ def run_watched(
                     rss = child.memory_info().rss
                     peak = max(peak, rss)
                     if tick % tree_every == 0:
+                        max_load = max(max_load, os.getloadavg()[0])
                         for c in child.children(recursive=True):
                             with contextlib.suppress(psutil.Error):
                                 rss += c.memory_info().rss
@@ -135,6 +140,7 @@ def run_watched(
             sampled_peak_rss_mb=peak / 2**20,
             tree_peak_rss_mb=max(tree_peak, peak) / 2**20,
             min_available_mb=min_avail / 2**20 if min_avail != float("inf") else float("nan"),
+            max_load1=max_load,
             wall_s=wall,
             stdout=out_f.read(),
             stderr=err_f.read(),

@@ -136,3 +136,15 @@ def test_registered_chunked_models():
 def test_chunked_entry_needs_a_filename_and_a_hash():
     with pytest.raises(ValueError, match="filename and a pinned sha256"):
         assets.PackagedModel(alias="x", package="p{i}", version="1", module="m{i}", subpath="d{i}", parts=2)
+
+
+def test_converted_folder_is_keyed_by_storage_dtype(monkeypatch, tmp_path):
+    monkeypatch.setenv("LIGHTNING_MOBILLM_CACHE", str(tmp_path))
+    smol = assets.PACKAGED_MODELS["smollm2-135m"]
+    qwen = assets.PACKAGED_MODELS["qwen2.5-coder-1.5b"]
+    # float32 keeps the historical folder name, so existing caches stay valid
+    assert assets.converted_path(smol) == tmp_path / "models" / f"smollm2-135m-{smol.sha256[:16]}"
+    assert qwen.dtype == "bfloat16"
+    assert assets.converted_path(qwen).name == f"qwen2.5-coder-1.5b-{qwen.sha256[:16]}-bfloat16"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        assets.PackagedModel(alias="x", package="p", version="1", module="m", subpath="f.gguf", dtype="int8")
