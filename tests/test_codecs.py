@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_mobillm.server import protocol as P
+from lightning_mobillm.transport import codecs
 from lightning_mobillm.transport.codecs import (
     CODECS,
     bytes_per_value,
@@ -446,3 +447,16 @@ def test_outlier_codecs_through_a_train_frame(codec: str) -> None:
     frame.tensors["acts.oidx"] = torch.tensor([[0, 0, 1, 2]] * 3, dtype=torch.int16)
     with pytest.raises(P.FrameError, match="repeats a channel index"):
         P.unpack_acts(frame.tensors, codec)
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_chunked_encoding_equals_encoding_at_once(codec, monkeypatch):
+    x = torch.randn(5, 7, 33) * torch.logspace(-2, 3, 33)
+    whole = codecs.encode(x, codec)
+    monkeypatch.setattr(codecs, "CHUNK_ROWS", 4)  # 35 vectors in 9 chunks, the last one partial
+    chunked = codecs.encode(x, codec)
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
+    empty = codecs.encode(torch.zeros(0, 3, 8), codec)
+    assert codecs.decode(empty, codec).shape == (0, 3, 8)

@@ -183,10 +183,31 @@ def encode(x: torch.Tensor, codec: str, outlier_channels: int = 8) -> dict[str, 
         return {"q": x.to(_FLOAT_DTYPES[codec]).contiguous()}
     if x.shape[-1] == 0:
         raise ValueError(f"codec {codec!r} needs a feature dim >= 1, got shape {tuple(x.shape)}")
-    x = x.to(torch.float32)
     if codec in _BASE:
-        return _encode_outlier(x, codec, outlier_channels)
-    return _encode_base(x, codec)
+        return _encode_outlier(x.to(torch.float32), codec, outlier_channels)
+    return _encode_rows(x, codec)
+
+
+#: vectors quantised at a time by the plain integer codecs: their float32 temporaries stay a few MB
+#: instead of several copies of the whole tensor (the device's peak memory is what MobiLLM saves)
+CHUNK_ROWS = 4096
+
+
+def _encode_rows(x: torch.Tensor, codec: str) -> dict[str, torch.Tensor]:
+    """``int8``/``int4`` of ``x`` in chunks of :data:`CHUNK_ROWS` vectors (each vector has its own scale,
+    so the result equals encoding the whole tensor at once)."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d)
+    pieces = [_encode_base(rows[i : i + CHUNK_ROWS].to(torch.float32), codec)
+              for i in range(0, max(1, rows.shape[0]), CHUNK_ROWS)]
+    q = torch.cat([p["q"] for p in pieces])
+    parts = {
+        "q": q.reshape(*lead, q.shape[-1]),
+        "scale": torch.cat([p["scale"] for p in pieces]).reshape(lead),
+    }
+    if "d" in pieces[0]:
+        parts["d"] = pieces[0]["d"]
+    return parts
 
 
 def _get_part(parts: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype, codec: str) -> torch.Tensor:
