@@ -20,13 +20,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_mobillm.modules.side_tuning import (
-    WarmupCosineLambda,
+    adamw_warmup_cosine,
     classification_metrics,
     to_backbone_config,
 )
 from lightning_mobillm.specs import BackboneConfig
 
-__all__ = ["OnDeviceClassifier", "LastTokenHead"]
+__all__ = ["LastTokenHead", "OnDeviceClassifier", "add_lora"]
+
+
+def add_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> nn.Module:
+    """Freeze ``model`` and wrap it with PEFT LoRA adapters on ``target_modules`` (a clear error when
+    none of them exists in the model)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ValueError(f"LoRA target_modules {list(target_modules)} do not match the backbone: {err}") from None
 
 
 class LastTokenHead(nn.Module):
@@ -150,22 +162,13 @@ class OnDeviceClassifier(lightning.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay, no_decay = [], []
-        for _, p in self.trainable_parameters():
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        if not decay and not no_decay:
-            raise ValueError(f"{type(self).__name__} has no trainable parameters")
-        groups = [{"params": decay, "weight_decay": float(hp["weight_decay"])}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups, lr=float(hp["lr"]), betas=tuple(float(b) for b in hp["betas"]))
         total = self.trainer.estimated_stepping_batches
         if total is None or not math.isfinite(float(total)) or total < 1:
             raise ValueError("cannot size the lr schedule: set trainer.max_steps or trainer.max_epochs")
-        total = int(total)
-        warmup = min(total, int(round(float(hp["warmup_ratio"]) * total)))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosineLambda(total, warmup, float(hp["min_lr_ratio"]))
+        optimizer, scheduler = adamw_warmup_cosine(
+            (p for _, p in self.trainable_parameters()), lr=hp["lr"], weight_decay=hp["weight_decay"],
+            betas=hp["betas"], total_steps=int(total), warmup_ratio=hp["warmup_ratio"],
+            min_lr_ratio=hp["min_lr_ratio"],
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mobillm.backbone import is_decoder_config, load_hf_model, loss_token_index
-from lightning_mobillm.baselines.common import LastTokenHead, OnDeviceClassifier
+from lightning_mobillm.baselines.common import LastTokenHead, OnDeviceClassifier, add_lora
 from lightning_mobillm.specs import BackboneConfig
 
 __all__ = ["FullFineTuneClassifier", "LoRAClassifier"]
@@ -92,13 +92,6 @@ class LoRAClassifier(FullFineTuneClassifier):
         super().__init__(backbone=backbone, num_classes=num_classes, lr=lr, **kwargs)
 
     def adapt(self, model: nn.Module) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
         hp = self.hparams
         targets = hp["target_modules"] or (["q_proj", "v_proj"] if self.is_decoder else ["query", "value"])
-        config = LoraConfig(r=int(hp["r"]), lora_alpha=int(hp["alpha"]), lora_dropout=float(hp["lora_dropout"]),
-                            target_modules=list(targets))
-        try:
-            return get_peft_model(model, config)
-        except ValueError as err:
-            raise ValueError(f"LoRA target_modules {list(targets)} do not match the backbone: {err}") from None
+        return add_lora(model, int(hp["r"]), int(hp["alpha"]), float(hp["lora_dropout"]), list(targets))

@@ -24,15 +24,14 @@ import os
 import secrets
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_mobillm.backbone import find_blocks, is_decoder_config, load_hf_model
-from lightning_mobillm.baselines.common import OnDeviceClassifier
+from lightning_mobillm.baselines.common import OnDeviceClassifier, add_lora
 from lightning_mobillm.server import protocol as P
-from lightning_mobillm.server.process import EmbeddedServer
+from lightning_mobillm.server.process import EmbeddedServer, server_log_path
 from lightning_mobillm.server.runtime import ServerConfig
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
@@ -40,7 +39,7 @@ from lightning_mobillm.transport.link import LinkClient
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SplitLearningClassifier", "add_lora", "load_split_part", "packed_positions"]
+__all__ = ["SplitLearningClassifier", "load_split_part", "packed_positions"]
 
 SPLIT_HELLO, SPLIT_TRAIN, SPLIT_EVAL = "split_hello", "split_train", "split_eval"
 
@@ -48,17 +47,6 @@ SPLIT_HELLO, SPLIT_TRAIN, SPLIT_EVAL = "split_hello", "split_train", "split_eval
 def packed_positions(attention_mask: Tensor) -> Tensor:
     """Position ids counting only real tokens (``0..n-1`` per sample, 0 on pads), for any padding side."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def add_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> nn.Module:
-    """Freeze ``model`` and wrap it with PEFT LoRA adapters on ``target_modules``."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
-    try:
-        return get_peft_model(model, config)
-    except ValueError as err:
-        raise ValueError(f"LoRA target_modules {list(target_modules)} do not match the backbone: {err}") from None
 
 
 def load_split_part(config: BackboneConfig, split_layer: int, part: str) -> nn.Module:
@@ -177,11 +165,7 @@ class SplitLearningClassifier(OnDeviceClassifier):
             token = secrets.token_hex(16)
             config = dataclasses.replace(self.embedded, token_env=hp["token_env"],
                                          allowed_backbones=[self.backbone_config.source])
-            log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
-            if log_dir is not None:
-                log_dir.mkdir(parents=True, exist_ok=True)
-            self._server = EmbeddedServer(config, token, role="split",
-                                          log_path=log_dir / "server.log" if log_dir else None)
+            self._server = EmbeddedServer(config, token, role="split", log_path=server_log_path(self.trainer))
             address = self._server.start(timeout=float(hp["connect_timeout"]))
         self.client = LinkClient(address, token, connect_timeout=float(hp["connect_timeout"]),
                                  call_timeout=float(hp["call_timeout"]))
@@ -207,7 +191,7 @@ class SplitLearningClassifier(OnDeviceClassifier):
 
     def _frame(self, kind: str, states: Tensor, lengths: Tensor, **extra_tensors: Tensor) -> Frame:
         codec = self.hparams["codec_up"]
-        tensors = P.pack_acts(states.detach().float()[:, None, :], lengths.cpu(), codec)
+        tensors = P.pack_acts(states.detach()[:, None, :], lengths.cpu(), codec)
         header = {"session": self.session, "codec": codec, "codec_down": self.hparams["codec_down"]}
         if kind == SPLIT_TRAIN:
             header["step"] = self._step

@@ -31,7 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from lightning_mobillm.side.parallel_adapters import ParallelAdapterSideNetwork
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 
-__all__ = ["SideTuningModule", "WarmupCosineLambda", "classification_metrics"]
+__all__ = ["SideTuningModule", "WarmupCosineLambda", "adamw_warmup_cosine", "classification_metrics"]
 
 _STAGES = ("val", "test")
 _STAGE_ALIASES = {"val": "val", "validate": "val", "validation": "val", "test": "test"}
@@ -66,6 +66,29 @@ class WarmupCosineLambda:
             return (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adamw_warmup_cosine(
+    params, *, lr: float, weight_decay: float, betas, total_steps: int, warmup_ratio: float, min_lr_ratio: float
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (weight decay on matrices only; none on biases, norm weights and gates) with linear warmup
+    over ``warmup_ratio`` of ``total_steps`` then cosine decay (:class:`WarmupCosineLambda`). Every
+    method's optimiser, on the device or on a server, is built here."""
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("no trainable parameters to optimise")
+    groups = [{"params": decay, "weight_decay": float(weight_decay)}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=float(lr), betas=tuple(float(b) for b in betas))
+    warmup = min(total_steps, int(round(float(warmup_ratio) * total_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosineLambda(total_steps, warmup, float(min_lr_ratio))
+    )
+    return optimizer, scheduler
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -392,28 +415,11 @@ class SideTuningModule(lightning.LightningModule):
             raise ValueError(f"total_steps must be >= 1, got {total}")
         return total
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: weight decay on matrices only; none on biases, norm weights and gate alphas."""
-        side = self._require_built()
-        decay, no_decay = [], []
-        for _, p in side.named_parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": float(self.hparams["weight_decay"])}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
-
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        total = self.resolve_total_steps()
-        warmup = min(total, int(round(float(hp["warmup_ratio"]) * total)))
-        optimizer = torch.optim.AdamW(
-            self.param_groups(), lr=float(hp["lr"]), betas=tuple(float(b) for b in hp["betas"])
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosineLambda(total, warmup, float(hp["min_lr_ratio"]))
+        optimizer, scheduler = adamw_warmup_cosine(
+            self._require_built().parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"], betas=hp["betas"],
+            total_steps=self.resolve_total_steps(), warmup_ratio=hp["warmup_ratio"], min_lr_ratio=hp["min_lr_ratio"],
         )
         return {
             "optimizer": optimizer,

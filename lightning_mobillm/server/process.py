@@ -22,7 +22,20 @@ from lightning_mobillm.transport.link import LinkError
 
 log = logging.getLogger("lightning_mobillm.server")
 
-__all__ = ["EmbeddedServer"]
+__all__ = ["EmbeddedServer", "server_log_path"]
+
+
+def server_log_path(trainer) -> Path | None:
+    """``server.log`` in the run's log folder; None (the server inherits stderr) without a logger."""
+    if trainer is None or not trainer.loggers:
+        return None
+    try:
+        _ = trainer.loggers[0].experiment  # let the logger create its folder before we write into it
+        folder = Path(trainer.log_dir)
+    except Exception:  # noqa: BLE001 - a logger without a local folder
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "server.log"
 
 
 class EmbeddedServer:

@@ -20,15 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mobillm.assets import PACKAGED_MODELS
-from lightning_mobillm.baselines.common import LastTokenHead
-from lightning_mobillm.baselines.split import (
-    SPLIT_EVAL,
-    SPLIT_HELLO,
-    SPLIT_TRAIN,
-    add_lora,
-    load_split_part,
-)
-from lightning_mobillm.modules.side_tuning import WarmupCosineLambda
+from lightning_mobillm.baselines.common import LastTokenHead, add_lora
+from lightning_mobillm.baselines.split import SPLIT_EVAL, SPLIT_HELLO, SPLIT_TRAIN, load_split_part
+from lightning_mobillm.modules.side_tuning import adamw_warmup_cosine
 from lightning_mobillm.server import protocol as P
 from lightning_mobillm.server.runtime import FrameServer
 from lightning_mobillm.specs import BackboneConfig
@@ -120,13 +114,11 @@ class SplitServer(FrameServer):
                                  list(hp["target_modules"]))
                 hidden = int(upper.config.hidden_size)
                 head = LastTokenHead(hidden, h["num_classes"], float(hp.get("dropout", 0.1)))
-            lr, total = float(hp["lr"]), int(h["total_steps"])
-            params = [p for p in upper.parameters() if p.requires_grad] + list(head.parameters())
-            optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(hp.get("betas", (0.9, 0.999))),
-                                          weight_decay=float(hp.get("weight_decay", 0.0)))
-            warmup = min(total, round(float(hp.get("warmup_ratio", 0.0)) * total))
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, WarmupCosineLambda(total, warmup, float(hp.get("min_lr_ratio", 0.0))))
+            optimizer, scheduler = adamw_warmup_cosine(
+                [*upper.parameters(), *head.parameters()], lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0),
+                betas=hp.get("betas", (0.9, 0.999)), total_steps=int(h["total_steps"]),
+                warmup_ratio=hp.get("warmup_ratio", 0.0), min_lr_ratio=hp.get("min_lr_ratio", 0.0),
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise FrameError(f"cannot build the split server's half: {err}") from None
         session = SplitSession(key, upper.to(self.device), head.to(self.device), optimizer, scheduler,
@@ -134,7 +126,7 @@ class SplitServer(FrameServer):
         with self._lock:
             self.sessions[key] = session
         log.info("split session %s: %s from block %d, %d trainable parameters on %s", key, backbone.source,
-                 h["split_layer"], sum(p.numel() for p in params), self.device)
+                 h["split_layer"], sum(p.numel() for g in optimizer.param_groups for p in g["params"]), self.device)
         return Frame(kind=P.OK, header={"session": key, "server_pid": os.getpid(), "server_device": str(self.device)})
 
     def _session(self, frame: Frame) -> SplitSession:

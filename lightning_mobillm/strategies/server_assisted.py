@@ -22,7 +22,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -36,7 +35,7 @@ from lightning_mobillm.backbone import FrozenBackbone
 from lightning_mobillm.callbacks.activation_cache import ActivationCache
 from lightning_mobillm.callbacks.quantized_transfer import QuantizedTransfer
 from lightning_mobillm.server import protocol as P
-from lightning_mobillm.server.process import EmbeddedServer
+from lightning_mobillm.server.process import EmbeddedServer, server_log_path
 from lightning_mobillm.server.runtime import ServerConfig
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
 from lightning_mobillm.transport.link import LinkClient, LinkStats
@@ -239,7 +238,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
     def _spawn_server(self) -> str:
         config = dataclasses.replace(self.embedded, token_env=self.token_env)
-        log_path = self._server_log_path()
+        module = self.lightning_module
+        log_path = server_log_path(module.trainer if module is not None else None)
         if config.workdir is None:
             # activation caches live in the run's folder, and a resumed run reuses its first folder
             remembered = self.cache.workdir if self.cache is not None else None
@@ -248,19 +248,6 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             self.cache.workdir = config.workdir
         self._server = EmbeddedServer(config, self.token, role="side", log_path=log_path)
         return self._server.start(timeout=self.connect_timeout)
-
-    def _server_log_path(self) -> Path | None:
-        """``server.log`` in the run's log folder; None (the server inherits stderr) without a logger."""
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None or not trainer.loggers:
-            return None
-        try:
-            _ = trainer.loggers[0].experiment  # let the logger create its folder before we write into it
-            folder = Path(trainer.log_dir)
-        except Exception:  # noqa: BLE001 - a logger without a local folder
-            return None
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / "server.log"
 
     def _disconnect(self) -> None:
         if self.client is not None:
