@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_mobillm.server import protocol
+from lightning_mobillm import protocol
 from lightning_mobillm.transport import codecs
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
 

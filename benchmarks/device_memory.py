@@ -73,7 +73,7 @@ def child_mobillm(args) -> dict:
     from lightning_mobillm.callbacks import DeviceMonitor, QuantizedTransfer
     from lightning_mobillm.data import TextClassificationDataModule
     from lightning_mobillm.modules import SideTuningModule
-    from lightning_mobillm.server.runtime import ServerConfig
+    from lightning_mobillm.server_config import ServerConfig
     from lightning_mobillm.specs import BackboneConfig
     from lightning_mobillm.strategies import ServerAssistedStrategy
 

@@ -30,7 +30,7 @@ def child(args) -> dict:
     from lightning_mobillm.callbacks import ActivationCache, DeviceMonitor, QuantizedTransfer
     from lightning_mobillm.data import TextClassificationDataModule
     from lightning_mobillm.modules import AdditiveAdapterModule, SideTuningModule
-    from lightning_mobillm.server.runtime import ServerConfig
+    from lightning_mobillm.server_config import ServerConfig
     from lightning_mobillm.specs import BackboneConfig
     from lightning_mobillm.strategies import ServerAssistedStrategy
 

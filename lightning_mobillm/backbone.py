@@ -524,3 +524,44 @@ def _accepts(module: nn.Module, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params
+
+
+def add_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> nn.Module:
+    """Freeze ``model`` and wrap it with PEFT LoRA adapters on ``target_modules`` (a clear error when
+    none of them exists in the model)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ValueError(f"LoRA target_modules {list(target_modules)} do not match the backbone: {err}") from None
+
+
+def packed_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting only real tokens (``0..n-1`` per sample, 0 on pads), for any padding side."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def load_split_part(config: BackboneConfig, split_layer: int, part: str) -> nn.Module:
+    """The bare decoder (``AutoModel``) cut at ``split_layer``: ``lower`` keeps the embeddings and blocks
+    ``0..k-1`` (no final norm: its output is the hidden state after block ``k-1``), ``upper`` keeps blocks
+    ``k..L-1`` and the final norm (it is fed ``inputs_embeds``; the embedding table is dropped)."""
+    model, _ = load_hf_model(config, lm_head=False)
+    if not is_decoder_config(model.config):
+        raise ValueError(f"split learning needs a decoder backbone; {model.config.model_type} is an encoder")
+    blocks = find_blocks(model)
+    if not 1 <= split_layer < len(blocks):
+        raise ValueError(f"split_layer must be in [1, {len(blocks) - 1}] for {len(blocks)} blocks, got {split_layer}")
+    if not isinstance(getattr(model, "norm", None), nn.Module):
+        raise ValueError(f"split learning needs a final .norm on the {type(model).__name__}")
+    if part == "lower":
+        del blocks[split_layer:]
+        model.norm = nn.Identity()
+    elif part == "upper":
+        del blocks[:split_layer]
+        model.embed_tokens = None
+    else:
+        raise ValueError(f"part must be 'lower' or 'upper', got {part!r}")
+    model.train()
+    return model

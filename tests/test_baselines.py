@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_mobillm import protocol as P
 from lightning_mobillm.baselines import (
     FullFineTuneClassifier,
     LadderSideNetwork,
@@ -19,10 +20,8 @@ from lightning_mobillm.baselines import (
 )
 from lightning_mobillm.callbacks import DeviceMonitor
 from lightning_mobillm.data import TextClassificationDataModule
-from lightning_mobillm.server import protocol as P
-from lightning_mobillm.server import split as split_protocol
-from lightning_mobillm.server.runtime import ServerConfig
 from lightning_mobillm.server.split import SplitServer
+from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig
 
 
@@ -158,12 +157,12 @@ def test_split_server_refuses_bad_frames(tiny_llama_dir):
     from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
 
     server = SplitServer(ServerConfig(device="cpu", allowed_backbones=[str(tiny_llama_dir)]))
-    hello = {"device_id": "d", "run_id": "r", "split_layer": 2, "num_classes": 5, "total_steps": 10,
+    hello = {"protocol": P.PROTOCOL_VERSION, "device_id": "d", "run_id": "r", "split_layer": 2, "num_classes": 5, "total_steps": 10,
              "hparams": {"lr": 1e-3, "r": 4, "alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj"]}}
 
     def ask(kind, header, tensors=None):
         return decode_frame(server.handle(encode_frame(Frame(kind, header, tensors or {}))),
-                            split_protocol.REPLY_SCHEMAS, require_finite=False)
+                            P.SPLIT_REPLY_SCHEMAS, require_finite=False)
 
     refused = ask("split_hello", {**hello, "backbone": {"source": "/etc"}})
     assert refused.kind == "error" and "does not load backbone" in refused.header["message"]

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
+from support.ready_callback import READY
 
 from lightning_mobillm.callbacks import DeviceMonitor
+from lightning_mobillm.client import ServerError
 from lightning_mobillm.data import TextClassificationDataModule
 from lightning_mobillm.modules import SideTuningModule
-from lightning_mobillm.server.app import READY_PREFIX
+from lightning_mobillm.protocol import READY_PREFIX
 from lightning_mobillm.specs import BackboneConfig
-from lightning_mobillm.strategies import ServerAssistedStrategy, ServerError
+from lightning_mobillm.strategies import ServerAssistedStrategy
 from lightning_mobillm.transport.link import LinkError
 
 RECIPE = """
@@ -72,6 +74,18 @@ def test_fit_from_a_recipe(tmp_path, tiny_llama_dir, tiny_data_file):
         assert summary[key] is not None, key
     assert summary["codec"] == "int4" and summary["device_pid"] != summary["server_pid"]
     assert (tmp_path / "runs" / "cli" / "version_0" / "server.log").read_text().count("session") >= 1
+    assert "provide both args and command line arguments" not in proc.stderr
+
+
+def test_help_lists_every_subcommand(tmp_path):
+    proc = _cli(["--help"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m lightning_mobillm {fit,validate,test,predict,serve}")
+    for sub in ("fit", "validate", "test", "predict", "serve"):
+        assert f"\n  {sub} " in proc.stdout, sub
+    fit_help = _cli(["fit", "--help"], cwd=tmp_path, timeout=120)
+    assert fit_help.returncode == 0 and fit_help.stdout.startswith("usage: python -m lightning_mobillm")
+    assert "__main__.py" not in fit_help.stdout
 
 
 @pytest.mark.parametrize(
@@ -96,18 +110,22 @@ def standalone_server(tmp_path):
     """``python -m lightning_mobillm serve`` as a user would start it on a server machine."""
     config = tmp_path / "server.yaml"
     config.write_text("server:\n  host: 127.0.0.1\n  port: 0\n  token: s3cret\n  device: cpu\n  threads: 1\n")
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "serve", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    line = ""
-    while time.monotonic() < deadline and not line.startswith(READY_PREFIX):
-        line = proc.stdout.readline().strip()
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited: {proc.stderr.read()[-2000:]}")
-    port = int(dict(kv.split("=") for kv in line.split()[1:])["port"])
-    yield f"127.0.0.1:{port}", proc
-    proc.terminate()
-    proc.wait(timeout=30)
+    log = tmp_path / "server.stderr"  # a file, not a pipe nobody drains (a full pipe would stall the server)
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "serve", "--config", str(config)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        line = next((ln for ln in proc.stdout if ln.startswith(READY_PREFIX)), "")
+        assert line, f"serve exited: {log.read_text()[-2000:]}"
+        port = int(dict(kv.split("=") for kv in line.split()[1:])["port"])
+        yield f"127.0.0.1:{port}", proc
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 def _fit_against(address: str, token: str, tiny_llama_dir, tiny_data_file, tmp_path) -> DeviceMonitor:
@@ -141,29 +159,43 @@ def test_unreachable_server_is_named(tiny_llama_dir, tiny_data_file, tmp_path):
         _fit_against("127.0.0.1:9", "x", tiny_llama_dir, tiny_data_file, tmp_path)
 
 
+def _default_sigint() -> None:
+    """Run in a spawned child before exec: a test suite started as a background job inherits SIGINT as
+    ignored, and Python then never installs its KeyboardInterrupt handler in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_embedded_server(tmp_path, tiny_llama_dir, tiny_data_file):
     recipe = tmp_path / "recipe.yaml"
+    ready_cb = "    - class_path: ready_callback.ReadyAfterSteps\n      init_args: {after_steps: 2}\n"
     recipe.write_text(RECIPE.format(model=tiny_llama_dir, data=tiny_data_file, out=tmp_path / "runs")
-                      .replace("max_epochs: 1", "max_epochs: 1000"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "fit", "--config", str(recipe)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "runs" / "cli" / "version_0" / "server.log"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (log.exists() and "restored at step" in log.read_text()):
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.stderr.read()[-2000:]
-    server_pid = int(log.read_text().split("[server ", 1)[1].split("]", 1)[0])
-    time.sleep(2)  # let a few steps run
-    proc.send_signal(__import__("signal").SIGINT)
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.kill(server_pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"server {server_pid} still running after the device was interrupted")
-    assert "stopped" in log.read_text()  # it shut down through its own handler, not killed
+                      .replace("max_epochs: 1", "max_epochs: 1000")
+                      .replace("    - class_path: lightning_mobillm.callbacks.DeviceMonitor\n",
+                               "    - class_path: lightning_mobillm.callbacks.DeviceMonitor\n" + ready_cb))
+    support = str(Path(__file__).parent / "support")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join(filter(None, [support, os.environ.get("PYTHONPATH")]))}
+    stderr_path = tmp_path / "device.stderr"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "fit", "--config", str(recipe)],
+                                cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=stderr, text=True, preexec_fn=_default_sigint)
+    try:
+        ready = ""
+        for line in proc.stdout:  # blocks until the child says it is training (the suite's timeout bounds it)
+            if line.startswith(READY):
+                ready = line
+                break
+        assert ready, f"the run ended before it was ready: {stderr_path.read_text()[-2000:]}"
+        server_pid = int(ready.split("server_pid=", 1)[1])
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)  # drains stdout; the device stops its server before it exits
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # the device waited for its server (its child) to exit, so the server is gone now, not eventually
+    with pytest.raises(ProcessLookupError):
+        os.kill(server_pid, 0)
+    log = (tmp_path / "runs" / "cli" / "version_0" / "server.log").read_text()
+    assert "stopped" in log  # it shut down through its own handler, not killed

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_mobillm.server import protocol as P
+from lightning_mobillm import protocol as P
 from lightning_mobillm.transport import codecs
 from lightning_mobillm.transport.codecs import (
     CODECS,
@@ -17,7 +17,7 @@ from lightning_mobillm.transport.codecs import (
     part_names,
     payload_nbytes,
 )
-from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
+from lightning_mobillm.transport.frames import Frame, FrameError, decode_frame, encode_frame
 
 SHAPES = [(3, 4, 576), (5, 7), (2, 9), (7,), (1, 1), (0, 8)]
 QMAX = {"int8": 127, "int4": 7}
@@ -445,7 +445,7 @@ def test_outlier_codecs_through_a_train_frame(codec: str) -> None:
     assert torch.equal(got, decode(encode(acts, codec, outlier_channels=4), codec))
     assert torch.equal(got_lengths, lengths)
     frame.tensors["acts.oidx"] = torch.tensor([[0, 0, 1, 2]] * 3, dtype=torch.int16)
-    with pytest.raises(P.FrameError, match="repeats a channel index"):
+    with pytest.raises(FrameError, match="repeats a channel index"):
         P.unpack_acts(frame.tensors, codec)
 
 

@@ -10,7 +10,7 @@ import pytest
 from lightning_mobillm.callbacks import DeviceMonitor, QuantizedTransfer
 from lightning_mobillm.data import TextClassificationDataModule
 from lightning_mobillm.modules import SideTuningModule
-from lightning_mobillm.server.runtime import ServerConfig
+from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.strategies import ServerAssistedStrategy
 
@@ -58,8 +58,7 @@ def test_split_learning_halves_of_smollm2_compute_the_whole_model():
     from transformers import AutoModel
 
     from lightning_mobillm.assets import resolve_source
-    from lightning_mobillm.backbone import load_tokenizer
-    from lightning_mobillm.baselines.split import load_split_part, packed_positions
+    from lightning_mobillm.backbone import load_split_part, load_tokenizer, packed_positions
 
     config = BackboneConfig(source="smollm2-135m")
     tok = load_tokenizer(config)

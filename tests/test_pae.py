@@ -8,30 +8,37 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_mobillm import protocol as P
 from lightning_mobillm.callbacks import ActivationCache, DeviceMonitor, QuantizedTransfer
 from lightning_mobillm.data import TextClassificationDataModule
 from lightning_mobillm.modules import AdditiveAdapterModule
-from lightning_mobillm.server import protocol as P
-from lightning_mobillm.server.runtime import ServerConfig
+from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 from lightning_mobillm.strategies import ServerAssistedStrategy
 from lightning_mobillm.transport.frames import decode_frame
-from lightning_mobillm.transport.link import LinkClient
+from lightning_mobillm.transport.link import GrpcLink
 
 TEXT_OR_LABEL_FIELDS = {"labels", "label", "input_ids", "attention_mask", "text", "token_ids"}
+
+
+@pytest.fixture(autouse=True)
+def fixed_label_secret(monkeypatch):
+    """A fixed device secret: the transform's keyed randomized response is then the same in every run, so
+    the accuracy asserted below is deterministic (a fresh random key per run made it vary around 0.5)."""
+    monkeypatch.setenv("MOBILLM_LABEL_SECRET", "5e" * 32)
 
 
 @pytest.fixture
 def wire(monkeypatch):
     """Every request frame the device process sends, as bytes."""
     sent: list[bytes] = []
-    original = LinkClient.call
+    original = GrpcLink.call
 
     def tapped(self, request: bytes) -> bytes:
         sent.append(request)
         return original(self, request)
 
-    monkeypatch.setattr(LinkClient, "call", tapped)
+    monkeypatch.setattr(GrpcLink, "call", tapped)
     return sent
 
 
@@ -89,7 +96,8 @@ def test_pae_sends_no_labels_and_the_cache_idles_the_device(tmp_path, tiny_data_
     assert s["val_acc"] > 0.5
 
 
-def test_cache_survives_restart_and_resume(tmp_path, tiny_data_file, tiny_llama_dir):
+def test_cache_survives_restart_and_resume(tmp_path, tiny_data_file, tiny_llama_dir, monkeypatch):
+    monkeypatch.delenv("MOBILLM_LABEL_SECRET")  # a key drawn on the device, kept in its checkpoint
     data = _data(tiny_data_file, tiny_llama_dir)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = _trainer(tmp_path, 1, ActivationCache(), ckpt)

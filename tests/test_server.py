@@ -7,12 +7,13 @@ import copy
 import pytest
 import torch
 
+from lightning_mobillm import protocol as P
 from lightning_mobillm.modules import SideTuningModule
-from lightning_mobillm.server import protocol as P
-from lightning_mobillm.server.runtime import ServerConfig, SideServer
+from lightning_mobillm.server.runtime import SideServer
+from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
-from lightning_mobillm.transport.link import LinkClient, LinkError, serve_link
+from lightning_mobillm.transport.link import GrpcLink, LinkError, serve_link
 
 SPEC = TapSpec(layers=[0, 1, 2], hidden_size=16, arch="llama", is_decoder=True)
 NUM_CLASSES = 3
@@ -23,6 +24,7 @@ def _hello(total_steps: int = 50) -> Frame:
     return Frame(
         kind=P.HELLO,
         header={
+            "protocol": P.PROTOCOL_VERSION,
             "device_id": "dev",
             "run_id": "r1",
             "module": "side_tuning",
@@ -185,10 +187,10 @@ def test_link_refuses_wrong_token_before_decoding():
 
     server, port = serve_link(handler, host="127.0.0.1", port=0, token="s3cret")
     try:
-        good = LinkClient(f"127.0.0.1:{port}", "s3cret", connect_timeout=10)
+        good = GrpcLink(f"127.0.0.1:{port}", "s3cret", connect_timeout=10)
         assert good.call(b"abc") == b"reply:abc"
         assert good.stats.snapshot() == {"bytes_up": 3, "bytes_down": 9, "calls": 1}
-        bad = LinkClient(f"127.0.0.1:{port}", "wrong", connect_timeout=10)
+        bad = GrpcLink(f"127.0.0.1:{port}", "wrong", connect_timeout=10)
         with pytest.raises(LinkError, match="UNAUTHENTICATED"):
             bad.call(b"xyz")
         assert seen == [3]  # the refused call never reached the handler
@@ -201,7 +203,7 @@ def test_link_refuses_wrong_token_before_decoding():
 
 def test_unreachable_server_names_the_address():
     with pytest.raises(LinkError, match="127.0.0.1:9"):
-        LinkClient("127.0.0.1:9", connect_timeout=1.0)
+        GrpcLink("127.0.0.1:9", connect_timeout=1.0)
 
 
 def _pae_session(server: SideServer) -> str:

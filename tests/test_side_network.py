@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from lightning_mobillm.modules import SideTuningModule, WarmupCosineLambda
+from lightning_mobillm.modules import SideTuningModule
+from lightning_mobillm.optim import WarmupCosineLambda
 from lightning_mobillm.side import BottleneckAdapter, ParallelAdapterSideNetwork
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 

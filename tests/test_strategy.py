@@ -10,11 +10,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_mobillm import protocol as P
 from lightning_mobillm.callbacks import DeviceMonitor, QuantizedTransfer
 from lightning_mobillm.data import TextClassificationDataModule
 from lightning_mobillm.modules import SideTuningModule
-from lightning_mobillm.server import protocol as P
-from lightning_mobillm.server.runtime import ServerConfig
+from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.strategies import ServerAssistedStrategy
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame

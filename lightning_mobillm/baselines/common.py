@@ -19,38 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_mobillm.modules.side_tuning import (
-    adamw_warmup_cosine,
-    classification_metrics,
-    to_backbone_config,
-)
+from lightning_mobillm.modules.side_tuning import classification_metrics, to_backbone_config
+from lightning_mobillm.optim import adamw_warmup_cosine
 from lightning_mobillm.specs import BackboneConfig
 
-__all__ = ["LastTokenHead", "OnDeviceClassifier", "add_lora"]
-
-
-def add_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> nn.Module:
-    """Freeze ``model`` and wrap it with PEFT LoRA adapters on ``target_modules`` (a clear error when
-    none of them exists in the model)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
-    try:
-        return get_peft_model(model, config)
-    except ValueError as err:
-        raise ValueError(f"LoRA target_modules {list(target_modules)} do not match the backbone: {err}") from None
-
-
-class LastTokenHead(nn.Module):
-    """Dropout and a linear classifier over one pooled hidden state per sample (kept in fp32)."""
-
-    def __init__(self, hidden_size: int, num_classes: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(hidden_size, num_classes)
-
-    def forward(self, pooled: Tensor) -> Tensor:
-        return self.proj(self.dropout(pooled.to(self.proj.weight.dtype)))
+__all__ = ["OnDeviceClassifier"]
 
 
 class OnDeviceClassifier(lightning.LightningModule):

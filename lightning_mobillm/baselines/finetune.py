@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_mobillm.backbone import is_decoder_config, load_hf_model, loss_token_index
-from lightning_mobillm.baselines.common import LastTokenHead, OnDeviceClassifier, add_lora
+from lightning_mobillm.backbone import add_lora, is_decoder_config, load_hf_model, loss_token_index
+from lightning_mobillm.baselines.common import OnDeviceClassifier
+from lightning_mobillm.side.heads import LastTokenHead
 from lightning_mobillm.specs import BackboneConfig
 
 __all__ = ["FullFineTuneClassifier", "LoRAClassifier"]

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mobillm.backbone import FrozenBackbone
-from lightning_mobillm.baselines.common import LastTokenHead, OnDeviceClassifier
+from lightning_mobillm.baselines.common import OnDeviceClassifier
+from lightning_mobillm.side.heads import LastTokenHead
 from lightning_mobillm.side.parallel_adapters import rms_normalize
 from lightning_mobillm.specs import BackboneConfig
 

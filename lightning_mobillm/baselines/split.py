@@ -28,49 +28,17 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_mobillm.backbone import find_blocks, is_decoder_config, load_hf_model
-from lightning_mobillm.baselines.common import OnDeviceClassifier, add_lora
-from lightning_mobillm.server import protocol as P
-from lightning_mobillm.server.process import EmbeddedServer, server_log_path
-from lightning_mobillm.server.runtime import ServerConfig
+from lightning_mobillm import protocol as P
+from lightning_mobillm.backbone import add_lora, load_split_part, packed_positions
+from lightning_mobillm.baselines.common import OnDeviceClassifier
+from lightning_mobillm.client import ServerClient, server_log_path
+from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig
-from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
-from lightning_mobillm.transport.link import LinkClient
+from lightning_mobillm.transport.frames import Frame, encode_frame
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SplitLearningClassifier", "load_split_part", "packed_positions"]
-
-SPLIT_HELLO, SPLIT_TRAIN, SPLIT_EVAL = "split_hello", "split_train", "split_eval"
-
-
-def packed_positions(attention_mask: Tensor) -> Tensor:
-    """Position ids counting only real tokens (``0..n-1`` per sample, 0 on pads), for any padding side."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def load_split_part(config: BackboneConfig, split_layer: int, part: str) -> nn.Module:
-    """The bare decoder (``AutoModel``) cut at ``split_layer``: ``lower`` keeps the embeddings and blocks
-    ``0..k-1`` (no final norm: its output is the hidden state after block ``k-1``), ``upper`` keeps blocks
-    ``k..L-1`` and the final norm (it is fed ``inputs_embeds``; the embedding table is dropped)."""
-    model, _ = load_hf_model(config, lm_head=False)
-    if not is_decoder_config(model.config):
-        raise ValueError(f"split learning needs a decoder backbone; {model.config.model_type} is an encoder")
-    blocks = find_blocks(model)
-    if not 1 <= split_layer < len(blocks):
-        raise ValueError(f"split_layer must be in [1, {len(blocks) - 1}] for {len(blocks)} blocks, got {split_layer}")
-    if not isinstance(getattr(model, "norm", None), nn.Module):
-        raise ValueError(f"split learning needs a final .norm on the {type(model).__name__}")
-    if part == "lower":
-        del blocks[split_layer:]
-        model.norm = nn.Identity()
-    elif part == "upper":
-        del blocks[:split_layer]
-        model.embed_tokens = None
-    else:
-        raise ValueError(f"part must be 'lower' or 'upper', got {part!r}")
-    model.train()
-    return model
+__all__ = ["SplitLearningClassifier"]
 
 
 class SplitLearningClassifier(OnDeviceClassifier):
@@ -112,9 +80,7 @@ class SplitLearningClassifier(OnDeviceClassifier):
         super().__init__(backbone=backbone, num_classes=num_classes, lr=lr, **kwargs)
         self.lower: nn.Module | None = None
         self.embedded = embedded or ServerConfig(threads=1)
-        self.client: LinkClient | None = None
-        self.session: str | None = None
-        self._server: EmbeddedServer | None = None
+        self.client: ServerClient | None = None
         self.server_pid: int | None = None
         self.link_stats = None
         self.link_wait_s = 0.0  # seconds training steps spent blocked on the server (not device compute)
@@ -161,39 +127,35 @@ class SplitLearningClassifier(OnDeviceClassifier):
     def _connect(self) -> None:
         hp = self.hparams
         address, token = hp["server"], os.environ.get(hp["token_env"])
+        config = self.embedded
         if address is None:
             token = secrets.token_hex(16)
             config = dataclasses.replace(self.embedded, token_env=hp["token_env"],
                                          allowed_backbones=[self.backbone_config.source])
-            self._server = EmbeddedServer(config, token, role="split", log_path=server_log_path(self.trainer))
-            address = self._server.start(timeout=float(hp["connect_timeout"]))
-        self.client = LinkClient(address, token, connect_timeout=float(hp["connect_timeout"]),
-                                 call_timeout=float(hp["call_timeout"]))
+        self.client = ServerClient(address, token, role="split", embedded=config,
+                                   log_path=server_log_path(self.trainer),
+                                   connect_timeout=float(hp["connect_timeout"]),
+                                   call_timeout=float(hp["call_timeout"])).open()
         self.link_stats = self.client.stats
-        reply = self._request(Frame(kind=SPLIT_HELLO, header=self._hello_header()))
-        self.session = reply.header["session"]
-        self.server_pid = int(reply.header["server_pid"])
+        self.client.hello(P.SPLIT_HELLO, self._hello_header())
+        self.server_pid = self.client.server_pid
 
     def _request(self, frame: Frame) -> Frame:
-        from lightning_mobillm.server.split import REPLY_SCHEMAS, SplitServerError
-
-        request = encode_frame(frame)
+        if frame.kind != P.SPLIT_TRAIN:
+            return self.client.request(frame)
         t0 = time.perf_counter()
+        request = encode_frame(frame)
         data = self.client.call(request)
-        if frame.kind == SPLIT_TRAIN:
-            self.link_wait_s += time.perf_counter() - t0
-            self.train_bytes_up += len(request)
-            self.train_bytes_down += len(data)
-        reply = decode_frame(data, REPLY_SCHEMAS, require_finite=False)
-        if reply.kind == P.ERROR:
-            raise SplitServerError(f"split server refused a frame: {reply.header['message']}")
-        return reply
+        self.link_wait_s += time.perf_counter() - t0
+        self.train_bytes_up += len(request)
+        self.train_bytes_down += len(data)
+        return self.client.decode_reply(data)
 
     def _frame(self, kind: str, states: Tensor, lengths: Tensor, **extra_tensors: Tensor) -> Frame:
         codec = self.hparams["codec_up"]
         tensors = P.pack_acts(states.detach()[:, None, :], lengths.cpu(), codec)
-        header = {"session": self.session, "codec": codec, "codec_down": self.hparams["codec_down"]}
-        if kind == SPLIT_TRAIN:
+        header = {"session": self.client.session, "codec": codec, "codec_down": self.hparams["codec_down"]}
+        if kind == P.SPLIT_TRAIN:
             header["step"] = self._step
         return Frame(kind=kind, header=header, tensors={**tensors, **extra_tensors})
 
@@ -204,13 +166,8 @@ class SplitLearningClassifier(OnDeviceClassifier):
 
     def teardown(self, stage: str) -> None:
         if self.client is not None:
-            P.say_bye(self.client, self.session)
-            self.client.close()
+            self.client.close()  # bye, close the link, stop an embedded server
             self.client = None
-            self.session = None
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         raise RuntimeError(
@@ -223,7 +180,7 @@ class SplitLearningClassifier(OnDeviceClassifier):
             self._connect()
         states, lengths = self.device_states(batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"].long().cpu()
-        reply = self._request(self._frame(SPLIT_TRAIN, states, lengths, labels=labels))
+        reply = self._request(self._frame(P.SPLIT_TRAIN, states, lengths, labels=labels))
         self._step += 1
         grad, _ = P.unpack_acts(reply.tensors, reply.header["codec"])
         h = reply.header
@@ -240,4 +197,4 @@ class SplitLearningClassifier(OnDeviceClassifier):
         if self.client is None:
             self._connect()
         states, lengths = self.device_states(input_ids, attention_mask)
-        return self._request(self._frame(SPLIT_EVAL, states, lengths)).tensors["logits"].to(self.device)
+        return self._request(self._frame(P.SPLIT_EVAL, states, lengths)).tensors["logits"].to(self.device)

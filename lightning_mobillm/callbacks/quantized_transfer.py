@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_mobillm.server.protocol import pack_acts, unpack_acts
+from lightning_mobillm.protocol import pack_acts, unpack_acts
 from lightning_mobillm.transport import codecs
 
 

@@ -1,6 +1,6 @@
 """LightningModules: the side networks with their losses and optimisers."""
 
 from lightning_mobillm.modules.additive import AdditiveAdapterModule
-from lightning_mobillm.modules.side_tuning import SideTuningModule, WarmupCosineLambda
+from lightning_mobillm.modules.side_tuning import SideTuningModule
 
-__all__ = ["AdditiveAdapterModule", "SideTuningModule", "WarmupCosineLambda"]
+__all__ = ["AdditiveAdapterModule", "SideTuningModule"]

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import signal
-import sys
 import threading
-from dataclasses import asdict
 
 import torch
 
-from lightning_mobillm.server.runtime import ServerConfig
+from lightning_mobillm.protocol import READY_PREFIX
+from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.transport.link import serve_link
 
 log = logging.getLogger("lightning_mobillm.server")
-
-READY_PREFIX = "MOBILLM_SERVER_READY"
 
 #: What a server process can be: the MobiLLM/PAE side-network server, or the split-learning baseline's
 #: server (which, unlike the side server, holds the upper blocks of a backbone).
@@ -68,20 +64,3 @@ def serve(config: ServerConfig, *, parent_pid: int | None = None, role: str = "s
             break
     grpc_server.stop(grace=2.0).wait()
     log.info("stopped (%d sessions open, %d frames refused)", len(side.sessions), side.frames_refused)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m lightning_mobillm.server [--role side|split] --config-json '{...}' [--parent-pid N]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m lightning_mobillm.server")
-    parser.add_argument("--config-json", default="{}", help="ServerConfig fields as a JSON object")
-    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
-    parser.add_argument("--role", choices=sorted(ROLES), default="side", help="which server to run")
-    args = parser.parse_args(argv)
-    fields = json.loads(args.config_json)
-    unknown = set(fields) - set(asdict(ServerConfig()))
-    if unknown:
-        parser.error(f"unknown server config keys: {sorted(unknown)}")
-    serve(ServerConfig(**fields), parent_pid=args.parent_pid, role=args.role)
-    sys.exit(0)

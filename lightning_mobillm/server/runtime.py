@@ -16,13 +16,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from lightning_mobillm import protocol as P
 from lightning_mobillm.assets import cache_dir
-from lightning_mobillm.server import protocol as P
 from lightning_mobillm.server.cache import ActivationStore
+from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import TapSpec
 from lightning_mobillm.transport.frames import Frame, FrameError, decode_frame, encode_frame
 
@@ -45,53 +46,6 @@ def _resolve_module_class(name: str) -> type:
         raise FrameError(f"unknown module {name!r}; this server accepts {sorted(MODULE_REGISTRY)}")
     mod, _, cls = MODULE_REGISTRY[name].partition(":")
     return getattr(importlib.import_module(mod), cls)
-
-
-@dataclass
-class ServerConfig:
-    """Settings of a side-network server.
-
-    Args:
-        host: interface to listen on (``0.0.0.0`` to accept remote devices).
-        port: port to listen on; 0 picks a free one.
-        token: shared secret devices must present; if None, read from the ``token_env`` variable; if that
-            is unset too, the server accepts any device (loopback use only).
-        token_env: environment variable holding the token.
-        device: where the side network trains: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``.
-        precision: ``32`` or ``bf16-mixed`` (autocast) for the side network's steps.
-        grad_clip: max global gradient norm per step (None disables clipping).
-        max_frame_mb: frames larger than this are refused.
-        max_sessions: how many device sessions may be open at once.
-        max_workers: gRPC worker threads.
-        threads: torch intra-op threads for the server process (None keeps torch's default).
-        workdir: folder for the activation caches of sessions that ask for one (one subfolder per cache
-            id); None uses ``<cache_dir>/server``. An embedded server uses the run's log folder.
-        allowed_backbones: backbones (``BackboneConfig.source`` values) a split-learning server may load
-            when a device asks; None allows the packaged offline models only. The side server never
-            loads a backbone.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    token: str | None = None
-    token_env: str = "MOBILLM_TOKEN"
-    device: str = "auto"
-    precision: Literal["32", "bf16-mixed"] = "32"
-    grad_clip: float | None = 1.0
-    max_frame_mb: int = 512
-    max_sessions: int = 64
-    max_workers: int = 8
-    threads: int | None = None
-    workdir: str | None = None
-    allowed_backbones: list[str] | None = None
-
-    def resolved_token(self) -> str | None:
-        return self.token or os.environ.get(self.token_env) or None
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 @dataclass
@@ -194,6 +148,7 @@ class SideServer(FrameServer):
     # ---- handlers -------------------------------------------------------------------------------
     def _on_hello(self, frame: Frame) -> Frame:
         h = frame.header
+        P.check_protocol(h)
         key = f"{h['device_id']}/{h['run_id']}"
         try:
             spec = TapSpec.from_dict(h["tap_spec"])

@@ -19,52 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_mobillm import protocol as P
 from lightning_mobillm.assets import PACKAGED_MODELS
-from lightning_mobillm.baselines.common import LastTokenHead, add_lora
-from lightning_mobillm.baselines.split import SPLIT_EVAL, SPLIT_HELLO, SPLIT_TRAIN, load_split_part
-from lightning_mobillm.modules.side_tuning import adamw_warmup_cosine
-from lightning_mobillm.server import protocol as P
+from lightning_mobillm.backbone import add_lora, load_split_part
+from lightning_mobillm.optim import adamw_warmup_cosine
 from lightning_mobillm.server.runtime import FrameServer
+from lightning_mobillm.side.heads import LastTokenHead
 from lightning_mobillm.specs import BackboneConfig
-from lightning_mobillm.transport.frames import Frame, FrameError, FrameSchema, TensorRule, encode_frame
+from lightning_mobillm.transport.frames import Frame, FrameError, encode_frame
 
 log = logging.getLogger("lightning_mobillm.server")
 
-__all__ = ["REPLY_SCHEMAS", "REQUEST_SCHEMAS", "SplitServer", "SplitServerError"]
-
-_SESSION = {"session": str}
-_ACTS = dict(P.REQUEST_SCHEMAS[P.EVAL].tensors)
-
-REQUEST_SCHEMAS: dict[str, FrameSchema] = {
-    SPLIT_HELLO: FrameSchema(
-        kind=SPLIT_HELLO,
-        tensors={},
-        required_header={"device_id": str, "run_id": str, "backbone": dict, "split_layer": int,
-                         "num_classes": int, "total_steps": int, "hparams": dict},
-    ),
-    SPLIT_TRAIN: FrameSchema(
-        kind=SPLIT_TRAIN,
-        tensors={**_ACTS, "labels": TensorRule(dtypes=(torch.int64,), ndim=1)},
-        required_tensors=("acts.q", "lengths", "labels"),
-        required_header={**_SESSION, "step": int, "codec": str, "codec_down": str},
-    ),
-    SPLIT_EVAL: FrameSchema(
-        kind=SPLIT_EVAL,
-        tensors=dict(_ACTS),
-        required_tensors=("acts.q", "lengths"),
-        required_header={**_SESSION, "codec": str},
-    ),
-    P.BYE: P.REQUEST_SCHEMAS[P.BYE],
-}
-
-REPLY_SCHEMAS: dict[str, FrameSchema] = {
-    P.OK: FrameSchema(kind=P.OK, tensors={**_ACTS, "logits": TensorRule(dtypes=(torch.float32,), ndim=2)}),
-    P.ERROR: P.REPLY_SCHEMAS[P.ERROR],
-}
-
-
-class SplitServerError(RuntimeError):
-    """The split server refused a frame (the message says why)."""
+__all__ = ["SplitServer"]
 
 
 @dataclass
@@ -85,7 +51,7 @@ class SplitSession:
 class SplitServer(FrameServer):
     """Per device session: the upper blocks with LoRA + head, their AdamW and schedule."""
 
-    schemas = REQUEST_SCHEMAS
+    schemas = P.SPLIT_REQUEST_SCHEMAS
     sessions: dict[str, SplitSession]
 
     def _allowed(self, source: str) -> bool:
@@ -94,6 +60,7 @@ class SplitServer(FrameServer):
 
     def _on_split_hello(self, frame: Frame) -> Frame:
         h = frame.header
+        P.check_protocol(h)
         key = f"{h['device_id']}/{h['run_id']}"
         try:
             backbone = BackboneConfig(**h["backbone"])

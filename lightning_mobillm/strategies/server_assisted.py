@@ -19,9 +19,7 @@ import os
 import socket
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, Literal
 
 import torch
@@ -31,20 +29,16 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from lightning_mobillm import protocol as P
 from lightning_mobillm.backbone import FrozenBackbone
 from lightning_mobillm.callbacks.activation_cache import ActivationCache
 from lightning_mobillm.callbacks.quantized_transfer import QuantizedTransfer
-from lightning_mobillm.server import protocol as P
-from lightning_mobillm.server.process import EmbeddedServer, server_log_path
-from lightning_mobillm.server.runtime import ServerConfig
-from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
-from lightning_mobillm.transport.link import LinkClient, LinkStats
+from lightning_mobillm.client import INPROCESS, ServerClient, ServerError, server_log_path
+from lightning_mobillm.server_config import ServerConfig
+from lightning_mobillm.transport.frames import Frame, encode_frame
+from lightning_mobillm.transport.link import LinkStats
 
 log = logging.getLogger(__name__)
-
-
-class ServerError(RuntimeError):
-    """The server refused a frame or failed to handle it."""
 
 
 class ServerOptimizer(torch.optim.Optimizer):
@@ -76,6 +70,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
     Args:
         server: ``host:port`` of a running server (``python -m lightning_mobillm serve``). ``None`` starts
             an embedded server: a separate process on 127.0.0.1 at a free port, stopped with the run.
+            ``inprocess`` runs the server's handler in this process (frames encoded, validated and counted
+            as on the network; for tests and simulation).
         token: the device token; if None, read from ``token_env`` (an embedded server gets a fresh
             random token when neither is set).
         token_env: environment variable holding the token.
@@ -127,12 +123,9 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
         self.backbone: FrozenBackbone | None = None
         self.transfer: QuantizedTransfer | None = None
-        self.client: LinkClient | None = None
+        self.client: ServerClient | None = None
         self.link_stats: LinkStats = LinkStats()  # outlives the connection, for summaries after teardown
-        self.session: str | None = None
         self.server_pid: int | None = None
-        self._server: EmbeddedServer | None = None
-        self._pending: deque[tuple[int, Future]] = deque()
         self._server_state: dict | None = None
         # what the monitors read
         self.last_train_reply: dict[str, Any] = {}
@@ -188,10 +181,9 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             if not class_names:
                 raise ValueError("PAE needs the class names (the data module's class_names) for the verbalizer")
             self.verbalizer_ids = self.backbone.verbalizer_token_ids(list(class_names))
-        reply = self._request(
-            Frame(
-                kind=P.HELLO,
-                header={
+        self.client.hello(
+            P.HELLO,
+            {
                     "device_id": self.device_id,
                     "run_id": uuid.uuid4().hex[:12],
                     "module": module.server_module_name,
@@ -202,11 +194,9 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                     "total_steps": max(1, total),
                     "codec": self.transfer.codec,
                     **({"cache": self.cache.hello()} if self.cache is not None and fitting else {}),
-                },
-            )
+            },
         )
-        self.session = reply.header["session"]
-        self.server_pid = int(reply.header["server_pid"])
+        self.server_pid = self.client.server_pid
         # The device's copy of the weights (fresh init, or restored from a checkpoint) is the truth.
         self._push_state({"model": module.state_dict(), "step": 0})
 
@@ -219,66 +209,42 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             self._drain()
         except Exception:  # noqa: BLE001 - tearing down after a failure must still stop the server
             log.debug("pending frames failed during teardown", exc_info=True)
-        self._disconnect()
+        if self.client is not None:
+            self.client.close()  # bye, close the link, stop an embedded server
+            self.client = None
         super().teardown()
 
     # ---- connection ---------------------------------------------------------------------------------
-    def _connect(self) -> None:
-        address = self.server_address
-        if address is None:
-            address = self._spawn_server()
-        self.client = LinkClient(
-            address,
-            self.token,
-            connect_timeout=self.connect_timeout,
-            call_timeout=self.call_timeout,
-            retries=self.retries,
-        )
-        self.link_stats = self.client.stats
+    @property
+    def session(self) -> str | None:
+        return self.client.session if self.client is not None else None
 
-    def _spawn_server(self) -> str:
+    def _connect(self) -> None:
         config = dataclasses.replace(self.embedded, token_env=self.token_env)
         module = self.lightning_module
         log_path = server_log_path(module.trainer if module is not None else None)
-        if config.workdir is None:
+        if self.server_address in (None, INPROCESS) and config.workdir is None:
             # activation caches live in the run's folder, and a resumed run reuses its first folder
             remembered = self.cache.workdir if self.cache is not None else None
             config.workdir = remembered or (str(log_path.parent) if log_path is not None else None)
         if self.cache is not None:
             self.cache.workdir = config.workdir
-        self._server = EmbeddedServer(config, self.token, role="side", log_path=log_path)
-        return self._server.start(timeout=self.connect_timeout)
-
-    def _disconnect(self) -> None:
-        if self.client is not None:
-            P.say_bye(self.client, self.session)
-            self.client.close()
-            self.client = None
-            self.session = None
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        self.client = ServerClient(self.server_address, self.token, role="side", embedded=config, log_path=log_path,
+                                   connect_timeout=self.connect_timeout, call_timeout=self.call_timeout,
+                                   retries=self.retries).open()
+        self.link_stats = self.client.stats
 
     # ---- requests -----------------------------------------------------------------------------------
-    def _reply(self, data: bytes) -> Frame:
-        frame = decode_frame(data, P.REPLY_SCHEMAS, require_finite=False)
-        if frame.kind == P.ERROR:
-            raise ServerError(f"server refused a frame: {frame.header['message']}")
-        return frame
-
     def _request(self, frame: Frame) -> Frame:
-        return self._reply(self.client.call(encode_frame(frame)))
+        return self.client.request(frame)
 
     def _push_state(self, state: dict) -> None:
-        skeleton, blob = P.pack_state(state)
-        self._request(Frame(kind=P.SET_STATE, header={"session": self.session, "skeleton": skeleton},
-                            tensors={"state": blob}))
+        self.client.push_state(state)
 
     def fetch_server_state(self) -> dict:
         """Wait for in-flight steps, then download the side network, optimizer, scheduler and step."""
         self._drain()
-        reply = self._request(Frame(kind=P.GET_STATE, header={"session": self.session}))
-        return P.unpack_state(reply.header["skeleton"], reply.tensors["state"])
+        return self.client.pull_state()
 
     def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
         """Run the backbone, quantise its taps into frame tensors; also the backbone's own verbalizer
@@ -317,8 +283,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         else:
             data = self._train_frame(step, batch, keys)
             self._account_busy(t0, len(data))
-            self._pending.append((step, self.client.submit(data), keys))
-            while len(self._pending) > self.pipeline_depth or (self._pending and self._pending[0][1].done()):
+            self.client.submit(data, tag=(step, keys))
+            while self.client.in_flight > self.pipeline_depth or self.client.oldest_done():
                 self._complete_oldest()
         return torch.tensor(self.last_train_reply.get("loss", float("nan")))
 
@@ -332,7 +298,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
     def _train_reply(self, data: bytes) -> dict[str, Any]:
         self.train_bytes_down += len(data)
-        return self._reply(data).header
+        return self.client.decode_reply(data).header
 
     def _train_from_cache(self, step: int, batch: dict[str, Tensor], keys: list[str], t0: float) -> None:
         """The server holds every sample of this batch: send the keys only, no device forward."""
@@ -355,8 +321,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self._on_train_reply(step, reply, keys)
 
     def _complete_oldest(self) -> None:
-        step, future, keys = self._pending.popleft()
-        self._on_train_reply(step, self._train_reply(future.result()), keys)
+        (step, keys), data = self.client.complete_oldest()
+        self._on_train_reply(step, self._train_reply(data), keys)
 
     def _on_train_reply(self, step: int, reply: dict[str, Any], keys: list[str] | None) -> None:
         if reply.get("step") != step:
@@ -374,7 +340,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             module.log("train/lr", reply["lr"], on_step=True)
 
     def _drain(self) -> None:
-        while self._pending:
+        while self.client is not None and self.client.in_flight:
             self._complete_oldest()
 
     def backward(self, closure_loss: Tensor, *args: Any, **kwargs: Any) -> Tensor:

@@ -1,11 +1,17 @@
-"""The gRPC link between a device and a server: one bidirectional byte exchange, no protobuf codegen.
+"""Links between a device and a server: a :class:`Link` interface and its two implementations.
 
-The service has a single unary method, ``/lightning_mobillm.Link/Exchange``: the device sends a frame
+* :class:`GrpcLink`, the real network link. The gRPC service has a single unary method, ``/lightning_mobillm.Link/Exchange``: the device sends a frame
 (bytes, see :mod:`lightning_mobillm.transport.frames`) and receives a frame back. The payload is passed
 through gRPC untouched, so the bytes counted here are exactly the frame bytes on the wire (gRPC adds
 its own few bytes of HTTP/2 framing, which are not part of a frame).
 
 The device's token travels as per-call metadata and is checked before the request bytes are looked at.
+
+* :class:`InProcessLink` hands the encoded frame bytes to a server's handler in the same process: frames
+  are still encoded, validated and counted exactly as on the network; only the network is skipped. For
+  fast unit tests and many-device simulation.
+
+Both send queued frames from one background thread, in submission order (:meth:`Link.submit`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import hmac
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,13 +110,63 @@ def serve_link(
     return server, bound
 
 
-class LinkClient:
-    """The device's end of the link: synchronous calls and an ordered asynchronous queue.
+class Link(ABC):
+    """The device's end of a link: synchronous calls and an ordered asynchronous queue.
 
     ``submit`` sends frames one at a time from a single background thread, so frames reach the server
     in the order they were submitted while the caller goes on (this is how device forward passes
-    overlap the server's training steps).
+    overlap the server's training steps). Every byte is counted in :attr:`stats` where it is sent.
     """
+
+    address: str
+
+    def __init__(self) -> None:
+        self.stats = LinkStats()
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mobillm-sender")
+
+    @abstractmethod
+    def _exchange_bytes(self, request: bytes) -> bytes:
+        """Deliver one request and return the reply (raising :class:`LinkError` when undeliverable)."""
+
+    def call(self, request: bytes) -> bytes:
+        """Send one frame and wait for the reply."""
+        reply = self._exchange_bytes(request)
+        self.stats.add(len(request), len(reply))
+        return reply
+
+    def submit(self, request: bytes) -> Future[bytes]:
+        """Queue a frame; frames are sent in submission order. The future holds the reply bytes."""
+        return self._sender.submit(self.call, request)
+
+    def close(self) -> None:
+        self._sender.shutdown(wait=True, cancel_futures=True)
+
+
+class InProcessLink(Link):
+    """A link to a server handler (``bytes -> bytes``) living in this process; no network, same frames.
+
+    Args:
+        handler: the server's entry point (e.g. ``SideServer.handle``), which never raises for bad input.
+        max_message_bytes: requests larger than this are refused, as the gRPC link refuses them.
+    """
+
+    def __init__(self, handler: Callable[[bytes], bytes], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 address: str = "inprocess") -> None:
+        super().__init__()
+        self.address = address
+        self._handler = handler
+        self._max = max_message_bytes
+
+    def _exchange_bytes(self, request: bytes) -> bytes:
+        if len(request) > self._max:
+            raise LinkError(f"call to {self.address} failed: RESOURCE_EXHAUSTED: request of {len(request)} bytes "
+                            f"exceeds {self._max}")
+        # bytes(...) so the handler never holds a view of the caller's buffer, as with a real network
+        return bytes(self._handler(bytes(request)))
+
+
+class GrpcLink(Link):
+    """The gRPC link (see the module docstring); waits up to ``connect_timeout`` for the server."""
 
     def __init__(
         self,
@@ -121,14 +178,13 @@ class LinkClient:
         retries: int = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
+        super().__init__()
         self.address = address
-        self.stats = LinkStats()
         self._metadata = ((TOKEN_KEY, token),) if token else ()
         self._call_timeout = call_timeout
         self._retries = retries
         self._channel = grpc.insecure_channel(address, options=_channel_options(max_message_bytes))
         self._exchange = self._channel.unary_unary(METHOD)
-        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mobillm-sender")
         self._wait_ready(connect_timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -146,25 +202,19 @@ class LinkClient:
                         f"server at {self.address} is unreachable (tried for {timeout:.0f} s, {attempt} attempts)"
                     ) from None
 
-    def call(self, request: bytes) -> bytes:
-        """Send one frame and wait for the reply; retries transient failures a bounded number of times."""
+    def _exchange_bytes(self, request: bytes) -> bytes:
+        """One call; retries transient failures (UNAVAILABLE) a bounded number of times."""
         for attempt in range(self._retries + 1):
             try:
-                reply = self._exchange(request, metadata=self._metadata, timeout=self._call_timeout)
+                return self._exchange(request, metadata=self._metadata, timeout=self._call_timeout)
             except grpc.RpcError as err:
                 code = err.code()
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < self._retries:
                     time.sleep(0.5 * 2**attempt)
                     continue
                 raise LinkError(f"call to {self.address} failed: {code.name}: {err.details()}") from None
-            self.stats.add(len(request), len(reply))
-            return reply
         raise AssertionError("unreachable")
 
-    def submit(self, request: bytes) -> Future[bytes]:
-        """Queue a frame; frames are sent in submission order. The future holds the reply bytes."""
-        return self._sender.submit(self.call, request)
-
     def close(self) -> None:
-        self._sender.shutdown(wait=True, cancel_futures=True)
+        super().close()
         self._channel.close()

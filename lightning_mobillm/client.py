@@ -1,0 +1,313 @@
+"""``ServerClient``: the device's one connection to a server, owned by a strategy (or a module).
+
+It starts or reaches the server, says hello, sends requests (synchronously, or through the ordered
+in-flight queue that lets the device forward the next batch while the server trains), pushes and pulls
+the server's state, and says goodbye. The MobiLLM/PAE strategy and the split-learning baseline both use
+it, and close it in their ``teardown``, as ``lightning_hivemind``'s strategy owns its DHT.
+
+Where the server is:
+
+* ``address=None``: an **embedded** server, a separate process on loopback started for this run with
+  ``python -m lightning_mobillm serve`` (:class:`EmbeddedServer`): the device process never imports the
+  server runtime.
+* ``address="host:port"``: a running server (``python -m lightning_mobillm serve`` on another machine),
+  over gRPC.
+* ``address="inprocess"``: the server's handler in this process behind an
+  :class:`~lightning_mobillm.transport.link.InProcessLink` (frames still encoded, validated and counted).
+  For unit tests and many-device simulation; this is the one case that loads the server runtime here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections import deque
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from lightning_mobillm import protocol as P
+from lightning_mobillm.server_config import ServerConfig
+from lightning_mobillm.transport.frames import Frame, FrameSchema, decode_frame, encode_frame
+from lightning_mobillm.transport.link import GrpcLink, InProcessLink, Link, LinkError, LinkStats
+
+log = logging.getLogger(__name__)
+
+__all__ = ["INPROCESS", "EmbeddedServer", "ServerClient", "ServerError", "server_log_path"]
+
+#: the address that selects the in-process link
+INPROCESS = "inprocess"
+#: the server roles a process can run (``serve --role``)
+ROLES = ("side", "split")
+
+
+class ServerError(RuntimeError):
+    """The server refused a frame or failed to handle it."""
+
+
+def server_log_path(trainer) -> Path | None:
+    """``server.log`` in the run's log folder; None (the server inherits stderr) without a logger."""
+    if trainer is None or not trainer.loggers:
+        return None
+    try:
+        _ = trainer.loggers[0].experiment  # let the logger create its folder before we write into it
+        folder = Path(trainer.log_dir)
+    except Exception:  # noqa: BLE001 - a logger without a local folder
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "server.log"
+
+
+class EmbeddedServer:
+    """Start (:meth:`start`) and stop (:meth:`stop`) a loopback server process for one run.
+
+    The process is ``python -m lightning_mobillm serve --role <role>``, the same entry a standalone server
+    uses. It listens on loopback only, takes its token from an environment variable (never from the
+    command line, where ``ps`` shows it), runs in its own process group (Ctrl-C reaches only the device,
+    which then stops it cleanly) and exits by itself when the device process is gone.
+
+    Args:
+        config: the server's settings (host, port and token are overridden: loopback, a free port,
+            ``token`` through ``config.token_env``).
+        token: the secret the device will present.
+        role: which server runs (``side`` for MobiLLM/PAE, ``split`` for the split-learning baseline).
+        log_path: file that receives the server's log (None: the device's stderr).
+    """
+
+    def __init__(self, config: ServerConfig, token: str, *, role: str = "side", log_path: Path | None = None) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+        self.config = config
+        self.token = token
+        self.role = role
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+
+    def start(self, timeout: float = 120.0) -> str:
+        """Spawn the process and wait for its READY line; returns ``"127.0.0.1:<port>"``."""
+        cfg = dataclasses.asdict(self.config)
+        cfg.update(host="127.0.0.1", port=0, token=None)
+        env = dict(os.environ)
+        env[self.config.token_env] = self.token
+        stderr = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - handed to the child
+        settings = {"role": self.role, "parent_pid": os.getpid(), "server": cfg}
+        cmd = [sys.executable, "-m", "lightning_mobillm", "serve", "--config", json.dumps(settings)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=env,
+                                     start_new_session=True)
+        if stderr is not None:
+            stderr.close()
+        fields = dict(kv.split("=", 1) for kv in self._ready_line(timeout).split()[1:])
+        self.pid = int(fields["pid"])
+        log.info("embedded %s server pid %s on 127.0.0.1:%s (log: %s)", self.role, self.pid, fields["port"],
+                 self.log_path)
+        return f"127.0.0.1:{fields['port']}"
+
+    def _ready_line(self, timeout: float) -> str:
+        assert self.proc is not None
+        result: list[str] = []
+
+        def reader() -> None:
+            for raw in self.proc.stdout:
+                text = raw.decode(errors="replace").strip()
+                if text.startswith(P.READY_PREFIX):
+                    result.append(text)
+                    return
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if not result:
+            code = self.proc.poll()
+            self.proc.kill()
+            self.proc.wait()
+            raise LinkError(
+                f"embedded server did not start within {timeout:.0f} s"
+                + (f" (exit code {code}; see {self.log_path})" if code is not None else "")
+            )
+        return result[0]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; idempotent. Returns once the process is reaped."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc = None
+
+
+def _in_process_handler(role: str, config: ServerConfig):
+    """The server object of ``role`` in this process (the in-process link's far end)."""
+    app = importlib.import_module("lightning_mobillm.server.app")  # only here: the device never loads it
+    return app.make_handler(role, config)
+
+
+class ServerClient:
+    """The device's connection to one server (see the module docstring).
+
+    Args:
+        address: ``host:port``, ``"inprocess"``, or None for an embedded server process.
+        token: the device token (an embedded server is given it through ``embedded.token_env``).
+        role: the server role to start or expect (``side`` or ``split``).
+        embedded: settings of an embedded or in-process server.
+        log_path: where an embedded server writes its log.
+        connect_timeout, call_timeout, retries: link settings.
+        reply_schemas: what replies of this role may carry.
+    """
+
+    def __init__(
+        self,
+        address: str | None,
+        token: str | None,
+        *,
+        role: str = "side",
+        embedded: ServerConfig | None = None,
+        log_path: Path | None = None,
+        connect_timeout: float = 60.0,
+        call_timeout: float = 600.0,
+        retries: int = 3,
+        reply_schemas: dict[str, FrameSchema] | None = None,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+        self.address = address
+        self.token = token
+        self.role = role
+        self.embedded = embedded or ServerConfig()
+        self.log_path = log_path
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
+        self.retries = retries
+        self.reply_schemas = reply_schemas or (P.SPLIT_REPLY_SCHEMAS if role == "split" else P.REPLY_SCHEMAS)
+        self.link: Link | None = None
+        self.session: str | None = None
+        self.server_pid: int | None = None
+        self.in_process_server: Any = None  # the server object behind an in-process link (for tests)
+        self._embedded: EmbeddedServer | None = None
+        self._pending: deque[tuple[Any, Future, int]] = deque()
+
+    # ---- connection -------------------------------------------------------------------------------
+    @property
+    def stats(self) -> LinkStats:
+        return self.link.stats if self.link is not None else LinkStats()
+
+    def open(self) -> ServerClient:
+        """Start or reach the server (idempotent)."""
+        if self.link is not None:
+            return self
+        if self.address == INPROCESS:
+            self.in_process_server = _in_process_handler(self.role, self.embedded)
+            self.link = InProcessLink(self.in_process_server.handle,
+                                      max_message_bytes=self.embedded.max_frame_mb * 2**20 + 2**20)
+            return self
+        address = self.address
+        if address is None:
+            self._embedded = EmbeddedServer(self.embedded, self.token, role=self.role, log_path=self.log_path)
+            address = self._embedded.start(timeout=self.connect_timeout)
+        try:
+            self.link = GrpcLink(address, self.token, connect_timeout=self.connect_timeout,
+                                 call_timeout=self.call_timeout, retries=self.retries)
+        except Exception:
+            self._stop_embedded()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Wait for frames in flight (best effort), say goodbye, close the link, stop an embedded server."""
+        try:
+            self.drain()
+        except Exception:  # noqa: BLE001 - closing after a failure must still stop the server
+            log.debug("frames in flight failed while closing", exc_info=True)
+        self._pending.clear()
+        if self.link is not None:
+            if self.session is not None:
+                try:
+                    self.link.call(encode_frame(Frame(kind=P.BYE, header={"session": self.session})))
+                except Exception:  # noqa: BLE001 - a closed or unreachable server needs no goodbye
+                    pass
+            self.link.close()
+            self.link = None
+        self.session = None
+        self._stop_embedded()
+
+    def _stop_embedded(self) -> None:
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def _require_link(self) -> Link:
+        if self.link is None:
+            raise RuntimeError("the client is not connected: call open() first")
+        return self.link
+
+    def decode_reply(self, data: bytes) -> Frame:
+        """Parse reply bytes; an error frame becomes :class:`ServerError`."""
+        frame = decode_frame(data, self.reply_schemas, require_finite=False)
+        if frame.kind == P.ERROR:
+            raise ServerError(f"server refused a frame: {frame.header['message']}")
+        return frame
+
+    def call(self, data: bytes) -> bytes:
+        """Send encoded frame bytes and return the reply bytes (nothing decoded)."""
+        return self._require_link().call(data)
+
+    def request(self, frame: Frame) -> Frame:
+        """Send a frame (the session is filled in) and wait for its decoded reply."""
+        if self.session is not None and frame.kind != P.HELLO and frame.kind != P.SPLIT_HELLO:
+            frame.header.setdefault("session", self.session)
+        return self.decode_reply(self.call(encode_frame(frame)))
+
+    def hello(self, kind: str, header: dict[str, Any]) -> Frame:
+        """Open a session: the hello carries the protocol version; the reply names the session."""
+        reply = self.request(Frame(kind=kind, header={"protocol": P.PROTOCOL_VERSION, **header}))
+        self.session = reply.header["session"]
+        self.server_pid = int(reply.header["server_pid"])
+        return reply
+
+    # ---- the in-flight queue ----------------------------------------------------------------------
+    def submit(self, data: bytes, tag: Any = None) -> None:
+        """Queue encoded frame bytes; replies come back in order through :meth:`complete_oldest`."""
+        self._pending.append((tag, self._require_link().submit(data), len(data)))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def oldest_done(self) -> bool:
+        return bool(self._pending) and self._pending[0][1].done()
+
+    def complete_oldest(self) -> tuple[Any, bytes]:
+        """Wait for the oldest frame in flight; returns its tag and reply bytes (not yet decoded)."""
+        tag, future, _ = self._pending.popleft()
+        return tag, future.result()
+
+    def drain(self, on_reply=None) -> None:
+        """Wait for every frame in flight; ``on_reply(tag, reply_bytes)`` handles each in order."""
+        while self._pending:
+            tag, data = self.complete_oldest()
+            if on_reply is not None:
+                on_reply(tag, data)
+
+    # ---- state --------------------------------------------------------------------------------------
+    def push_state(self, state: dict) -> Frame:
+        """Replace the session's state (model, and optionally optimizer, scheduler, step) on the server."""
+        skeleton, blob = P.pack_state(state)
+        return self.request(Frame(kind=P.SET_STATE, header={"skeleton": skeleton}, tensors={"state": blob}))
+
+    def pull_state(self) -> dict:
+        """Download the session's model, optimizer, scheduler and step (call :meth:`drain` first)."""
+        reply = self.request(Frame(kind=P.GET_STATE, header={}))
+        return P.unpack_state(reply.header["skeleton"], reply.tensors["state"])
