@@ -1,31 +1,31 @@
-"""The server process: validates frames, keeps one training session per device, steps the side module.
+"""The side server (MobiLLM / PAE): the frames of side-network sessions, from hello to bye.
 
-The server never loads a backbone and never sees text or token ids. Each session holds a
-LightningModule built from the hyperparameters in the device's hello (only registered module names are
-accepted), its optimizer and scheduler, and the number of training steps it has applied. A frame that
-fails validation gets an error reply and leaves every session as it was.
+The server never loads a backbone and never sees text or token ids. A hello names a registered module
+(never an import path from the network) with its hyperparameters and the backbone's taps; the server
+builds it and hands it to its policy (:mod:`lightning_mobillm.server.policies`), which trains it through
+a Fabric engine. This module turns frames into validated batches (shapes against the session's taps,
+label ranges, finite values, the activation cache) and replies; a frame that fails validation gets an
+error reply and leaves every session as it was.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lightning_mobillm import protocol as P
-from lightning_mobillm.assets import cache_dir
 from lightning_mobillm.server.cache import ActivationStore
+from lightning_mobillm.server.dispatch import FrameServer, SessionBase
+from lightning_mobillm.server.policies import PerDevicePolicy, ServerPolicy
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import TapSpec
-from lightning_mobillm.transport.frames import Frame, FrameError, decode_frame, encode_frame
+from lightning_mobillm.transport.frames import Frame, FrameError, encode_frame
 
 log = logging.getLogger("lightning_mobillm.server")
 
@@ -49,101 +49,33 @@ def _resolve_module_class(name: str) -> type:
 
 
 @dataclass
-class Session:
-    key: str
-    module: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
+class SideSession(SessionBase):
+    """A side-network session: what its hello declared, its activation cache, and the policy's model."""
+
     tap_spec: TapSpec
     num_outputs: int
     label_free: bool = False
     store: ActivationStore | None = None
-    step: int = 0
-    last_reply: tuple[int, bytes] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    model: Any = None  # set by the policy (a TrainingEngine for the per-device policy)
+
+    @property
+    def step(self) -> int:
+        return self.model.step
 
     @property
     def target_key(self) -> str:
         return "targets" if self.label_free else "labels"
 
 
-class FrameServer:
-    """Turns request bytes into reply bytes: validates a frame against :attr:`schemas`, dispatches it to
-    ``_on_<kind>``, and answers any refusal or bug with an error frame (the server keeps running and
-    the refused frame changes nothing). Thread-safe; subclasses lock their own state.
-    """
-
-    #: the request kinds this server accepts and what each may carry
-    schemas: dict = P.REQUEST_SCHEMAS
-
-    def __init__(self, config: ServerConfig | None = None) -> None:
-        self.config = config or ServerConfig()
-        self.device = self.config.torch_device()
-        self.sessions: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self.frames_refused = 0
-        self.bytes_in = 0  # counted where frames are read and written, to cross-check the device's count
-        self.bytes_out = 0
-
-    # ---- entry point ---------------------------------------------------------------------------
-    def handle(self, data: bytes) -> bytes:
-        with self._lock:
-            self.bytes_in += len(data)
-        reply = self._handle(data)
-        with self._lock:
-            self.bytes_out += len(reply)
-        return reply
-
-    def _handle(self, data: bytes) -> bytes:
-        try:
-            frame = decode_frame(data, self.schemas, max_bytes=self.config.max_frame_mb * 2**20)
-            reply = getattr(self, f"_on_{frame.kind}")(frame)
-            if isinstance(reply, bytes):
-                return reply
-        except FrameError as err:
-            with self._lock:
-                self.frames_refused += 1
-            log.warning("refused a frame: %s", err)
-            reply = P.error_frame(str(err))
-        except Exception as err:  # noqa: BLE001 - a bug must not take the server down
-            with self._lock:
-                self.frames_refused += 1
-            log.exception("failed to handle a frame")
-            reply = P.error_frame(f"server error: {type(err).__name__}: {err}")
-        return encode_frame(reply)
-
-    def _check_capacity(self, key: str) -> None:
-        with self._lock:
-            if key not in self.sessions and len(self.sessions) >= self.config.max_sessions:
-                raise FrameError(f"too many open sessions ({self.config.max_sessions})")
-
-    @staticmethod
-    def _replayed(session: Any, step: int, kind: str) -> bytes | None:
-        """The stored reply when ``step`` was already applied (a retried frame is never applied twice);
-        raises on a step out of order. Call with the session's lock held."""
-        if session.last_reply is not None and session.last_reply[0] == step:
-            return session.last_reply[1]
-        if step != session.step:
-            raise FrameError(f"out-of-order {kind} frame: got step {step}, expected {session.step}")
-        return None
-
-    def _autocast(self):
-        if self.config.precision == "bf16-mixed":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-
 class SideServer(FrameServer):
-    """The MobiLLM / PAE server: one side-network training session per device run."""
+    """The MobiLLM / PAE server. ``policy`` decides which model a frame trains and when (default: one
+    model per device session, stepped on arrival)."""
 
-    sessions: dict[str, Session]
+    sessions: dict[str, SideSession]
 
-    def _session(self, frame: Frame) -> Session:
-        key = frame.header["session"]
-        session = self.sessions.get(key)
-        if session is None:
-            raise FrameError(f"unknown session {key!r}; send a hello first")
-        return session
+    def __init__(self, config: ServerConfig | None = None, policy: ServerPolicy | None = None) -> None:
+        super().__init__(config)
+        self.policy = policy or PerDevicePolicy(self.config, self.fabric)
 
     # ---- handlers -------------------------------------------------------------------------------
     def _on_hello(self, frame: Frame) -> Frame:
@@ -170,14 +102,13 @@ class SideServer(FrameServer):
         except ValueError as err:
             raise FrameError(f"cannot build {h['module']}: {err}") from None
         module.total_steps = h["total_steps"]
-        module.to(self.device)
-        optimizer, scheduler = _optimizers(module.configure_optimizers())
-        store = self._open_store(h.get("cache"))
-        session = Session(key, module, optimizer, scheduler, spec, h["num_outputs"],
-                          label_free=bool(getattr(cls, "label_free", False)), store=store)
-        with self._lock:
-            replaced = key in self.sessions
-            self.sessions[key] = session
+        resume = h.get("resume", False)
+        if not isinstance(resume, bool):
+            raise FrameError("hello: resume must be true or false")
+        session = SideSession(key, spec, h["num_outputs"], label_free=bool(getattr(cls, "label_free", False)))
+        self.policy.attach(session, module, resume=resume)
+        session.store = self._open_store(h.get("cache"))
+        replaced = self._add_session(session)
         log.info(
             "session %s %s: %s, %d taps x %d, %d outputs, %d params, %d steps planned, on %s",
             key,
@@ -190,9 +121,10 @@ class SideServer(FrameServer):
             h["total_steps"],
             self.device,
         )
-        header = {"session": key, "server_pid": os.getpid(), "server_device": str(self.device)}
-        if store is not None:
-            header["cached_keys"] = len(store)
+        header = {"session": key, "server_pid": os.getpid(), "server_device": str(self.device),
+                  "step": session.step}
+        if session.store is not None:
+            header["cached_keys"] = len(session.store)
         return Frame(kind=P.OK, header=header)
 
     def _open_store(self, cache: Any) -> ActivationStore | None:
@@ -207,15 +139,14 @@ class SideServer(FrameServer):
         limit = cache.get("memory_limit_mb", 512)
         if not isinstance(limit, (int, float)) or isinstance(limit, bool) or limit < 0:
             raise FrameError("hello: cache.memory_limit_mb must be a number >= 0")
-        root = Path(self.config.workdir) if self.config.workdir else cache_dir() / "server"
-        folder = root / f"activation-cache-{cache_id}"
+        folder = self.config.root() / f"activation-cache-{cache_id}"
         store = ActivationStore(folder, memory_limit_mb=float(limit)) if not folder.exists() else None
         if store is None:
             store = ActivationStore.open(folder, memory_limit_mb=float(limit))
             log.info("reopened activation cache %s with %d samples", folder, len(store))
         return store
 
-    def _batch(self, session: Session, frame: Frame, *, with_target: bool) -> dict[str, torch.Tensor]:
+    def _batch(self, session: SideSession, frame: Frame, *, with_target: bool) -> dict[str, torch.Tensor]:
         acts, lengths = P.unpack_acts(frame.tensors, frame.header["codec"])
         n, layers, width = acts.shape
         spec = session.tap_spec
@@ -232,7 +163,7 @@ class SideServer(FrameServer):
         return batch
 
     @staticmethod
-    def _target(session: Session, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _target(session: SideSession, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if session.label_free:
             if y.shape != (lengths.numel(), session.num_outputs):
                 raise FrameError(f"targets shape {list(y.shape)} != [{lengths.numel()}, {session.num_outputs}]")
@@ -243,7 +174,7 @@ class SideServer(FrameServer):
                 raise FrameError(f"labels must be in [0, {session.num_outputs})")
         return y
 
-    def _keys(self, session: Session, frame: Frame, batch_size: int | None) -> list[str] | None:
+    def _keys(self, session: SideSession, frame: Frame, batch_size: int | None) -> list[str] | None:
         keys = frame.header.get("keys")
         if keys is None:
             return None
@@ -270,7 +201,7 @@ class SideServer(FrameServer):
     def _on_train_cached(self, frame: Frame) -> bytes:
         return self._train(self._session(frame), frame)
 
-    def _train(self, session: Session, frame: Frame) -> bytes:
+    def _train(self, session: SideSession, frame: Frame) -> bytes:
         step = frame.header["step"]
         with session.lock:
             if (replayed := self._replayed(session, step, frame.kind)) is not None:
@@ -292,7 +223,7 @@ class SideServer(FrameServer):
                 keys = self._keys(session, frame, int(batch["lengths"].numel()))
                 if keys is not None and int(batch["acts"].shape[0]) != len(keys):
                     raise FrameError("the activation cache needs one token per sample (strategy select: loss)")
-            header = self._step(session, batch)
+            header = self.policy.train(session, batch)
             header["step"] = step
             if keys is not None and not cached:
                 store_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(frame.header["codec"], torch.float16)
@@ -300,78 +231,27 @@ class SideServer(FrameServer):
                 header["cached"] = True
             if session.store is not None:
                 header.update(self._cache_stats(session))
-            reply = encode_frame(Frame(kind=P.OK, header=header))
-            session.last_reply = (step, reply)
-            return reply
+            return self._remember(session, step, Frame(kind=P.OK, header=header))
 
     @staticmethod
-    def _cache_stats(session: Session) -> dict[str, int]:
+    def _cache_stats(session: SideSession) -> dict[str, int]:
         store = session.store
         return {"cache_hits": store.hits, "cache_misses": store.misses,
                 "cache_bytes": store.bytes_in_memory + store.bytes_on_disk, "cache_size": len(store)}
 
-    def _step(self, session: Session, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """One optimizer step on a validated batch; parameters change only if everything is finite."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        t0 = time.perf_counter()
-        module, optimizer = session.module, session.optimizer
-        module.train()
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            with self._autocast():
-                loss, outputs = module.compute_loss(batch)
-            if not torch.isfinite(loss):
-                raise FrameError(f"non-finite loss {loss.item()}; step skipped")
-            loss.backward()
-            params = [p for p in module.parameters() if p.grad is not None]
-            if self.config.grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-            else:
-                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-            if not torch.isfinite(norm):
-                raise FrameError("non-finite gradient; step skipped")
-            optimizer.step()
-        finally:
-            optimizer.zero_grad(set_to_none=True)
-        if session.scheduler is not None:
-            session.scheduler.step()
-        session.step += 1
-        header = {
-            "loss": float(loss.item()),
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "grad_norm": float(norm),
-            "server_step_s": time.perf_counter() - t0,
-            "server_steps": session.step,
-        }
-        if not session.label_free:
-            header["acc"] = (outputs.argmax(-1) == batch["labels"]).float().mean().item()
-        return header
-
-    @torch.no_grad()
     def _on_eval(self, frame: Frame) -> Frame:
         session = self._session(frame)
         with session.lock:
-            batch = {k: v.to(self.device) for k, v in self._batch(session, frame, with_target=False).items()}
+            batch = self._batch(session, frame, with_target=False)
             t0 = time.perf_counter()
-            session.module.eval()
-            with self._autocast():
-                logits = session.module(batch["acts"], batch["lengths"])
-            return Frame(
-                kind=P.OK,
-                header={"server_step_s": time.perf_counter() - t0},
-                tensors={"logits": logits.float().cpu().contiguous()},
-            )
+            outputs = self.policy.evaluate(session, batch["acts"], batch["lengths"])
+            return Frame(kind=P.OK, header={"server_step_s": time.perf_counter() - t0},
+                         tensors={"logits": outputs.float().cpu().contiguous()})
 
     def _on_get_state(self, frame: Frame) -> Frame:
         session = self._session(frame)
         with session.lock:
-            state = {
-                "model": session.module.state_dict(),
-                "optimizer": session.optimizer.state_dict(),
-                "scheduler": session.scheduler.state_dict() if session.scheduler is not None else None,
-                "step": session.step,
-            }
-            skeleton, blob = P.pack_state(state)
+            skeleton, blob = P.pack_state(self.policy.state(session))
             if session.store is not None:
                 session.store.flush()  # the cache's index and files are on disk with every checkpoint
         with self._lock:
@@ -381,63 +261,22 @@ class SideServer(FrameServer):
     def _on_set_state(self, frame: Frame) -> Frame:
         session = self._session(frame)
         state = P.unpack_state(frame.header["skeleton"], frame.tensors["state"])
-        if not isinstance(state, dict) or not {"model", "step"} <= set(state):
-            raise FrameError("state must hold model and step (optimizer and scheduler are optional)")
         with session.lock:
-            # Load into copies first so a state that does not fit leaves the session as it was.
-            module_state = {k: v.clone() for k, v in session.module.state_dict().items()}
-            opt_state = session.optimizer.state_dict()
-            sched_state = session.scheduler.state_dict() if session.scheduler is not None else None
             try:
-                session.module.load_state_dict(state["model"], strict=True)
-                if state.get("optimizer") is not None:
-                    session.optimizer.load_state_dict(state["optimizer"])
-                if session.scheduler is not None and state.get("scheduler") is not None:
-                    session.scheduler.load_state_dict(state["scheduler"])
-                _check_optimizer_shapes(session.optimizer)
-                session.step = int(state["step"])
-            except (RuntimeError, ValueError, KeyError, TypeError) as err:
-                session.module.load_state_dict(module_state)
-                session.optimizer.load_state_dict(opt_state)
-                if sched_state is not None:
-                    session.scheduler.load_state_dict(sched_state)
+                self.policy.load_state(session, state)
+            except ValueError as err:
                 raise FrameError(f"state does not fit this session: {err}") from None
             session.last_reply = None
         log.info("session %s restored at step %d", session.key, session.step)
         return Frame(kind=P.OK, header={"step": session.step})
 
     def _on_bye(self, frame: Frame) -> Frame:
-        with self._lock:
-            session = self.sessions.pop(frame.header["session"], None)
+        session = self._pop_session(frame)
         if session is not None:
-            if session.store is not None:
-                session.store.flush()
-                session.store.close()
+            with session.lock:
+                self.policy.detach(session)
+                if session.store is not None:
+                    session.store.flush()
+                    session.store.close()
             log.info("session %s closed after %d steps", session.key, session.step)
         return Frame(kind=P.OK)
-
-
-def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for name, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != p.shape:
-                    raise ValueError(f"optimizer state {name!r} has shape {list(value.shape)}, "
-                                     f"its parameter {list(p.shape)}")
-
-
-def _optimizers(conf: Any) -> tuple[torch.optim.Optimizer, Any]:
-    """Normalise what ``configure_optimizers`` returned to one optimizer and an optional scheduler."""
-    if isinstance(conf, torch.optim.Optimizer):
-        return conf, None
-    if isinstance(conf, dict):
-        sched = conf.get("lr_scheduler")
-        if isinstance(sched, dict):
-            sched = sched.get("scheduler")
-        return conf["optimizer"], sched
-    if isinstance(conf, (list, tuple)) and len(conf) == 2:
-        opts, scheds = conf
-        sched = scheds[0] if scheds else None
-        return opts[0], sched.get("scheduler") if isinstance(sched, dict) else sched
-    raise TypeError(f"the server supports one optimizer with an optional scheduler, got {type(conf).__name__}")
-

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,29 +20,54 @@ from lightning_mobillm import protocol as P
 from lightning_mobillm.assets import PACKAGED_MODELS
 from lightning_mobillm.backbone import add_lora, load_split_part
 from lightning_mobillm.optim import adamw_warmup_cosine
-from lightning_mobillm.server.runtime import FrameServer
+from lightning_mobillm.server.dispatch import FrameServer, SessionBase
+from lightning_mobillm.server.engine import TrainingEngine
 from lightning_mobillm.side.heads import LastTokenHead
 from lightning_mobillm.specs import BackboneConfig
-from lightning_mobillm.transport.frames import Frame, FrameError, encode_frame
+from lightning_mobillm.transport import codecs
+from lightning_mobillm.transport.frames import Frame, FrameError
 
 log = logging.getLogger("lightning_mobillm.server")
 
 __all__ = ["SplitServer"]
 
 
+class SplitHalf(nn.Module):
+    """The server's half: blocks ``k..L-1`` with LoRA, the final norm, and the classification head."""
+
+    def __init__(self, upper: nn.Module, head: LastTokenHead) -> None:
+        super().__init__()
+        self.upper = upper
+        self.head = head
+
+    def forward(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Right-pad the packed states, run the upper blocks with positions ``0..n-1``, classify the last token."""
+        device = states.device
+        batch, seqlen = int(lengths.numel()), int(lengths.max())
+        mask = torch.arange(seqlen, device=device)[None, :] < lengths[:, None]
+        dtype = next(self.upper.parameters()).dtype
+        padded = states.new_zeros(batch, seqlen, states.shape[-1]).to(dtype)
+        padded = padded.masked_scatter(mask[..., None], states.to(dtype))
+        positions = torch.arange(seqlen, device=device).expand(batch, seqlen)
+        out = self.upper(inputs_embeds=padded, attention_mask=mask.long(), position_ids=positions,
+                         use_cache=False).last_hidden_state
+        return self.head(out[torch.arange(batch, device=device), lengths - 1])
+
+
 @dataclass
-class SplitSession:
-    key: str
-    upper: nn.Module
-    head: LastTokenHead
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
+class SplitSession(SessionBase):
+    engine: TrainingEngine
     num_classes: int
     hidden_size: int
     label_smoothing: float
-    step: int = 0
-    last_reply: tuple[int, bytes] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def step(self) -> int:
+        return self.engine.step
+
+    @property
+    def half(self) -> SplitHalf:
+        return self.engine.module
 
 
 class SplitServer(FrameServer):
@@ -81,26 +103,20 @@ class SplitServer(FrameServer):
                                  list(hp["target_modules"]))
                 hidden = int(upper.config.hidden_size)
                 head = LastTokenHead(hidden, h["num_classes"], float(hp.get("dropout", 0.1)))
+            half = SplitHalf(upper, head)
             optimizer, scheduler = adamw_warmup_cosine(
-                [*upper.parameters(), *head.parameters()], lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0),
+                half.parameters(), lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0),
                 betas=hp.get("betas", (0.9, 0.999)), total_steps=int(h["total_steps"]),
                 warmup_ratio=hp.get("warmup_ratio", 0.0), min_lr_ratio=hp.get("min_lr_ratio", 0.0),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise FrameError(f"cannot build the split server's half: {err}") from None
-        session = SplitSession(key, upper.to(self.device), head.to(self.device), optimizer, scheduler,
-                               h["num_classes"], hidden, float(hp.get("label_smoothing", 0.0)))
-        with self._lock:
-            self.sessions[key] = session
+        engine = TrainingEngine(self.fabric, half, optimizer, scheduler, grad_clip=self.config.grad_clip)
+        session = SplitSession(key, engine, h["num_classes"], hidden, float(hp.get("label_smoothing", 0.0)))
+        self._add_session(session)
         log.info("split session %s: %s from block %d, %d trainable parameters on %s", key, backbone.source,
                  h["split_layer"], sum(p.numel() for g in optimizer.param_groups for p in g["params"]), self.device)
         return Frame(kind=P.OK, header={"session": key, "server_pid": os.getpid(), "server_device": str(self.device)})
-
-    def _session(self, frame: Frame) -> SplitSession:
-        session = self.sessions.get(frame.header["session"])
-        if session is None:
-            raise FrameError(f"unknown session {frame.header['session']!r}; send a split_hello first")
-        return session
 
     def _inputs(self, session: SplitSession, frame: Frame) -> tuple[torch.Tensor, torch.Tensor]:
         acts, lengths = P.unpack_acts(frame.tensors, frame.header["codec"])
@@ -113,21 +129,12 @@ class SplitServer(FrameServer):
             raise FrameError("states are not finite after decoding")
         return acts[:, 0].to(self.device), lengths.to(self.device)
 
-    def _logits(self, session: SplitSession, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Right-pad the packed states, run the upper blocks with positions ``0..n-1``, classify the last token."""
-        batch, seqlen = int(lengths.numel()), int(lengths.max())
-        mask = torch.arange(seqlen, device=self.device)[None, :] < lengths[:, None]
-        dtype = next(session.upper.parameters()).dtype
-        padded = states.new_zeros(batch, seqlen, states.shape[-1]).to(dtype)
-        padded = padded.masked_scatter(mask[..., None], states.to(dtype))
-        positions = torch.arange(seqlen, device=self.device).expand(batch, seqlen)
-        out = session.upper(inputs_embeds=padded, attention_mask=mask.long(), position_ids=positions,
-                            use_cache=False).last_hidden_state
-        return session.head(out[torch.arange(batch, device=self.device), lengths - 1])
-
     def _on_split_train(self, frame: Frame) -> bytes:
         session = self._session(frame)
         step = frame.header["step"]
+        codec = frame.header["codec_down"]
+        if codec not in codecs.CODECS:
+            raise FrameError(f"codec_down {codec!r} is not one of {list(codecs.CODECS)}")
         with session.lock:
             if (replayed := self._replayed(session, step, frame.kind)) is not None:
                 return replayed
@@ -135,49 +142,29 @@ class SplitServer(FrameServer):
             labels = frame.tensors["labels"].to(self.device)
             if labels.shape != lengths.shape or bool((labels < 0).any() | (labels >= session.num_classes).any()):
                 raise FrameError(f"labels must be [B] in [0, {session.num_classes})")
-            t0 = time.perf_counter()
             states.requires_grad_(True)
-            session.upper.train()
-            session.head.train()
-            with self._autocast():
-                logits = self._logits(session, states, lengths)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=session.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FrameError(f"non-finite loss {loss.item()}; step skipped")
-            loss.backward()
-            params = [p for g in session.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if self.config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-            session.optimizer.step()
-            session.optimizer.zero_grad(set_to_none=True)
-            session.scheduler.step()
-            session.step += 1
-            codec = frame.header["codec_down"]
-            try:
-                tensors = P.pack_acts(states.grad.float()[:, None, :].cpu(), lengths.cpu(), codec)
-            except ValueError as err:
-                raise FrameError(f"codec_down {codec!r}: {err}") from None
-            header = {"step": step, "codec": codec, "loss": float(loss.detach()), "server_step_s": time.perf_counter() - t0,
-                      "lr": float(session.optimizer.param_groups[0]["lr"]),
-                      "acc": float((logits.argmax(-1) == labels).float().mean())}
-            reply = encode_frame(Frame(kind=P.OK, header=header, tensors=tensors))
-            session.last_reply = (step, reply)
-            return reply
+
+            def compute_loss() -> tuple[torch.Tensor, torch.Tensor]:
+                logits = session.engine.model(states, lengths)
+                return F.cross_entropy(logits.float(), labels, label_smoothing=session.label_smoothing), logits
+
+            result = session.engine.train_step(compute_loss)
+            tensors = P.pack_acts(states.grad.float()[:, None, :].cpu(), lengths.cpu(), codec)
+            header = {"step": step, "codec": codec, "loss": result.loss, "server_step_s": result.seconds,
+                      "lr": result.lr, "acc": float((result.outputs.argmax(-1) == labels).float().mean())}
+            return self._remember(session, step, Frame(kind=P.OK, header=header, tensors=tensors))
 
     @torch.no_grad()
     def _on_split_eval(self, frame: Frame) -> Frame:
         session = self._session(frame)
         with session.lock:
             states, lengths = self._inputs(session, frame)
-            session.upper.eval()
-            session.head.eval()
-            with self._autocast():
-                logits = self._logits(session, states, lengths)
+            session.engine.model.eval()
+            logits = session.engine.model(states, lengths)
         return Frame(kind=P.OK, tensors={"logits": logits.float().cpu().contiguous()})
 
     def _on_bye(self, frame: Frame) -> Frame:
-        with self._lock:
-            session = self.sessions.pop(frame.header["session"], None)
+        session = self._pop_session(frame)
         if session is not None:
             log.info("split session %s closed after %d steps", session.key, session.step)
         return Frame(kind=P.OK)

@@ -1,0 +1,129 @@
+"""The server's training engine on Lightning Fabric: setup, backward and clipping through Fabric, all-or-
+nothing steps and state loads, atomic checkpoints of its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
+
+from lightning_mobillm import protocol as P
+from lightning_mobillm.modules import SideTuningModule
+from lightning_mobillm.server.engine import TrainingEngine
+from lightning_mobillm.server.runtime import SideServer
+from lightning_mobillm.server_config import ServerConfig
+from lightning_mobillm.specs import BackboneConfig, TapSpec
+from lightning_mobillm.transport.frames import Frame, FrameError, encode_frame
+
+SPEC = TapSpec(layers=[0, 1], hidden_size=8, arch="llama", is_decoder=True)
+
+
+def _module(total_steps: int = 10) -> SideTuningModule:
+    module = SideTuningModule(backbone=BackboneConfig(source="unused"), num_classes=3, lr=1e-2, dropout=0.0)
+    module.build(SPEC)
+    module.total_steps = total_steps
+    return module
+
+
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"acts": torch.randn(8, 2, 8, generator=g), "lengths": torch.full((4,), 2),
+            "labels": torch.randint(0, 3, (4,), generator=g)}
+
+
+@pytest.fixture
+def engine() -> TrainingEngine:
+    return TrainingEngine.for_module(Fabric(accelerator="cpu", devices=1), _module(), grad_clip=1.0)
+
+
+def _copy(state):
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: _copy(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_copy(v) for v in state]
+    return state
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_the_side_server_trains_through_fabric(monkeypatch):
+    calls = {"backward": 0, "clip": 0}
+    backward, clip = Fabric.backward, Fabric.clip_gradients
+
+    def counted_backward(self, *args, **kwargs):
+        calls["backward"] += 1
+        return backward(self, *args, **kwargs)
+
+    def counted_clip(self, *args, **kwargs):
+        calls["clip"] += 1
+        return clip(self, *args, **kwargs)
+
+    monkeypatch.setattr(Fabric, "backward", counted_backward)
+    monkeypatch.setattr(Fabric, "clip_gradients", counted_clip)
+    server = SideServer(ServerConfig(device="cpu", checkpoint_every_n_steps=0))
+    module = SideTuningModule(backbone=BackboneConfig(source="unused"), num_classes=3)
+    hello = Frame(kind=P.HELLO, header={"protocol": P.PROTOCOL_VERSION, "device_id": "d", "run_id": "r",
+                                        "module": "side_tuning", "hparams": P.json_safe(module.hparams_dict()),
+                                        "tap_spec": SPEC.to_dict(), "num_outputs": 3, "total_steps": 5,
+                                        "codec": "fp32"})
+    assert P.OK.encode() in server.handle(encode_frame(hello))
+    session = server.sessions["d/r"]
+    assert isinstance(session.model.model, _FabricModule) and isinstance(session.model.optimizer, _FabricOptimizer)
+    for step in range(2):
+        b = _batch(step)
+        tensors = {**P.pack_acts(b["acts"], b["lengths"], "fp32"), "labels": b["labels"]}
+        server.handle(encode_frame(Frame(kind=P.TRAIN, header={"session": "d/r", "step": step, "codec": "fp32"},
+                                         tensors=tensors)))
+    assert calls == {"backward": 2, "clip": 2} and session.step == 2
+
+
+def test_a_non_finite_step_changes_nothing(engine):
+    engine.train_step(lambda: engine.model.compute_loss(_batch(0)))
+    before = _copy(engine.state_dict())
+    bad = _batch(1)
+    bad["acts"][0, 0, 0] = float("nan")
+    with pytest.raises(FrameError, match="non-finite (loss|gradient)"):
+        engine.train_step(lambda: engine.model.compute_loss(bad))
+    assert _equal(engine.state_dict(), before) and engine.step == 1
+
+
+def test_steps_change_weights_and_follow_the_schedule(engine):
+    before = _copy(engine.state_dict())
+    lrs = [engine.train_step(lambda s=s: engine.model.compute_loss(_batch(s))).lr for s in range(3)]
+    after = engine.state_dict()
+    changed = [k for k in before["model"] if not torch.equal(before["model"][k], after["model"][k])]
+    assert changed and after["step"] == 3
+    assert lrs[0] != lrs[2]  # the warmup/cosine schedule moved
+
+
+def test_a_state_that_does_not_fit_leaves_the_engine_as_it_was(engine):
+    engine.train_step(lambda: engine.model.compute_loss(_batch(0)))
+    before = _copy(engine.state_dict())
+    bad = _copy(before)
+    name = next(iter(bad["model"]))
+    bad["model"][name] = torch.zeros(1)
+    with pytest.raises(ValueError):
+        engine.load_state_dict(bad)
+    assert _equal(engine.state_dict(), before)
+
+
+def test_checkpoints_round_trip_atomically(engine, tmp_path):
+    for s in range(2):
+        engine.train_step(lambda s=s: engine.model.compute_loss(_batch(s)))
+    path = tmp_path / "ckpt" / "session.ckpt"
+    engine.save(path, extra={"session": "d/r"})
+    assert [p.name for p in path.parent.iterdir()] == ["session.ckpt"]  # no temp file left behind
+    fresh = TrainingEngine.for_module(Fabric(accelerator="cpu", devices=1), _module(), grad_clip=1.0)
+    assert fresh.load(path) == {"session": "d/r"}
+    assert _equal(fresh.state_dict(), engine.state_dict()) and fresh.step == 2
