@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lightning_mobillm import protocol as P
 from lightning_mobillm.backbone import add_lora, load_split_part, packed_positions
 from lightning_mobillm.baselines.common import OnDeviceClassifier
-from lightning_mobillm.client import ServerClient, server_log_path
+from lightning_mobillm.client import INPROCESS, ServerClient, server_log_path
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.transport.frames import Frame, encode_frame
@@ -48,7 +48,7 @@ class SplitLearningClassifier(OnDeviceClassifier):
         split_layer: blocks the device keeps (``k``; the paper-style default 2 keeps the device light).
         r, alpha, lora_dropout, target_modules: LoRA on both halves (as :class:`LoRAClassifier`).
         server: ``"host:port"`` of a split server (``python -m lightning_mobillm serve --role split``); None
-            starts one on loopback for this run.
+            starts one on loopback for this run; ``"inprocess"`` runs it in this process (tests, simulation).
         token_env: environment variable with the shared token (for an embedded server a fresh one is drawn).
         codec_up: codec of the activations sent up (``fp32``/``fp16``/``bf16``/``int8``/...).
         codec_down: codec of the gradients sent down (``bf16`` keeps fp32's range).
@@ -128,7 +128,7 @@ class SplitLearningClassifier(OnDeviceClassifier):
         hp = self.hparams
         address, token = hp["server"], os.environ.get(hp["token_env"])
         config = self.embedded
-        if address is None:
+        if address is None or address == INPROCESS:
             token = secrets.token_hex(16)
             config = dataclasses.replace(self.embedded, token_env=hp["token_env"],
                                          allowed_backbones=[self.backbone_config.source])

@@ -120,4 +120,6 @@ class PerDevicePolicy(ServerPolicy):
         session.model.save(self.checkpoint_path(session), extra={"session": session.key})
 
     def detach(self, session: Any) -> None:
-        self.checkpoint(session)
+        """A session that said bye ended cleanly: its device holds what it needs, so its server
+        checkpoint (which only serves a server restart within a run) is removed."""
+        self.checkpoint_path(session).unlink(missing_ok=True)
