@@ -27,8 +27,8 @@ inflated the row's step time (its memory is its own either way).
 
 Rows are merged into the existing ``--out`` file (same model, dtype, batch and length), so rows can be
 measured at different times; the ratios of every row's peak to the inference and MobiLLM peaks are
-recomputed each time. On-device full fine-tuning of the 1.5B model needs about 20 GB: run it on a
-quiet machine.
+recomputed each time. On-device full fine-tuning of the 1.5B model needs by far the most memory: run
+it on a quiet machine.
 
     python benchmarks/billion.py --rows inference,mobillm --steps 3
     python benchmarks/billion.py --rows lora,full_ft --steps 3

@@ -31,14 +31,11 @@ from pathlib import Path
 import torch
 
 from lightning_mobillm import protocol
+from lightning_mobillm.side import rms_normalize
 from lightning_mobillm.transport import codecs
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
 
 SELECTS = ("all", "loss")
-
-
-def _rmsnorm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
 
 
 def _batches(args) -> tuple[list[dict], dict]:
@@ -93,7 +90,7 @@ def _measure(batches: list[dict], select: str, codec: str, outlier_channels: int
         diff = dec - acts
         err_sq += float(diff.double().pow(2).sum())
         x_sq += float(acts.double().pow(2).sum())
-        nx, nd = _rmsnorm(acts), _rmsnorm(dec)
+        nx, nd = rms_normalize(acts), rms_normalize(dec)
         per_vec = (nd - nx).norm(dim=-1) / nx.norm(dim=-1).clamp_min(1e-12)  # [N, L]
         tok_err_sum += float(per_vec.double().sum())
         tokens += per_vec.numel()

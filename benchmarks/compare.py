@@ -1,7 +1,7 @@
 """Every method on the same model, data and seed: device memory, device compute, bytes, accuracy, and the
 time to reach a target accuracy on other devices and links (simulated from the measurements).
 
-    python benchmarks/compare.py --preset small            # all six methods, under 30 min on 2 CPU cores
+    python benchmarks/compare.py --preset small            # all six methods
     python benchmarks/compare.py --preset full --methods mobillm,lora
     python benchmarks/compare.py --preset small --dry-run  # write the derived configs, print the commands
     python benchmarks/compare.py --table-only benchmarks/results/compare.json
@@ -113,7 +113,7 @@ PRESETS: dict[str, Preset] = {
         val_check_interval=0.5,
         epochs_by_method={"pae": 3},
     ),
-    # A few steps of every method (about 10 minutes): checks that each one runs, not what it reaches.
+    # A few steps of every method: checks that each one runs, not what it reaches.
     "smoke": Preset(
         seed=0,
         source="smollm2-135m",

@@ -24,7 +24,9 @@ from pathlib import Path
 from _children import report, run_child
 
 
-def _peak_rss_mb() -> float:
+def _inference_peak_rss_mb() -> float:
+    """``lightning_mobillm.callbacks.peak_rss_mb`` for the inference child, which must not import the
+    callbacks package: that import alone raises the peak this child measures."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -53,10 +55,9 @@ def child_inference(args) -> dict:
     with torch.inference_mode():
         for batch in dm.train_dataloader():
             # the LM head at the last position only, as generation does (full-vocab logits for every
-            # position would add ~200 MB and flatter the ratio). Not ``model(..., logits_to_keep=1)``:
+            # position, ``[B, T, V]``, would flatter the ratio). Not ``model(..., logits_to_keep=1)``:
             # its ``[B, 1, d]`` slice is not contiguous, and torch's CPU matmul then expands the head's
-            # weight to ``[B, d, V]`` and copies it (0.9 GB for SmolLM2 in fp32, 3.7 GB and 16 s for
-            # Qwen2.5-Coder-1.5B in bf16). A ``[B, d]`` input is a plain matmul.
+            # weight to ``[B, d, V]`` and copies it. A ``[B, d]`` input is a plain matmul.
             hidden = bb.base_model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             ).last_hidden_state
@@ -64,13 +65,13 @@ def child_inference(args) -> dict:
             steps += 1
             if steps >= args.steps:
                 break
-    return {"peak_rss_mb": _peak_rss_mb(), "steps": steps, "s_per_step": (time.perf_counter() - t0) / steps}
+    return {"peak_rss_mb": _inference_peak_rss_mb(), "steps": steps, "s_per_step": (time.perf_counter() - t0) / steps}
 
 
 def child_mobillm(args) -> dict:
     import lightning as L
 
-    from lightning_mobillm.callbacks import DeviceMonitor, QuantizedTransfer
+    from lightning_mobillm.callbacks import DeviceMonitor, QuantizedTransfer, peak_rss_mb
     from lightning_mobillm.data import TextClassificationDataModule
     from lightning_mobillm.modules import SideTuningModule
     from lightning_mobillm.server_config import ServerConfig
@@ -95,7 +96,7 @@ def child_mobillm(args) -> dict:
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     return {
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "steps": trainer.global_step,
         "s_per_step": (time.perf_counter() - t0) / max(1, trainer.global_step),
         "server_pid": monitor.summary["server_pid"],

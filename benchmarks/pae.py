@@ -76,7 +76,7 @@ def child(args) -> dict:
         "val_acc": s["val_acc"],
         "val_f1": s["val_f1"],
         "wall_s": s["wall_s"],
-        "first_epoch_bytes_up_per_sample": trainer.strategy.train_bytes_up_by_epoch[0] / max(1, s["train_samples"] // epochs),
+        "first_epoch_bytes_up_per_sample": s["train_bytes_up_by_epoch"]["0"] / max(1, s["train_samples"] // epochs),
     }
 
 
@@ -103,6 +103,7 @@ def main() -> None:
         return
 
     from lightning_mobillm.assets import resolve_source
+    from lightning_mobillm.transport import codecs
 
     resolve_source(args.model)
     rows = {}
@@ -117,7 +118,7 @@ def main() -> None:
         checks["cache_device_forwards_equal_train_plus_val"] = (
             r["device_forwards"] == r["train_batches_per_epoch"] + r["val_forwards"])
         checks["cache_later_epochs_busy_ratio"] = max(busy[e] for e in busy if e > 0) / busy[0] if len(busy) > 1 else None
-        raw = 30 * 576 * {"int8": 1, "int4": 0.5, "fp16": 2, "bf16": 2, "fp32": 4}.get(args.codec, 1)
+        raw = 30 * 576 * codecs.bytes_per_value(args.codec)
         checks["shortcut_bytes_per_sample_over_raw"] = r["first_epoch_bytes_up_per_sample"] / raw
     if "pae_nocache" in rows:
         busy = {int(k): v for k, v in rows["pae_nocache"]["device_busy_s_by_epoch"].items()}
