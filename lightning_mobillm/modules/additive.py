@@ -33,7 +33,7 @@ class AdditiveAdapterModule(SideTuningModule):
         transform_sigma: std of keyed per-sample noise added to the targets (``embed`` only; 0 = off).
         transform_rr_epsilon: randomized response on the label inside the transform (``embed`` only):
             epsilon-label-DP per sample, the part of the defence that actually protects. The default 4.0
-            is the project's defence (measured: target leak +3.7 points for ~2 points of accuracy);
+            is the project's defence;
             ``null`` turns it off.
         secret_env: environment variable holding the device's transform key (hex). If unset, a fresh key
             is drawn on the device and kept in the device's checkpoints (never in hparams or frames).

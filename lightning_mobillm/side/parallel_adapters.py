@@ -94,7 +94,7 @@ class ParallelAdapterSideNetwork(nn.Module):
     * **Identity start.** ``Adapter(x) = x + W_up act(W_down x)`` with bottleneck ``d // reduction``
       (default ``reduction=8``) and ``W_up`` zero-initialised.
     * **RMS-normalised taps** (``normalize_taps=True``, default). Inner hidden states of decoder LLMs
-      are not normalised (norms grow ~20x with depth in SmolLM2, with outlier channels), so each
+      are not normalised (norms grow with depth in SmolLM2, with outlier channels), so each
       ``A_i`` is divided by its own per-token RMS (parameter-free, eps 1e-6) before the fusion.
       On VitaminC this beat unnormalised taps on every seed; without it the gates stayed near 0.5.
       It also makes the output invariant to a positive rescaling of a token's activations.
