@@ -90,6 +90,14 @@ def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
+def keyed_sample_hashes(key: bytes, input_ids: Tensor, attention_mask: Tensor) -> list[bytes]:
+    """One HMAC-SHA256 per sample of its non-pad token ids under ``key``: names a sample (the same text
+    gives the same digest in every epoch) without revealing it to anyone without the key. The activation
+    cache's sample keys and PAE's per-sample randomness both use it, each under a key of its own."""
+    return [hmac.new(key, ids[mask.bool()].to(torch.int64).numpy().tobytes(), hashlib.sha256).digest()
+            for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+
+
 def _as_key(key: bytes | str | int | None) -> bytes:
     """Normalise a key. ``int``/``str`` keys are for tests and benchmarks (hashed to 32 bytes)."""
     if key is None:

@@ -34,6 +34,7 @@ from lightning_mobillm.baselines.common import OnDeviceClassifier
 from lightning_mobillm.client import INPROCESS, ServerClient, server_log_path
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig
+from lightning_mobillm.stats import DeviceStats
 from lightning_mobillm.transport.frames import Frame, encode_frame
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,8 @@ class SplitLearningClassifier(OnDeviceClassifier):
         self.lower: nn.Module | None = None
         self.embedded = embedded or ServerConfig(threads=1)
         self.client: ServerClient | None = None
-        self.server_pid: int | None = None
-        self.link_stats = None
-        self.link_wait_s = 0.0  # seconds training steps spent blocked on the server (not device compute)
-        self.train_bytes_up = 0  # training frames and their replies (validation traffic excluded)
-        self.train_bytes_down = 0
-        self.server_busy_s = 0.0
+        # what DeviceMonitor reads: the device is busy for each batch less its waits for the server
+        self.device_stats = DeviceStats(device_busy_s=None, device_forwards=None, run={"codec": codec_up})
         self.server_losses: list[float] = []
         self._step = 0
 
@@ -136,9 +133,9 @@ class SplitLearningClassifier(OnDeviceClassifier):
                                    log_path=server_log_path(self.trainer),
                                    connect_timeout=float(hp["connect_timeout"]),
                                    call_timeout=float(hp["call_timeout"])).open()
-        self.link_stats = self.client.stats
+        self.device_stats.link = self.client.stats
         self.client.hello(P.SPLIT_HELLO, self._hello_header())
-        self.server_pid = self.client.server_pid
+        self.device_stats.server_pid = self.client.server_pid
 
     def _request(self, frame: Frame) -> Frame:
         if frame.kind != P.SPLIT_TRAIN:
@@ -146,10 +143,11 @@ class SplitLearningClassifier(OnDeviceClassifier):
         t0 = time.perf_counter()
         request = encode_frame(frame)
         data = self.client.call(request)
-        self.link_wait_s += time.perf_counter() - t0
-        self.train_bytes_up += len(request)
-        self.train_bytes_down += len(data)
-        return self.client.decode_reply(data)
+        self.device_stats.link_wait_s += time.perf_counter() - t0
+        self.device_stats.train_bytes_up += len(request)
+        reply = self.client.decode_reply(data)
+        self.device_stats.add_server_reply(reply.header, len(data))
+        return reply
 
     def _frame(self, kind: str, states: Tensor, lengths: Tensor, **extra_tensors: Tensor) -> Frame:
         codec = self.hparams["codec_up"]
@@ -184,7 +182,6 @@ class SplitLearningClassifier(OnDeviceClassifier):
         self._step += 1
         grad, _ = P.unpack_acts(reply.tensors, reply.header["codec"])
         h = reply.header
-        self.server_busy_s += float(h["server_step_s"])
         self.server_losses.append(float(h["loss"]))
         size = len(labels)
         self.log("train/loss", h["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=size)

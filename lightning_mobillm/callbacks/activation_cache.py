@@ -9,13 +9,13 @@ that two frames carry the same sample, never the text.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import secrets
 from typing import Any
 
 import lightning as L
 import torch
+
+from lightning_mobillm.privacy import keyed_sample_hashes
 
 
 class ActivationCache(L.Callback):
@@ -40,37 +40,52 @@ class ActivationCache(L.Callback):
         self.workdir: str | None = None  # an embedded server's cache folder, kept for resume
         self.hits = 0  # samples trained from the cache (device forward skipped)
         self.misses = 0  # samples the server asked for again
+        self._server_bytes: float | None = None  # the server's cache size, from its last training reply
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        strategy = trainer.strategy
-        if not hasattr(strategy, "cache"):
-            raise TypeError(f"ActivationCache needs the mobillm strategy, not {type(strategy).__name__}")
-        if getattr(strategy, "select", "loss") != "loss":
-            raise ValueError("ActivationCache needs trainer.strategy.init_args.select: loss (one token per sample)")
-        strategy.cache = self
+        use = getattr(trainer.strategy, "use_cache", None)
+        if use is None:
+            raise TypeError(f"ActivationCache needs the mobillm strategy, not {type(trainer.strategy).__name__}")
+        use(self)
 
+    # ---- what the strategy asks and tells ---------------------------------------------------------
     def hello(self) -> dict[str, Any]:
         """What the server needs to open (or reopen) this run's cache."""
         return {"cache_id": self.cache_id, "memory_limit_mb": float(self.memory_limit_mb)}
 
     def sample_keys(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
-        """One opaque key per sample: HMAC-SHA256 of its non-pad token ids under the device secret."""
-        keys = []
-        for ids, mask in zip(input_ids.cpu(), attention_mask.cpu().bool()):
-            data = ids[mask].to(torch.int64).numpy().tobytes()
-            keys.append(hmac.new(self._secret, data, hashlib.sha256).hexdigest()[:32])
-        return keys
+        """One opaque key per sample: a keyed hash of its non-pad token ids under the device secret."""
+        return [digest.hex()[:32] for digest in keyed_sample_hashes(self._secret, input_ids, attention_mask)]
 
     def all_cached(self, keys: list[str]) -> bool:
         return all(k in self.cached for k in keys)
 
+    def remember_workdir(self, workdir: str | None) -> None:
+        """Where an embedded server keeps the cache, so that a resumed run reopens it."""
+        self.workdir = workdir
+
+    def on_hits(self, keys: list[str]) -> None:
+        """A batch trained from the cache: no device forward."""
+        self.hits += len(keys)
+
+    def on_missing(self, keys: list[str]) -> None:
+        """The server lost these samples (evicted or corrupt): they are forwarded again."""
+        self.misses += len(keys)
+        self.cached.difference_update(keys)
+
+    def on_server_reply(self, reply: dict[str, Any], keys: list[str] | None) -> None:
+        """A training reply: keys the server stored are acknowledged; its cache counters are kept for logging."""
+        if reply.get("cached") and keys is not None:
+            self.cached.update(keys)
+        if "cache_bytes" in reply:
+            self._server_bytes = float(reply["cache_bytes"])
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        reply = getattr(trainer.strategy, "last_train_reply", {})
         metrics = {"cache/hits": float(self.hits), "cache/misses": float(self.misses),
                    "cache/size": float(len(self.cached))}
-        if "cache_bytes" in reply:
-            metrics["cache/bytes"] = float(reply["cache_bytes"])
+        if self._server_bytes is not None:
+            metrics["cache/bytes"] = self._server_bytes
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,6 +12,9 @@ from typing import Any
 import lightning as L
 import psutil
 
+from lightning_mobillm.callbacks.quantized_transfer import QuantizedTransfer
+from lightning_mobillm.stats import DeviceStats
+
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process since it started, in MiB (Linux ``ru_maxrss``)."""
@@ -23,18 +26,10 @@ class DeviceMonitor(L.Callback):
     serialised), ``time/device_step_s``, ``time/server_step_s``, ``mem/device_peak_rss_mb``; and at the
     end of ``fit`` writes ``summary.json`` into the run's log folder.
 
-    It works for every method of the framework, on-device baselines included. The counters come from
-    whichever of the strategy or the LightningModule has them:
-
-    * ``train_bytes_up`` / ``train_bytes_down``: bytes of the training frames and their replies (what
-      ``bytes_up``/``bytes_down`` and the per-sample figures report; validation traffic excluded);
-    * ``link_stats`` (a :class:`~lightning_mobillm.transport.link.LinkStats`): every byte on the wire
-      (``link_bytes_up``/``link_bytes_down``; also ``bytes_*`` when there are no training counters);
-    * ``device_busy_s``: seconds of compute on the device (excluding waits for the server); without
-      it, the device is busy for the whole training batch less ``link_wait_s`` (seconds blocked on the
-      link, e.g. split learning), if given;
-    * ``server_busy_s``: seconds the server spent on this device's training steps;
-    * ``overlaps_server``: True when the device computes while the link and the server work.
+    It works for every method of the framework, on-device baselines included. A method that talks to a
+    server keeps a :class:`~lightning_mobillm.stats.DeviceStats` (``device_stats`` on its strategy, or on
+    its LightningModule) and the monitor reads that one typed object; an on-device baseline has none, and
+    its device is busy for the whole training batch.
 
     Args:
         summary_file: file name of the summary, written into ``trainer.log_dir`` (or an absolute path).
@@ -52,29 +47,25 @@ class DeviceMonitor(L.Callback):
         self.summary: dict[str, Any] = {}
 
     @staticmethod
-    def _attr(trainer: L.Trainer, name: str) -> Any:
+    def _stats(trainer: L.Trainer) -> DeviceStats | None:
         for owner in (trainer.strategy, trainer.lightning_module):
-            value = getattr(owner, name, None)
-            if value is not None:
-                return value
+            stats = getattr(owner, "device_stats", None)
+            if isinstance(stats, DeviceStats):
+                return stats
         return None
 
-    def _link(self, trainer: L.Trainer) -> dict[str, int]:
-        stats = self._attr(trainer, "link_stats")
-        return stats.snapshot() if stats is not None else {"bytes_up": 0, "bytes_down": 0, "calls": 0}
-
     def _counters(self, trainer: L.Trainer) -> dict[str, float]:
-        link = self._link(trainer)
-        up, down = self._attr(trainer, "train_bytes_up"), self._attr(trainer, "train_bytes_down")
-        busy = self._attr(trainer, "device_busy_s")
+        stats = self._stats(trainer) or DeviceStats(device_busy_s=None)
+        link = stats.link.snapshot()
+        busy = stats.device_busy_s if stats.device_busy_s is not None else self._own_busy_s - stats.link_wait_s
+        has_train_counts = self._stats(trainer) is not None
         return {
             "steps": float(trainer.global_step),
             "samples": float(self._samples),
-            "device_busy_s": float(busy if busy is not None
-                                   else self._own_busy_s - float(self._attr(trainer, "link_wait_s") or 0.0)),
-            "server_busy_s": float(self._attr(trainer, "server_busy_s") or 0.0),
-            "bytes_up": float(up if up is not None else link["bytes_up"]),
-            "bytes_down": float(down if down is not None else link["bytes_down"]),
+            "device_busy_s": float(busy),
+            "server_busy_s": float(stats.server_busy_s),
+            "bytes_up": float(stats.train_bytes_up if has_train_counts else link["bytes_up"]),
+            "bytes_down": float(stats.train_bytes_down if has_train_counts else link["bytes_down"]),
             "wall_s": time.perf_counter() - self._t0,
         }
 
@@ -97,13 +88,13 @@ class DeviceMonitor(L.Callback):
         self._own_busy_s += time.perf_counter() - self._batch_t0
         labels = batch.get("labels") if isinstance(batch, dict) else None
         self._samples += int(labels.shape[0]) if labels is not None else 0
-        link = self._link(trainer)
-        s = trainer.strategy
+        stats = self._stats(trainer) or DeviceStats()
+        link = stats.link.snapshot()
         metrics = {
             "comm/bytes_up": float(link["bytes_up"]),
             "comm/bytes_down": float(link["bytes_down"]),
-            "time/device_step_s": float(getattr(s, "last_device_step_s", 0.0)),
-            "time/server_step_s": float(getattr(s, "last_train_reply", {}).get("server_step_s", 0.0)),
+            "time/device_step_s": float(stats.last_device_step_s),
+            "time/server_step_s": float(stats.last_server_step_s),
             "mem/device_peak_rss_mb": peak_rss_mb(),
             "mem/device_rss_mb": psutil.Process().memory_info().rss / 2**20,
         }
@@ -131,24 +122,24 @@ class DeviceMonitor(L.Callback):
             })
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        s = trainer.strategy
-        link = self._link(trainer)
+        stats = self._stats(trainer) or DeviceStats(device_busy_s=None, device_forwards=None)
+        link = stats.link.snapshot()
         m = trainer.callback_metrics
         counters = self._counters(trainer)
-        samples = int(getattr(s, "train_samples", 0)) or self._samples or None
-        transfer = getattr(s, "transfer", None)
+        samples = stats.train_samples or self._samples or None
+        transfer = next((c for c in trainer.callbacks if isinstance(c, QuantizedTransfer)), None)
 
         def per_sample(value: float | None) -> float | None:
             return value / samples if samples and value is not None else None
 
         self.summary = {
             "device_pid": os.getpid(),
-            "server_pid": self._attr(trainer, "server_pid"),
+            "server_pid": stats.server_pid,
             "method": type(pl_module).__name__,
-            "codec": getattr(transfer, "codec", None),
-            "select": getattr(s, "select", None),
-            "pipeline_depth": getattr(s, "pipeline_depth", None),
-            "overlap": bool(self._attr(trainer, "overlaps_server")),
+            "codec": stats.run.get("codec", getattr(transfer, "codec", None)),
+            "select": stats.run.get("select"),
+            "pipeline_depth": stats.run.get("pipeline_depth"),
+            "overlap": stats.overlaps_server,
             "steps": trainer.global_step,
             "epochs": trainer.current_epoch,
             "bytes_up": int(counters["bytes_up"]),
@@ -162,9 +153,9 @@ class DeviceMonitor(L.Callback):
             "device_peak_rss_mb": peak_rss_mb(),
             "device_busy_s": counters["device_busy_s"],
             "device_busy_s_per_sample": per_sample(counters["device_busy_s"]),
-            "train_bytes_up_by_epoch": {str(k): v for k, v in getattr(s, "train_bytes_up_by_epoch", {}).items()},
-            "device_busy_s_by_epoch": {str(k): v for k, v in getattr(s, "device_busy_by_epoch", {}).items()},
-            "device_forwards": getattr(s, "device_forwards", None),
+            "train_bytes_up_by_epoch": {str(k): int(v["train_bytes_up"]) for k, v in stats.by_epoch.items()},
+            "device_busy_s_by_epoch": {str(k): v["device_busy_s"] for k, v in stats.by_epoch.items()},
+            "device_forwards": stats.device_forwards,
             "server_busy_s": counters["server_busy_s"],
             "wall_s": counters["wall_s"],
             "train_loss": float(m["train/loss_epoch"]) if "train/loss_epoch" in m else None,

@@ -36,8 +36,9 @@ class QuantizedTransfer(L.Callback):
         self._packed = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if hasattr(trainer.strategy, "transfer"):
-            trainer.strategy.transfer = self
+        use = getattr(trainer.strategy, "use_transfer", None)  # strategies that send activations offer it
+        if use is not None:
+            use(self)
 
     def pack(self, acts: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Quantise packed activations ``[N, L, d]`` into the tensors of a frame."""

@@ -12,14 +12,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_mobillm import protocol as P
 from lightning_mobillm.modules.side_tuning import SideTuningModule
-from lightning_mobillm.privacy import TargetTransform, make_transform, new_key
+from lightning_mobillm.privacy import TargetTransform, keyed_sample_hashes, make_transform, new_key
+
+if TYPE_CHECKING:  # the server builds these modules without loading any backbone code
+    from lightning_mobillm.backbone import BackboneOutput, FrozenBackbone
 
 
 class AdditiveAdapterModule(SideTuningModule):
@@ -99,8 +103,7 @@ class AdditiveAdapterModule(SideTuningModule):
         a key derived from the device secret (the same sample gets the same coin in every epoch)."""
         self.transform  # noqa: B018 - makes sure the key exists
         mac_key = hmac.new(self._key, b"pae-sample-key", hashlib.sha256).digest()
-        return [hmac.new(mac_key, ids[m.bool()].to(torch.int64).numpy().tobytes(), hashlib.sha256).digest()
-                for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+        return keyed_sample_hashes(mac_key, input_ids, attention_mask)
 
     def device_targets(self, backbone_logits: Tensor, labels: Tensor, input_ids: Tensor | None = None,
                        attention_mask: Tensor | None = None) -> Tensor:
@@ -113,6 +116,25 @@ class AdditiveAdapterModule(SideTuningModule):
                 raise ValueError("this transform draws keyed per-sample randomness: pass input_ids and attention_mask")
             keys = self.sample_keys(input_ids, attention_mask)
         return self.transform.forward(delta, keys).float()
+
+    # ---- what the device does for PAE ---------------------------------------------------------------
+    def device_setup(self, backbone: FrozenBackbone, datamodule: Any) -> None:
+        """The verbalizer: the class names' first tokens, whose LM-head logits are the backbone's prior."""
+        class_names = getattr(datamodule, "class_names", None)
+        if not class_names:
+            raise ValueError("PAE needs the class names (the data module's class_names) for the verbalizer")
+        self.backbone_label_token_ids = backbone.verbalizer_token_ids(list(class_names))
+
+    def training_payload(self, batch: dict[str, Tensor], out: BackboneOutput) -> tuple[str, dict[str, Tensor]]:
+        """A ``train_target`` frame: the device-defined target, never the label."""
+        targets = self.device_targets(out.logits, batch["labels"], batch["input_ids"], batch["attention_mask"])
+        return P.TRAIN_TARGET, {"targets": targets.float().cpu()}
+
+    def device_scores(self, out: BackboneOutput, side_outputs: Tensor) -> Tensor:
+        return self.compose(out.logits, side_outputs)
+
+    def device_eval_loss(self, scores: Tensor, labels: Tensor) -> Tensor | None:
+        return None  # the composed scores are probabilities, not logits: no cross-entropy
 
     def compose(self, backbone_logits: Tensor, side_outputs: Tensor) -> Tensor:
         """The final class scores ``softmax(z_b) + T^{-1}(f(acts))`` (argmax is the prediction)."""

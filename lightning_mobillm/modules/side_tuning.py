@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning
 import torch
@@ -28,9 +28,13 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from lightning_mobillm import protocol as P
 from lightning_mobillm.optim import adamw_warmup_cosine
 from lightning_mobillm.side.parallel_adapters import ParallelAdapterSideNetwork
 from lightning_mobillm.specs import BackboneConfig, TapSpec
+
+if TYPE_CHECKING:  # the server builds these modules without loading any backbone code
+    from lightning_mobillm.backbone import BackboneOutput, FrozenBackbone
 
 __all__ = ["SideTuningModule", "classification_metrics"]
 
@@ -239,6 +243,27 @@ class SideTuningModule(lightning.LightningModule):
         """No-op when built (the strategy builds the network once the backbone's taps are known)."""
         if not self.is_built and self.tap_spec is not None:
             self.build(self.tap_spec)
+
+    # ---------------------------------------------------- what the device does for this module
+    # The strategy runs the backbone and talks to the server; these say what this method sends for a
+    # batch, and how the device turns the side network's outputs into predictions.
+    #: token ids whose frozen LM-head logits at the loss token the device computes (None: not needed)
+    backbone_label_token_ids: list[int] | None = None
+
+    def device_setup(self, backbone: FrozenBackbone, datamodule: Any) -> None:
+        """Called on the device once the backbone is loaded, before the server is greeted."""
+
+    def training_payload(self, batch: dict[str, Tensor], out: BackboneOutput) -> tuple[str, dict[str, Tensor]]:
+        """The frame kind and the tensors a training frame carries besides the activations: the labels."""
+        return P.TRAIN, {"labels": batch["labels"].to(torch.int64).cpu()}
+
+    def device_scores(self, out: BackboneOutput, side_outputs: Tensor) -> Tensor:
+        """Class scores on the device from the side network's outputs: its logits."""
+        return side_outputs
+
+    def device_eval_loss(self, scores: Tensor, labels: Tensor) -> Tensor | None:
+        """The evaluation loss the device logs (cross-entropy of the logits)."""
+        return F.cross_entropy(scores, labels)
 
     # ------------------------------------------------------------------------------ checkpointing
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

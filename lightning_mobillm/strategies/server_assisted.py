@@ -23,20 +23,19 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from lightning_mobillm import protocol as P
-from lightning_mobillm.backbone import FrozenBackbone
+from lightning_mobillm.backbone import BackboneOutput, FrozenBackbone
 from lightning_mobillm.callbacks.activation_cache import ActivationCache
 from lightning_mobillm.callbacks.quantized_transfer import QuantizedTransfer
 from lightning_mobillm.client import INPROCESS, ServerClient, ServerError, server_log_path
 from lightning_mobillm.server_config import ServerConfig
+from lightning_mobillm.stats import DeviceStats
 from lightning_mobillm.transport.frames import Frame, encode_frame
-from lightning_mobillm.transport.link import LinkStats
 
 log = logging.getLogger(__name__)
 
@@ -123,24 +122,23 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
         self.backbone: FrozenBackbone | None = None
         self.transfer: QuantizedTransfer | None = None
-        self.client: ServerClient | None = None
-        self.link_stats: LinkStats = LinkStats()  # outlives the connection, for summaries after teardown
-        self.server_pid: int | None = None
-        self._server_state: dict | None = None
-        # what the monitors read
-        self.last_train_reply: dict[str, Any] = {}
-        self.train_replies: int = 0
-        self.device_busy_s: float = 0.0
-        self.last_device_step_s: float = 0.0
-        self.server_busy_s: float = 0.0
-        self.device_forwards: int = 0
-        self.train_samples: int = 0
-        self.device_busy_by_epoch: dict[int, float] = {}
-        self.train_bytes_up_by_epoch: dict[int, int] = {}  # training frames only (no hello/eval/state)
-        self.train_bytes_up: int = 0  # training frames and their replies, counted where they are (de)serialised
-        self.train_bytes_down: int = 0
         self.cache: ActivationCache | None = None
-        self.verbalizer_ids: list[int] | None = None
+        self.client: ServerClient | None = None
+        self._server_state: dict | None = None
+        #: what this device spends (read by DeviceMonitor); outlives the connection, for summaries
+        self.device_stats = DeviceStats(overlaps_server=pipeline_depth > 0,
+                                        run={"select": select, "pipeline_depth": pipeline_depth})
+
+    # ---- the interface callbacks use (they call these from their own ``setup`` hook) ----------------
+    def use_transfer(self, transfer: QuantizedTransfer) -> None:
+        """Send activations with this callback's codec."""
+        self.transfer = transfer
+
+    def use_cache(self, cache: ActivationCache) -> None:
+        """Let this callback name training samples so that the server can keep their activations."""
+        if self.select != "loss":
+            raise ValueError("ActivationCache needs trainer.strategy.init_args.select: loss (one token per sample)")
+        self.cache = cache
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -148,9 +146,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         return self.backbone.tokenizer if self.backbone is not None else None
 
     @property
-    def overlaps_server(self) -> bool:
-        """Whether the device forwards the next batch while the link and the server handle this one."""
-        return self.pipeline_depth > 0
+    def server_pid(self) -> int | None:
+        return self.device_stats.server_pid
 
     def setup_environment(self) -> None:
         super().setup_environment()
@@ -164,11 +161,10 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             module.build(self.backbone.tap_spec, num_classes=num_classes)
 
     def setup(self, trainer) -> None:
-        if self.transfer is None:
-            self.transfer = next((c for c in trainer.callbacks if isinstance(c, QuantizedTransfer)), None)
-            if self.transfer is None:
-                self.transfer = QuantizedTransfer()
-                log.info("no QuantizedTransfer callback configured; sending %s", self.transfer.codec)
+        if self.transfer is None:  # callbacks' setup hooks ran before this one
+            self.transfer = QuantizedTransfer()
+            log.info("no QuantizedTransfer callback configured; sending %s", self.transfer.codec)
+        self.device_stats.run["codec"] = self.transfer.codec
         super().setup(trainer)
         if self.client is None:
             self._connect()  # after checkpoint restore, so a resumed run finds its activation cache
@@ -176,11 +172,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         module.requires_grad_(False)  # the device never holds side-network gradients
         fitting = trainer.state.fn == TrainerFn.FITTING
         total = int(trainer.estimated_stepping_batches) if fitting else 1
-        if getattr(module, "label_free", False):
-            class_names = getattr(trainer.datamodule, "class_names", None)
-            if not class_names:
-                raise ValueError("PAE needs the class names (the data module's class_names) for the verbalizer")
-            self.verbalizer_ids = self.backbone.verbalizer_token_ids(list(class_names))
+        module.device_setup(self.backbone, trainer.datamodule)
         self.client.hello(
             P.HELLO,
             {
@@ -196,7 +188,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                     **({"cache": self.cache.hello()} if self.cache is not None and fitting else {}),
             },
         )
-        self.server_pid = self.client.server_pid
+        self.device_stats.server_pid = self.client.server_pid
         # The device's copy of the weights (fresh init, or restored from a checkpoint) is the truth.
         self._push_state({"model": module.state_dict(), "step": 0})
 
@@ -228,11 +220,11 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             remembered = self.cache.workdir if self.cache is not None else None
             config.workdir = remembered or (str(log_path.parent) if log_path is not None else None)
         if self.cache is not None:
-            self.cache.workdir = config.workdir
+            self.cache.remember_workdir(config.workdir)
         self.client = ServerClient(self.server_address, self.token, role="side", embedded=config, log_path=log_path,
                                    connect_timeout=self.connect_timeout, call_timeout=self.call_timeout,
                                    retries=self.retries).open()
-        self.link_stats = self.client.stats
+        self.device_stats.link = self.client.stats
 
     # ---- requests -----------------------------------------------------------------------------------
     def _request(self, frame: Frame) -> Frame:
@@ -246,37 +238,30 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self._drain()
         return self.client.pull_state()
 
-    def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Run the backbone, quantise its taps into frame tensors; also the backbone's own verbalizer
-        logits when the module composes with them (PAE)."""
-        label_free = getattr(self.lightning_module, "label_free", False)
+    def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], BackboneOutput]:
+        """Run the backbone (with the LM-head logits the module composes with, if any) and quantise its
+        taps into frame tensors."""
         out = self.backbone(batch["input_ids"], batch["attention_mask"], select=self.select,
-                            label_token_ids=self.verbalizer_ids if label_free else None)
-        self.device_forwards += 1
-        return self.transfer.pack(out.acts, out.lengths), out.logits
+                            label_token_ids=self.lightning_module.backbone_label_token_ids)
+        self.device_stats.device_forwards += 1
+        return self.transfer.pack(out.acts, out.lengths), out
 
     def _train_frame(self, step: int, batch: dict[str, Tensor], keys: list[str] | None) -> bytes:
-        """Forward a training batch and build its frame: labels (MobiLLM) or device-defined targets (PAE)."""
-        tensors, backbone_logits = self._forward(batch)
-        labels = batch["labels"].to(torch.int64).cpu()
-        if backbone_logits is not None:
-            kind = P.TRAIN_TARGET
-            tensors["targets"] = self.lightning_module.device_targets(
-                backbone_logits, labels, batch["input_ids"], batch["attention_mask"]).float().cpu()
-        else:
-            kind = P.TRAIN
-            tensors["labels"] = labels
+        """Forward a training batch and build its frame; the module says what it carries besides the
+        activations (labels, or a device-defined target) and in which kind of frame."""
+        tensors, out = self._forward(batch)
+        kind, extra = self.lightning_module.training_payload(batch, out)
         header = {"session": self.session, "step": step, "codec": self.transfer.codec}
         if keys is not None:
             header["keys"] = keys
-        return encode_frame(Frame(kind=kind, header=header, tensors=tensors))
+        return encode_frame(Frame(kind=kind, header=header, tensors={**tensors, **extra}))
 
     # ---- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         trainer = self.lightning_module.trainer
         step = trainer.global_step
         t0 = time.perf_counter()
-        self.train_samples += int(batch["labels"].numel())
+        self.device_stats.train_samples += int(batch["labels"].numel())
         keys = self.cache.sample_keys(batch["input_ids"], batch["attention_mask"]) if self.cache else None
         if keys is not None and self.cache.all_cached(keys):
             self._train_from_cache(step, batch, keys, t0)
@@ -286,19 +271,16 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             self.client.submit(data, tag=(step, keys))
             while self.client.in_flight > self.pipeline_depth or self.client.oldest_done():
                 self._complete_oldest()
-        return torch.tensor(self.last_train_reply.get("loss", float("nan")))
+        return torch.tensor(self.device_stats.last_train_reply.get("loss", float("nan")))
 
     def _account_busy(self, t0: float, frame_bytes: int) -> None:
-        self.last_device_step_s = time.perf_counter() - t0
-        self.device_busy_s += self.last_device_step_s
         epoch = self.lightning_module.trainer.current_epoch
-        self.device_busy_by_epoch[epoch] = self.device_busy_by_epoch.get(epoch, 0.0) + self.last_device_step_s
-        self.train_bytes_up_by_epoch[epoch] = self.train_bytes_up_by_epoch.get(epoch, 0) + frame_bytes
-        self.train_bytes_up += frame_bytes
+        self.device_stats.add_device_step(epoch, time.perf_counter() - t0, frame_bytes)
 
     def _train_reply(self, data: bytes) -> dict[str, Any]:
-        self.train_bytes_down += len(data)
-        return self.client.decode_reply(data).header
+        reply = self.client.decode_reply(data).header
+        self.device_stats.add_server_reply(reply, len(data))
+        return reply
 
     def _train_from_cache(self, step: int, batch: dict[str, Tensor], keys: list[str], t0: float) -> None:
         """The server holds every sample of this batch: send the keys only, no device forward."""
@@ -310,14 +292,13 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         if "missing" in reply:
             # lost or corrupt on the server: forward this batch again and resend the same step
             log.warning("server lost %d cached samples; forwarding the batch again", len(reply["missing"]))
-            self.cache.misses += len(reply["missing"])
-            self.cache.cached.difference_update(reply["missing"])
+            self.cache.on_missing(reply["missing"])
             t1 = time.perf_counter()
             data = self._train_frame(step, batch, keys)
             self._account_busy(t1, len(data))
             reply = self._train_reply(self.client.call(data))
         else:
-            self.cache.hits += len(keys)
+            self.cache.on_hits(keys)
         self._on_train_reply(step, reply, keys)
 
     def _complete_oldest(self) -> None:
@@ -327,11 +308,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
     def _on_train_reply(self, step: int, reply: dict[str, Any], keys: list[str] | None) -> None:
         if reply.get("step") != step:
             raise ServerError(f"server answered step {reply.get('step')} for step {step}")
-        if reply.get("cached") and keys is not None:
-            self.cache.cached.update(keys)
-        self.last_train_reply = reply
-        self.train_replies += 1
-        self.server_busy_s += reply["server_step_s"]
+        if self.cache is not None:
+            self.cache.on_server_reply(reply, keys)
         module = self.lightning_module
         if module is not None and module._current_fx_name == "training_step":
             module.log("train/loss", reply["loss"], prog_bar=True, on_step=True, on_epoch=True)
@@ -355,10 +333,10 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.lightning_module.load_state_dict(state["model"])
 
     # ---- evaluation ---------------------------------------------------------------------------------
-    def _side_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        """Class scores for a batch: the side network's logits (MobiLLM), or the backbone's prediction
-        composed with the side network's correction on the device (PAE)."""
-        tensors, backbone_logits = self._forward(batch)
+    def _scores(self, batch: dict[str, Tensor]) -> Tensor:
+        """Class scores for a batch, composed on the device by the module from the side network's outputs
+        (and the backbone's own prediction, for modules that compose with it)."""
+        tensors, out = self._forward(batch)
         module = self.lightning_module
         if self.inference == "local" and module.trainer.state.fn != TrainerFn.FITTING:
             acts, lengths = P.unpack_acts(tensors, self.transfer.codec)
@@ -370,15 +348,13 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                 Frame(kind=P.EVAL, header={"session": self.session, "codec": self.transfer.codec}, tensors=tensors)
             )
             side = reply.tensors["logits"]
-        return module.compose(backbone_logits, side) if backbone_logits is not None else side
+        return module.device_scores(out, side)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        scores = self._side_logits(batch)
+        scores = self._scores(batch)
         labels = batch["labels"].to(scores.device)
         module = self.lightning_module
-        # PAE composes probabilities, not logits: its validation loss is not a cross-entropy
-        loss = None if getattr(module, "label_free", False) else F.cross_entropy(scores, labels)
-        module.update_eval_metrics(stage, scores, labels, loss=loss)
+        module.update_eval_metrics(stage, scores, labels, loss=module.device_eval_loss(scores, labels))
         return {"logits": scores}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, *args: Any) -> Any:
@@ -388,7 +364,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         return self._eval_step("test", batch)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, *args: Any) -> Any:
-        logits = self._side_logits(batch)
+        logits = self._scores(batch)
         return {"logits": logits, "preds": logits.argmax(-1), "index": batch.get("index")}
 
     # ---- checkpoints --------------------------------------------------------------------------------
