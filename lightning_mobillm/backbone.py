@@ -24,12 +24,14 @@ in token order either way.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -342,6 +344,23 @@ class FrozenBackbone:
         )
 
     # ------------------------------------------------------------------ conveniences
+    def identity(self) -> dict:
+        """What a server may know of this backbone: its type, a name (never a local path), its shape, and
+        a SHA-256 of its output-side weights (the final norm and the LM head, or the output embedding),
+        the tensors a server would need to match to compute next-token distributions."""
+        source = self.config.source
+        name = source if is_packaged(source) else Path(source).name
+        digest = hashlib.sha256()
+        output = self.model.get_output_embeddings() if self.is_decoder else None
+        final_norm = getattr(self.base_model, "norm", None)
+        for tensors in (output, final_norm):
+            for p in (tensors.parameters() if isinstance(tensors, nn.Module) else ()):
+                t = p.detach().to("cpu").contiguous()
+                digest.update(f"{t.dtype}{list(t.shape)}".encode())
+                digest.update(t.view(torch.uint8).numpy().data)  # the bytes, without a copy
+        return {"arch": self.tap_spec.arch, "name": name, "hidden_size": self.hidden_size,
+                "num_layers": self.num_blocks, "is_decoder": self.is_decoder, "digest": digest.hexdigest()}
+
     @property
     def num_taps(self) -> int:
         return len(self.layers)

@@ -46,6 +46,9 @@ class AdditiveAdapterModule(SideTuningModule):
     """
 
     server_module_name = "additive_adapter"
+    #: the transform and its key stay on the device: the server fits whatever targets it receives
+    device_only_hparams = (*SideTuningModule.device_only_hparams, "transform", "transform_dim", "transform_sigma",
+                           "transform_rr_epsilon", "secret_env")
     #: frames of this module carry device-defined targets, never labels
     label_free = True
 

@@ -171,6 +171,14 @@ class SideTuningModule(lightning.LightningModule):
         d["total_steps"] = self.total_steps
         return d
 
+    #: hyperparameters that stay on the device (its backbone's location, seeds, secrets): never in a hello
+    device_only_hparams: tuple[str, ...] = ("backbone", "seed", "num_classes", "total_steps")
+
+    def server_hparams(self) -> dict[str, Any]:
+        """What the server needs to build and train this module (the side network's shape, the optimiser,
+        the loss); the hello carries the tap spec, class count and planned steps separately."""
+        return {k: v for k, v in self.hparams_dict().items() if k not in self.device_only_hparams}
+
     @classmethod
     def from_hparams_dict(cls, d: dict[str, Any]) -> SideTuningModule:
         """Rebuild an (unbuilt) module from :meth:`hparams_dict` output, e.g. after a JSON round trip."""

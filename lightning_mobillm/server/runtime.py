@@ -14,7 +14,7 @@ import importlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +57,7 @@ class SideSession(SessionBase):
     label_free: bool = False
     store: ActivationStore | None = None
     model: Any = None  # set by the policy (a TrainingEngine for the per-device policy)
+    backbone: dict = field(default_factory=dict)  # the device's backbone identity (type, name, digest)
 
     @property
     def step(self) -> int:
@@ -105,15 +106,20 @@ class SideServer(FrameServer):
         resume = h.get("resume", False)
         if not isinstance(resume, bool):
             raise FrameError("hello: resume must be true or false")
-        session = SideSession(key, spec, h["num_outputs"], label_free=bool(getattr(cls, "label_free", False)))
+        backbone = h.get("backbone", {})
+        if not isinstance(backbone, dict):
+            raise FrameError("hello: backbone must be an object (arch, name, hidden_size, num_layers, digest)")
+        session = SideSession(key, spec, h["num_outputs"], label_free=bool(getattr(cls, "label_free", False)),
+                              backbone=backbone)
         self.policy.attach(session, module, resume=resume)
         session.store = self._open_store(h.get("cache"))
         replaced = self._add_session(session)
         log.info(
-            "session %s %s: %s, %d taps x %d, %d outputs, %d params, %d steps planned, on %s",
+            "session %s %s: %s on %s, %d taps x %d, %d outputs, %d params, %d steps planned, on %s",
             key,
             "restarted" if replaced else "opened",
             h["module"],
+            backbone.get("name", "?"),
             spec.num_taps,
             spec.hidden_size,
             h["num_outputs"],
