@@ -74,7 +74,8 @@ def test_the_side_server_trains_through_fabric(monkeypatch):
     server = SideServer(ServerConfig(device="cpu", checkpoint_every_n_steps=0))
     module = SideTuningModule(backbone=BackboneConfig(source="unused"), num_classes=3)
     hello = Frame(kind=P.HELLO, header={"protocol": P.PROTOCOL_VERSION, "device_id": "d", "run_id": "r",
-                                        "module": "side_tuning", "hparams": P.json_safe(module.hparams_dict()),
+                                        "module": "side_tuning", "side": module.side_config.to_dict(),
+                                        "hparams": P.json_safe(module.server_hparams()),
                                         "tap_spec": SPEC.to_dict(), "num_outputs": 3, "total_steps": 5,
                                         "codec": "fp32"})
     assert P.OK.encode() in server.handle(encode_frame(hello))

@@ -62,5 +62,9 @@ def test_the_hello_names_the_backbone_without_device_paths_or_secrets(method, he
     assert str(tiny_llama_dir) not in text and str(tiny_data_file) not in text  # no local path
     assert secret not in text and "secret_env" not in text and "MOBILLM_LABEL_SECRET" not in text
     assert "seed" not in hello["hparams"] and "backbone" not in hello["hparams"]
+    assert hello["side"] == {"trunk": "parallel_adapters", "head": "pooled_linear", "reduction": 8,
+                             "normalize_taps": True, "activation": "gelu", "final_norm": "layernorm",
+                             "pool": "last", "dropout": 0.1}
+    assert not set(hello["side"]) & set(hello["hparams"])  # each setting travels once
     if method == "pae":
         assert not {"transform", "transform_dim", "transform_rr_epsilon"} & set(hello["hparams"])

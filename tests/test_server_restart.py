@@ -22,8 +22,8 @@ SPEC = TapSpec(layers=[0, 1, 2], hidden_size=16, arch="llama", is_decoder=True)
 
 def _hello(resume: bool = False) -> dict:
     module = SideTuningModule(backbone=BackboneConfig(source="unused"), num_classes=3, lr=1e-2, dropout=0.0)
-    return {"device_id": "phone", "run_id": "run1", "module": "side_tuning",
-            "hparams": P.json_safe(module.hparams_dict()), "tap_spec": SPEC.to_dict(), "num_classes": 3,
+    return {"device_id": "phone", "run_id": "run1", "module": "side_tuning", "side": module.side_config.to_dict(),
+            "hparams": P.json_safe(module.server_hparams()), "tap_spec": SPEC.to_dict(), "num_classes": 3,
             "num_outputs": 3, "total_steps": 20, "codec": "fp32", "resume": resume}
 
 

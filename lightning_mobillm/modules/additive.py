@@ -148,7 +148,7 @@ class AdditiveAdapterModule(SideTuningModule):
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Regression of the side output onto ``batch["targets"]``; returns (loss, outputs)."""
         side = self._require_built()
-        acts = batch["acts"].to(device=side.head.weight.device, dtype=self.side_dtype)
+        acts = batch["acts"].to(device=side.device, dtype=self.side_dtype)
         outputs = side(acts, batch["lengths"].to(acts.device))
         targets = batch["targets"].to(device=acts.device, dtype=outputs.dtype)
         if targets.shape != outputs.shape:

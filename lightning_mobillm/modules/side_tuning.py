@@ -30,7 +30,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_mobillm import protocol as P
 from lightning_mobillm.optim import adamw_warmup_cosine
-from lightning_mobillm.side.parallel_adapters import ParallelAdapterSideNetwork
+from lightning_mobillm.side.config import SideConfig
+from lightning_mobillm.side.network import SideNetwork
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 
 if TYPE_CHECKING:  # the server builds these modules without loading any backbone code
@@ -70,7 +71,7 @@ class SideTuningModule(lightning.LightningModule):
         backbone: which frozen backbone the device runs (kept in the hyperparameters as a plain dict).
         num_classes: number of classes; may instead be given to :meth:`build`.
         reduction, normalize_taps, pool, activation, dropout, final_norm: side-network knobs, see
-            :class:`~lightning_mobillm.side.ParallelAdapterSideNetwork`.
+            :class:`~lightning_mobillm.side.config.SideConfig` (the side network is built from it).
         lr, weight_decay, betas: AdamW settings (no weight decay on biases, norm weights and gates).
         warmup_ratio: fraction of the total steps spent in linear warmup.
         min_lr_ratio: the cosine schedule ends at ``min_lr_ratio * lr``.
@@ -132,7 +133,7 @@ class SideTuningModule(lightning.LightningModule):
         )
         self.total_steps = total_steps
         self.tap_spec: TapSpec | None = None
-        self.side: ParallelAdapterSideNetwork | None = None
+        self.side: SideNetwork | None = None
         self.val_metrics: MetricCollection | None = None
         self.test_metrics: MetricCollection | None = None
 
@@ -148,7 +149,7 @@ class SideTuningModule(lightning.LightningModule):
     @property
     def num_outputs(self) -> int | None:
         """Width of the side network's output (the number of classes for a classifier)."""
-        return self.side.head.out_features if self.side is not None else None
+        return self.side.num_outputs if self.side is not None else None
 
     def default_num_outputs(self, num_classes: int) -> int:
         """Output width when :meth:`build` is not told one: a classifier head."""
@@ -174,10 +175,16 @@ class SideTuningModule(lightning.LightningModule):
     #: hyperparameters that stay on the device (its backbone's location, seeds, secrets): never in a hello
     device_only_hparams: tuple[str, ...] = ("backbone", "seed", "num_classes", "total_steps")
 
+    @property
+    def side_config(self) -> SideConfig:
+        """The side network's type and shape, from this module's hyperparameters."""
+        return SideConfig(**{k: self.hparams[k] for k in SideConfig().module_kwargs() if k in self.hparams})
+
     def server_hparams(self) -> dict[str, Any]:
-        """What the server needs to build and train this module (the side network's shape, the optimiser,
-        the loss); the hello carries the tap spec, class count and planned steps separately."""
-        return {k: v for k, v in self.hparams_dict().items() if k not in self.device_only_hparams}
+        """What the server needs to train this module besides the side config (the optimiser, the loss);
+        the hello carries the side config, tap spec, class count and planned steps separately."""
+        side = set(SideConfig().module_kwargs())
+        return {k: v for k, v in self.hparams_dict().items() if k not in self.device_only_hparams and k not in side}
 
     @classmethod
     def from_hparams_dict(cls, d: dict[str, Any]) -> SideTuningModule:
@@ -220,27 +227,14 @@ class SideTuningModule(lightning.LightningModule):
                 )
             return
 
-        hp = self.hparams
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(hp["seed"]))
-            side = ParallelAdapterSideNetwork(
-                num_taps=tap_spec.num_taps,
-                hidden_size=tap_spec.hidden_size,
-                num_outputs=n_outputs,
-                reduction=int(hp["reduction"]),
-                normalize_taps=bool(hp["normalize_taps"]),
-                activation=str(hp["activation"]),
-                dropout=float(hp["dropout"]),
-                pool=hp["pool"],
-                final_norm=hp.get("final_norm", "layernorm"),
-            )
+        side = self.side_config.build(tap_spec, n_outputs, seed=int(self.hparams["seed"]))
         self.hparams["num_classes"] = n_classes
         self.tap_spec = TapSpec.from_dict(tap_spec.to_dict())
         self.side = side.to(self.device)
         self.val_metrics = classification_metrics(n_classes, "val/").to(self.device)
         self.test_metrics = classification_metrics(n_classes, "test/").to(self.device)
 
-    def _require_built(self) -> ParallelAdapterSideNetwork:
+    def _require_built(self) -> SideNetwork:
         if self.side is None:
             raise RuntimeError(
                 "the side network is not built yet: call module.build(tap_spec) once the backbone's TapSpec is known"
@@ -292,12 +286,12 @@ class SideTuningModule(lightning.LightningModule):
 
     @property
     def side_dtype(self) -> torch.dtype:
-        return self._require_built().head.weight.dtype
+        return self._require_built().dtype
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Cross-entropy (with label smoothing) of a batch ``{"acts", "lengths", "labels"}``; returns (loss, logits)."""
         side = self._require_built()
-        acts = batch["acts"].to(device=side.head.weight.device, dtype=self.side_dtype)
+        acts = batch["acts"].to(device=side.device, dtype=self.side_dtype)
         lengths = batch["lengths"].to(device=acts.device)
         labels = batch["labels"].to(device=acts.device, dtype=torch.long)
         logits = side(acts, lengths)
@@ -330,7 +324,7 @@ class SideTuningModule(lightning.LightningModule):
         self, batch: dict[str, Tensor], batch_idx: int = 0, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
         side = self._require_built()
-        acts = batch["acts"].to(device=side.head.weight.device, dtype=self.side_dtype)
+        acts = batch["acts"].to(device=side.device, dtype=self.side_dtype)
         logits = side(acts, batch["lengths"].to(acts.device))
         return {"logits": logits, "preds": logits.argmax(dim=-1)}
 

@@ -60,6 +60,7 @@ REQUEST_SCHEMAS: dict[str, FrameSchema] = {
             "device_id": str,
             "run_id": str,
             "module": str,
+            "side": dict,
             "hparams": dict,
             "tap_spec": dict,
             "num_outputs": int,

@@ -14,6 +14,7 @@ this class; a GPU or multi-GPU server gets a Fabric accelerator and strategy fro
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -151,6 +152,8 @@ class TrainingEngine:
             if state.get("optimizer") is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None and state.get("scheduler") is not None:
+                # a scheduler's load_state_dict takes any dict into its __dict__: check it has the shape of ours
+                _check_like(before["scheduler"], state["scheduler"], "scheduler")
                 self.scheduler.load_state_dict(state["scheduler"])
             _check_optimizer_shapes(self.optimizer)
             step = int(state["step"])
@@ -181,6 +184,32 @@ class TrainingEngine:
         state = self.fabric.load(Path(path), weights_only=True)
         self.load_state_dict(state)
         return state.get("extra") or {}
+
+
+def _check_like(reference: Any, value: Any, path: str) -> None:
+    """``value`` has the structure and value types of ``reference`` (same keys, lengths and kinds of
+    number; finite numbers), as a state of the same scheduler would."""
+    if isinstance(reference, dict):
+        if not isinstance(value, dict) or set(value) != set(reference):
+            raise ValueError(f"{path} must hold the keys {sorted(reference)}")
+        for key in reference:
+            _check_like(reference[key], value[key], f"{path}.{key}")
+    elif isinstance(reference, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(reference):
+            raise ValueError(f"{path} must be a list of {len(reference)}")
+        for i, (r, v) in enumerate(zip(reference, value)):
+            _check_like(r, v, f"{path}[{i}]")
+    elif isinstance(reference, bool) or reference is None or isinstance(reference, str):
+        if type(value) is not type(reference):
+            raise ValueError(f"{path} must be {type(reference).__name__}, got {type(value).__name__}")
+    elif isinstance(reference, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{path} must be a finite number, got {value!r}")
+        if isinstance(reference, int) and not isinstance(value, int):
+            raise ValueError(f"{path} must be an integer, got {value!r}")
+    elif isinstance(reference, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.shape != reference.shape:
+            raise ValueError(f"{path} must be a tensor of shape {list(reference.shape)}")
 
 
 def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:

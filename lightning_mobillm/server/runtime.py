@@ -24,6 +24,7 @@ from lightning_mobillm.server.cache import ActivationStore
 from lightning_mobillm.server.dispatch import FrameServer, SessionBase
 from lightning_mobillm.server.policies import PerDevicePolicy, ServerPolicy
 from lightning_mobillm.server_config import ServerConfig
+from lightning_mobillm.side.config import SideConfig
 from lightning_mobillm.specs import TapSpec
 from lightning_mobillm.transport.frames import Frame, FrameError, encode_frame
 
@@ -92,7 +93,8 @@ class SideServer(FrameServer):
         cls = _resolve_module_class(h["module"])
         self._check_capacity(key)
         try:
-            module = cls.from_hparams_dict(h["hparams"])
+            side = SideConfig.from_dict(h.get("side", {}))
+            module = cls.from_hparams_dict({**h["hparams"], **side.module_kwargs()})
         except (TypeError, ValueError, KeyError) as err:
             raise FrameError(f"hparams do not build {h['module']}: {err}") from None
         num_classes = h.get("num_classes", h["num_outputs"])

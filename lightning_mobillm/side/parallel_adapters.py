@@ -18,7 +18,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BottleneckAdapter", "ParallelAdapterSideNetwork", "make_activation", "rms_normalize"]
+from lightning_mobillm.side.heads import PooledLinearHead, PoolMode
+from lightning_mobillm.side.network import SideNetwork
+
+__all__ = ["BottleneckAdapter", "ParallelAdapterSideNetwork", "ParallelAdapterTrunk", "make_activation", "rms_normalize"]
 
 _ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -29,7 +32,6 @@ _ACTIVATIONS = {
     "tanh": nn.Tanh,
 }
 
-PoolMode = Literal["last", "mean", "first"]
 NormKind = Literal["layernorm", "rmsnorm"]
 
 
@@ -76,15 +78,16 @@ class BottleneckAdapter(nn.Module):
         return x + self.up(self.act(self.down(x)))
 
 
-class ParallelAdapterSideNetwork(nn.Module):
-    """MobiLLM parallel-adapter side network over packed, per-layer backbone activations.
+class ParallelAdapterTrunk(nn.Module):
+    """The trunk of MobiLLM's side network: parallel adapters over packed, per-layer backbone taps.
 
     For tapped layers ``i = 1..L`` (backbone order), with ``A_i = acts[:, i-1, :]``::
 
         s_0 = 0
         s_i = Adapter_i((1 - mu_i) * A_i + mu_i * s_{i-1}),   mu_i = sigmoid(alpha_i)
 
-    then ``final_norm(s_L)`` per token, pooling over each sample's tokens, dropout and a linear head.
+    then ``final_norm(s_L)`` per token: ``[N, L, d] -> [N, d]``. A head (:mod:`lightning_mobillm.side.heads`)
+    pools each sample's tokens and maps them to outputs.
 
     Design choices that are ours (the paper does not specify the side network); each is a knob:
 
@@ -99,19 +102,13 @@ class ParallelAdapterSideNetwork(nn.Module):
       On VitaminC this beat unnormalised taps on every seed; without it the gates stayed near 0.5.
       It also makes the output invariant to a positive rescaling of a token's activations.
     * **Final norm** (``final_norm``: ``"layernorm"`` default, or ``"rmsnorm"``; both with weight).
-    * **Pooling** per sample: ``"last"`` (default; the sample's last token in packed order -- the
-      loss token of a decoder), ``"mean"`` (segment mean), or ``"first"`` (e.g. an encoder's [CLS]
-      when whole sequences are sent). With one token per sample all modes agree.
 
     Args:
         num_taps: ``L``, the number of tapped layers.
         hidden_size: ``d``, the backbone width.
-        num_outputs: size of the head's output (number of classes).
         reduction: adapter bottleneck reduction factor ``r``.
         normalize_taps: RMS-normalise each tap before fusing it.
         activation: adapter nonlinearity.
-        dropout: dropout before the head.
-        pool: ``"last"``, ``"mean"`` or ``"first"``.
         final_norm: ``"layernorm"`` or ``"rmsnorm"``.
         eps: epsilon of the tap RMS normalisation.
     """
@@ -120,12 +117,9 @@ class ParallelAdapterSideNetwork(nn.Module):
         self,
         num_taps: int,
         hidden_size: int,
-        num_outputs: int,
         reduction: int = 8,
         normalize_taps: bool = True,
         activation: str = "gelu",
-        dropout: float = 0.0,
-        pool: PoolMode = "last",
         final_norm: NormKind = "layernorm",
         eps: float = 1e-6,
     ) -> None:
@@ -134,19 +128,11 @@ class ParallelAdapterSideNetwork(nn.Module):
             raise ValueError(f"num_taps must be >= 1, got {num_taps}")
         if hidden_size < 1:
             raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
-        if num_outputs < 1:
-            raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
-        if pool not in ("last", "mean", "first"):
-            raise ValueError(f"pool must be 'last', 'mean' or 'first', got {pool!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.num_taps = int(num_taps)
         self.hidden_size = int(hidden_size)
-        self.num_outputs = int(num_outputs)
+        self.out_features = self.hidden_size
         self.normalize_taps = bool(normalize_taps)
-        self.pool = pool
         self.eps = float(eps)
-
         self.adapters = nn.ModuleList(
             BottleneckAdapter(self.hidden_size, reduction, activation) for _ in range(self.num_taps)
         )
@@ -158,16 +144,13 @@ class ParallelAdapterSideNetwork(nn.Module):
             self.final_norm = nn.RMSNorm(self.hidden_size, eps=1e-6)
         else:
             raise ValueError(f"final_norm must be 'layernorm' or 'rmsnorm', got {final_norm!r}")
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(self.hidden_size, self.num_outputs)
 
     @property
     def gates(self) -> Tensor:
         """``mu_i = sigmoid(alpha_i)`` for every tapped layer, shape ``[L]``."""
         return torch.sigmoid(self.gate_alpha)
 
-    # ----------------------------------------------------------------------------------- validation
-    def _check_acts(self, acts: Tensor) -> None:
+    def check_acts(self, acts: Tensor) -> None:
         if not isinstance(acts, Tensor):
             raise ValueError(f"acts must be a torch.Tensor, got {type(acts).__name__}")
         if acts.dim() != 3:
@@ -185,29 +168,9 @@ class ParallelAdapterSideNetwork(nn.Module):
         if not acts.is_floating_point():
             raise ValueError(f"acts must be floating point, got dtype {acts.dtype}")
 
-    @staticmethod
-    def _check_lengths(lengths: Tensor, n: int) -> None:
-        if not isinstance(lengths, Tensor):
-            raise ValueError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
-        if lengths.dim() != 1 or lengths.numel() < 1:
-            raise ValueError(f"lengths must be a non-empty 1-D tensor [B], got shape {tuple(lengths.shape)}")
-        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
-            raise ValueError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
-        bad = (lengths < 1).nonzero().flatten()
-        if bad.numel():
-            i = int(bad[0])
-            raise ValueError(
-                f"every sample needs at least one token: lengths must all be >= 1, "
-                f"but {bad.numel()} are not (lengths[{i}] = {int(lengths[i])})"
-            )
-        total = int(lengths.sum())
-        if total != n:
-            raise ValueError(f"lengths sum to {total} but acts holds N={n} packed tokens")
-
-    # -------------------------------------------------------------------------------------- forward
     def side_states(self, acts: Tensor) -> Tensor:
-        """Final side state ``s_L`` of every packed token, ``[N, d]`` (before the final norm and pooling)."""
-        self._check_acts(acts)
+        """Final side state ``s_L`` of every packed token, ``[N, d]`` (before the final norm)."""
+        self.check_acts(acts)
         gates = self.gates.to(acts.dtype)
         state = acts.new_zeros(acts.shape[0], self.hidden_size)
         for i, adapter in enumerate(self.adapters):
@@ -218,21 +181,60 @@ class ParallelAdapterSideNetwork(nn.Module):
             state = adapter((1 - mu) * tap + mu * state)
         return state
 
-    def pool_tokens(self, states: Tensor, lengths: Tensor) -> Tensor:
-        """Pool per-token states ``[N, d]`` into per-sample vectors ``[B, d]`` (vectorised, no loop over samples)."""
-        lengths = lengths.to(device=states.device, dtype=torch.long)
-        if self.pool == "last":
-            return states.index_select(0, torch.cumsum(lengths, 0) - 1)
-        if self.pool == "first":
-            return states.index_select(0, torch.cumsum(lengths, 0) - lengths)
-        segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=states.device), lengths)
-        sums = states.new_zeros(lengths.numel(), states.shape[-1]).index_add_(0, segment, states)
-        return sums / lengths.to(states.dtype).unsqueeze(-1)
+    def forward(self, acts: Tensor) -> Tensor:
+        """Packed taps ``[N, L, d]`` to normalised per-token side states ``[N, d]``."""
+        return self.final_norm(self.side_states(acts))
 
-    def forward(self, acts: Tensor, lengths: Tensor) -> Tensor:
-        """Map packed activations ``[N, L, d]`` and ``lengths`` ``[B]`` to outputs ``[B, num_outputs]``."""
-        self._check_acts(acts)
-        self._check_lengths(lengths, acts.shape[0])
-        states = self.final_norm(self.side_states(acts))
-        pooled = self.pool_tokens(states, lengths)
-        return self.head(self.dropout(pooled))
+
+class ParallelAdapterSideNetwork(SideNetwork):
+    """MobiLLM's side network in one piece: a :class:`ParallelAdapterTrunk` and a
+    :class:`~lightning_mobillm.side.heads.PooledLinearHead` (pooling per sample, dropout, linear), with
+    the trunk's parts reachable by their names (``adapters``, ``gates``, ``final_norm``...).
+
+    Args:
+        num_taps, hidden_size, reduction, normalize_taps, activation, final_norm, eps: the trunk's.
+        num_outputs: size of the head's output (number of classes).
+        dropout: dropout before the head's linear map.
+        pool: ``"last"`` (the sample's last token in packed order, a decoder's loss token), ``"mean"``,
+            or ``"first"`` (an encoder's [CLS] when whole sequences are sent). With one token per
+            sample all modes agree.
+    """
+
+    def __init__(
+        self,
+        num_taps: int,
+        hidden_size: int,
+        num_outputs: int,
+        reduction: int = 8,
+        normalize_taps: bool = True,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        pool: PoolMode = "last",
+        final_norm: NormKind = "layernorm",
+        eps: float = 1e-6,
+    ) -> None:
+        trunk = ParallelAdapterTrunk(num_taps, hidden_size, reduction=reduction, normalize_taps=normalize_taps,
+                                     activation=activation, final_norm=final_norm, eps=eps)
+        super().__init__(trunk, PooledLinearHead(trunk.out_features, num_outputs, pool=pool, dropout=dropout))
+
+    @property
+    def adapters(self) -> nn.ModuleList:
+        return self.trunk.adapters
+
+    @property
+    def gate_alpha(self) -> nn.Parameter:
+        return self.trunk.gate_alpha
+
+    @property
+    def gates(self) -> Tensor:
+        return self.trunk.gates
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.trunk.final_norm
+
+    def side_states(self, acts: Tensor) -> Tensor:
+        return self.trunk.side_states(acts)
+
+    def pool_tokens(self, states: Tensor, lengths: Tensor) -> Tensor:
+        return self.head.pool_tokens(states, lengths)

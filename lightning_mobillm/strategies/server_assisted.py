@@ -179,6 +179,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                     "device_id": self.device_id,
                     "run_id": uuid.uuid4().hex[:12],
                     "module": module.server_module_name,
+                    "side": module.side_config.to_dict(),
                     "hparams": P.json_safe(module.server_hparams()),
                     "backbone": self.backbone.identity(),
                     "tap_spec": module.tap_spec.to_dict(),
