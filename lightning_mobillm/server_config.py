@@ -30,7 +30,7 @@ class ServerConfig:
         max_sessions: how many device sessions may be open at once.
         max_workers: gRPC worker threads.
         threads: torch intra-op threads for the server process (None keeps torch's default).
-        workdir: folder for the server's own checkpoints (``checkpoints/``) and the activation caches of
+        workdir: folder for the server's own checkpoints (``server-checkpoints/``) and the activation caches of
             sessions that ask for one (one subfolder per cache id); None uses ``<cache_dir>/server``. An
             embedded server uses the run's log folder.
         checkpoint_every_n_steps: a session's model, optimizer, scheduler and step are written to the

@@ -70,7 +70,7 @@ class PerDevicePolicy(ServerPolicy):
     def checkpoint_path(self, session: Any) -> Path:
         # the key holds the device's chosen names: hash it rather than trust it as a file name
         name = hashlib.sha256(session.key.encode()).hexdigest()[:32]
-        return self.config.root() / "checkpoints" / f"session-{name}.ckpt"
+        return self.config.root() / "server-checkpoints" / f"session-{name}.ckpt"
 
     def attach(self, session: Any, module: torch.nn.Module, *, resume: bool) -> None:
         session.model = TrainingEngine.for_module(self.fabric, module, grad_clip=self.config.grad_clip)
