@@ -29,7 +29,8 @@ class ServerConfig:
         max_frame_mb: frames larger than this are refused.
         max_sessions: how many device sessions may be open at once.
         max_workers: gRPC worker threads.
-        threads: torch intra-op threads for the server process (None keeps torch's default).
+        threads: torch intra-op threads of a server process (None keeps torch's default); an in-process
+            server shares its caller's threads and leaves them alone.
         workdir: folder for the server's own checkpoints (``server-checkpoints/``) and the activation caches of
             sessions that ask for one (one subfolder per cache id); None uses ``<cache_dir>/server``. An
             embedded server uses the run's log folder.

@@ -14,7 +14,7 @@ from lightning_mobillm.server.engine import TrainingEngine
 from lightning_mobillm.server.runtime import SideServer
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig, TapSpec
-from lightning_mobillm.transport.frames import Frame, FrameError, encode_frame
+from lightning_mobillm.transport.frames import Frame, FrameError, decode_frame, encode_frame
 
 SPEC = TapSpec(layers=[0, 1], hidden_size=8, arch="llama", is_decoder=True)
 
@@ -128,3 +128,22 @@ def test_checkpoints_round_trip_atomically(engine, tmp_path):
     fresh = TrainingEngine.for_module(Fabric(accelerator="cpu", devices=1), _module(), grad_clip=1.0)
     assert fresh.load(path) == {"session": "d/r"}
     assert _equal(fresh.state_dict(), engine.state_dict()) and fresh.step == 2
+
+
+def test_the_server_trains_whatever_autograd_mode_its_caller_is_in():
+    """In-process, a frame may arrive from a thread inside Lightning's inference_mode (a validation hook)."""
+    server = SideServer(ServerConfig(device="cpu", checkpoint_every_n_steps=0))
+    module = SideTuningModule(backbone=BackboneConfig(source="unused"), num_classes=3)
+    hello = Frame(kind=P.HELLO, header={"protocol": P.PROTOCOL_VERSION, "device_id": "d", "run_id": "r",
+                                        "module": "side_tuning", "side": module.side_config.to_dict(),
+                                        "hparams": P.json_safe(module.server_hparams()),
+                                        "tap_spec": SPEC.to_dict(), "num_outputs": 3, "total_steps": 5,
+                                        "codec": "fp32"})
+    server.handle(encode_frame(hello))
+    b = _batch(0)
+    tensors = {**P.pack_acts(b["acts"], b["lengths"], "fp32"), "labels": b["labels"]}
+    frame = Frame(kind=P.TRAIN, header={"session": "d/r", "step": 0, "codec": "fp32"}, tensors=tensors)
+    with torch.inference_mode():
+        reply = server.handle(encode_frame(frame))
+    assert decode_frame(reply, P.REPLY_SCHEMAS, require_finite=False).kind == P.OK
+    assert server.sessions["d/r"].step == 1

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from lightning.fabric import Fabric
 
 from lightning_mobillm import protocol as P
@@ -62,7 +63,10 @@ class FrameServer:
     def handle(self, data: bytes) -> bytes:
         with self._lock:
             self.bytes_in += len(data)
-        reply = self._handle(data)
+        # the server decides its own autograd mode: in-process, the caller may be inside Lightning's
+        # inference_mode (validation hooks); over gRPC a worker thread starts with grad enabled anyway
+        with torch.inference_mode(False), torch.enable_grad():
+            reply = self._handle(data)
         with self._lock:
             self.bytes_out += len(reply)
         return reply
