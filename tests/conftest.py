@@ -21,12 +21,20 @@ FILLER = "the a of and to in on with for said today new year people".split()
 
 
 def tiny_tokenizer():
-    """A word-level fast tokenizer over the words used by :func:`write_tiny_dataset`."""
+    """A word-level fast tokenizer over the words used by :func:`write_tiny_dataset`.
+
+    The class names (the keys of ``TOPICS``) are words of their own, last in the vocabulary: PAE's
+    verbalizer (``FrozenBackbone.verbalizer_token_ids``) tokenizes ``" " + name``, which the whitespace
+    pre-tokenizer turns into ``name``, so each class gets its own token and the backbone's prior over the
+    classes is a real distribution rather than the same ``[UNK]`` logit three times. The class names never
+    occur in the texts, so the data's token ids are the same as without them.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = sorted({w for ws in TOPICS.values() for w in ws.split()} | set(FILLER) | {"Article", "Topic", ":"})
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[EOS]", *words, *[f" {n}" for n in TOPICS]])}
+    assert not set(TOPICS) & set(words)  # a class name inside the texts would make the prior trivial
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[EOS]", *words, *TOPICS])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
@@ -71,6 +79,19 @@ def build_tiny_model(kind: str):
     if kind == "bert":
         return AutoModel.from_config(BertConfig(**common, pad_token_id=0))
     raise ValueError(kind)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for a test (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``). The
+    models here are tiny: with two threads on a shared two-core machine a small op spends most of its time
+    in OpenMP barriers (a 16-wide side-network step took 0.8 s instead of a few ms)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,8 @@ from lightning_mobillm.backbone import (
 )
 from lightning_mobillm.specs import BackboneConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors and models (see conftest)
+
 VOCAB = 128
 WORDS = ["sport", "business", "politics", "tech", "entertainment"] + [f"w{i}" for i in range(VOCAB - 10)]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<eos>"]
@@ -318,16 +320,27 @@ def test_logits_need_a_decoder(backbones):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_frozen(backbones, arch):
+def test_training_on_the_taps_leaves_the_backbone_untouched(backbones, arch):
+    """Its weights get no gradient and never move, its dropout is off, and it leaves no hook behind."""
     bb = backbones[arch]
-    assert not any(p.requires_grad for p in bb.parameters())
-    assert not bb.model.training
-    assert not isinstance(bb, torch.nn.Module)  # its weights never land in a LightningModule's state dict
     ids, mask = _batch("right", bb.is_decoder)
+    weights = {n: p.detach().clone() for n, p in bb.model.named_parameters()}
     hooks_before = [len(b._forward_hooks) for b in bb.blocks]  # Hugging Face may keep its own capture hooks
     out = bb(ids, mask)
-    assert not out.acts.requires_grad
+    side = torch.nn.Linear(32, 2)
+    opt = torch.optim.SGD([*side.parameters(), *bb.parameters()], lr=1.0)  # even if handed to an optimizer
+    for _ in range(2):
+        side(out.acts.clone()).pow(2).mean().backward()
+        opt.step()
+    assert all(p.grad is None for p in bb.parameters())
+    after = dict(bb.model.named_parameters())
+    assert all(torch.equal(weights[n], after[n]) for n in weights)
+    torch.testing.assert_close(bb(ids, mask).acts, out.acts, rtol=0, atol=0)  # deterministic: no dropout
     assert [len(b._forward_hooks) for b in bb.blocks] == hooks_before
+    # and it is not a submodule: a module holding it does not save or train its weights
+    holder = torch.nn.Module()
+    holder.backbone = bb
+    assert not holder.state_dict() and not list(holder.parameters())
 
 
 @pytest.mark.parametrize("bad", [[0, 3], [-4], [1, 1]])
@@ -338,12 +351,16 @@ def test_bad_layer_index(tiny_dirs, bad):
         assert "3 blocks" in str(err.value)
 
 
-def test_bf16_dtype(tiny_dirs):
+def test_bf16_backbone_matches_float32(tiny_dirs, backbones):
     bb = FrozenBackbone(BackboneConfig(source=tiny_dirs["llama"], dtype="bfloat16", layers=[1]))
-    assert next(bb.parameters()).dtype == torch.bfloat16
     ids, mask = _batch("left", True)
     out = bb(ids, mask, select="all", label_token_ids=[5, 6])
-    assert out.acts.dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+    ref = backbones["llama"](ids, mask, select="all", label_token_ids=[5, 6])
+    assert out.acts.dtype == torch.bfloat16 and out.logits.dtype == torch.float32  # what the codecs are given
+    # bfloat16 keeps 8 bits of mantissa: within 2% of the float32 values' scale after two blocks
+    for got, want in ((out.acts[:, 0].float(), ref.acts[:, 1]), (out.logits, ref.logits)):
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * float(want.abs().max()))
+    assert not torch.equal(out.acts[:, 0].float(), ref.acts[:, 1])  # really computed in bfloat16
 
 
 def test_tokenizer_pad_and_verbalizer(tiny_dirs, backbones):
@@ -362,10 +379,15 @@ def test_tokenizer_pad_and_verbalizer(tiny_dirs, backbones):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bb.verbalizer_token_ids(["tech", "politics"])
-    # the tokenizer's batches feed the backbone directly
-    enc = tok(["sport w1 w2", "business"], return_tensors="pt", padding=True)
+    # the tokenizer's padded batches feed the backbone directly: each row as if it were alone
+    texts = ["sport w1 w2", "business"]
+    enc = tok(texts, return_tensors="pt", padding=True)
     out = bb(enc["input_ids"], enc["attention_mask"], select="loss", label_token_ids=ids)
-    assert out.acts.shape == (2, 3, 32) and out.logits.shape == (2, 2)
+    for i, text in enumerate(texts):
+        one = tok([text], return_tensors="pt")
+        alone = bb(one["input_ids"], one["attention_mask"], select="loss", label_token_ids=ids)
+        torch.testing.assert_close(out.logits[i], alone.logits[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.acts[i], alone.acts[0], rtol=1e-4, atol=1e-4)
 
 
 def test_find_blocks(backbones):
@@ -425,3 +447,23 @@ def test_smollm2_packaged_alias(monkeypatch):
     assert out.acts.shape == (2, 30, 576) and torch.isfinite(out.acts).all()
     sport, business = out.logits[0, names.index("sport")], out.logits[0, names.index("business")]
     assert sport > business, out.logits[0]
+
+
+def test_tiny_backbone_verbalizer_gives_each_class_its_own_token(tiny_llama_dir, tiny_data_file):
+    """The shared tiny model (conftest) exercises PAE's backbone prior: one real token per class name."""
+    from lightning_mobillm.data import TextClassificationDataModule
+
+    names = TextClassificationDataModule(dataset="json", data_files=str(tiny_data_file)).class_names
+    bb = FrozenBackbone(BackboneConfig(source=str(tiny_llama_dir), layers=[0]))
+    assert bb.model.config.vocab_size >= len(bb.tokenizer)  # every token id has an embedding row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "share their first token" warning
+        ids = bb.verbalizer_token_ids(names)
+    assert len(set(ids)) == len(names) and bb.tokenizer.unk_token_id not in ids
+    assert [bb.tokenizer.decode([i]).strip() for i in ids] == names
+    # so the prior p_b over the classes is not the same logit repeated
+    enc = bb.tokenizer(["Article : goal team match Topic :", "Article : chip code cloud Topic :"],
+                       return_tensors="pt", padding=True)
+    logits = bb(enc["input_ids"], enc["attention_mask"], select="loss", label_token_ids=ids).logits
+    assert logits.shape == (2, len(names))
+    assert bool((logits.max(-1).values - logits.min(-1).values > 1e-4).all()), logits

@@ -86,26 +86,68 @@ def _trainable(module) -> set[str]:
     return {n for n, p in module.named_parameters() if p.requires_grad}
 
 
-def test_which_weights_train(tiny_llama_dir):
-    src = BackboneConfig(source=str(tiny_llama_dir))
-    full = FullFineTuneClassifier(src, 5)
+def _snapshot(named) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in named}
+
+
+def _few_steps(module: L.LightningModule, steps: int = 3) -> None:
+    """A few optimizer steps through Lightning on random token batches of the tiny vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 50, (4, 6), generator=g), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+                "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(steps)]
+    L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(
+        module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert before.keys() == after.keys()
+    return {n for n in before if not torch.equal(before[n], after[n])}
+
+
+# no weight decay: a weight that changed was moved by a gradient step
+KW = dict(lr=1e-2, dropout=0.0, weight_decay=0.0)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_full_fine_tuning_moves_every_weight(tiny_llama_dir):
+    full = FullFineTuneClassifier(BackboneConfig(source=str(tiny_llama_dir)), 3, **KW)
     full.configure_model()
-    assert _trainable(full) == {n for n, _ in full.named_parameters()}
+    before = _snapshot(full.named_parameters())
+    _few_steps(full)
+    assert _changed(before, _snapshot(full.named_parameters())) == set(before)
 
-    lora = LoRAClassifier(src, 5, r=4)
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_lora_moves_only_the_adapters_and_the_head(tiny_llama_dir):
+    lora = LoRAClassifier(BackboneConfig(source=str(tiny_llama_dir)), 3, r=4, lora_dropout=0.0, **KW)
     lora.configure_model()
-    trainable = _trainable(lora)
-    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
-    assert any("q_proj" in n for n in trainable) and any("v_proj" in n for n in trainable)
-    assert not any("k_proj.lora" in n or "mlp" in n for n in trainable)
+    before = _snapshot(lora.named_parameters())
+    _few_steps(lora)
+    changed = _changed(before, _snapshot(lora.named_parameters()))
+    adapters = {n for n in before if "lora_" in n}
+    # every LoRA matrix (B leaves zero at the first step, A follows once B is non-zero) and the head moved ...
+    head = {n for n in before if n.startswith("head.")}
+    assert head and changed == adapters | head, sorted(changed ^ (adapters | head))
+    # ... on q_proj and v_proj of every block only; every pretrained weight is bit-identical
+    blocks = lora.encoder.config.num_hidden_layers
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapters} == {"q_proj", "v_proj"}
+    assert len(adapters) == blocks * 2 * 2
 
-    lst = LadderSideTuningClassifier(src, 5, reduction=2, num_heads=2)
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_lst_moves_the_ladder_and_never_the_backbone(tiny_llama_dir):
+    lst = LadderSideTuningClassifier(BackboneConfig(source=str(tiny_llama_dir)), 3, reduction=2, num_heads=2, **KW)
     lst.configure_model()
-    # the frozen backbone is not part of the module: not in the state dict, not trained, not saved
-    assert all(n.startswith(("ladder.", "head.")) for n, _ in lst.named_parameters())
-    assert lst.backbone.num_parameters() > 0
+    assert all(n.startswith(("ladder.", "head.")) for n, _ in lst.named_parameters())  # backbone: not in state dict
+    backbone = _snapshot(lst.backbone.model.named_parameters())
+    before = _snapshot(lst.named_parameters())
+    _few_steps(lst)
+    assert _changed(backbone, _snapshot(lst.backbone.model.named_parameters())) == set()
+    assert _changed(before, _snapshot(lst.named_parameters())) == set(before)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_lst_ladder_is_causal_and_ignores_padding():
     torch.manual_seed(0)
     ladder = LadderSideNetwork(num_taps=3, hidden_size=16, reduction=2, num_heads=2, dropout=0.0).eval()
@@ -117,8 +159,15 @@ def test_lst_ladder_is_causal_and_ignores_padding():
     out2 = ladder(changed, mask)
     torch.testing.assert_close(out[:, :3], out2[:, :3])  # earlier positions do not see later ones
     assert not torch.allclose(out[0, 3:], out2[0, 3:])
-    assert torch.isfinite(out).all()
-    assert ladder.gates().tolist() == [0.5, 0.5, 0.5]
+    # an encoder's ladder sees the whole sample but never its padding
+    torch.manual_seed(0)
+    both = LadderSideNetwork(num_taps=3, hidden_size=16, reduction=2, num_heads=2, dropout=0.0, causal=False).eval()
+    pads_changed = taps.clone()
+    pads_changed[1, 3:] += 5.0
+    torch.testing.assert_close(both(taps, mask)[1, :3], both(pads_changed, mask)[1, :3])
+    later_changed = taps.clone()
+    later_changed[1, 2] += 5.0
+    assert not torch.allclose(both(taps, mask)[1, :2], both(later_changed, mask)[1, :2])
 
 
 def test_bad_settings_are_named(tiny_llama_dir):

@@ -19,8 +19,11 @@ from lightning_mobillm.transport.codecs import (
 )
 from lightning_mobillm.transport.frames import Frame, FrameError, decode_frame, encode_frame
 
-SHAPES = [(3, 4, 576), (5, 7), (2, 9), (7,), (1, 1), (0, 8)]
-QMAX = {"int8": 127, "int4": 7}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors and models (see conftest)
+
+QMAX = {"int8": 127, "int4": 7, "int8o": 127, "int4o": 7}
+#: every codec on every one of these: ranks 1-4, odd widths, d = 1, no tokens at all
+SHAPES = [(3, 4, 576), (2, 3, 4, 33), (4, 33), (5, 7), (2, 9), (7,), (1, 1), (2, 3, 1), (0, 8), (0, 3, 16)]
 
 
 def _x(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -28,42 +31,121 @@ def _x(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=g) * 3.0
 
 
+def _llm_acts(n: int = 256, layers: int = 4, d: int = 576, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed hidden states ``[N, L, d]`` shaped like a small decoder LLM's, and the mask of their outlier channels.
+
+    A heavy-tailed bulk (Student-t with 4 degrees of freedom) whose scale varies per token and grows with
+    depth; in every layer three outlier channels (different ones per layer) at 60-100x the bulk's mean
+    magnitude with a fixed sign; in the deeper half a "massive activation" of 1000x on one channel of every
+    32nd token (attention-sink tokens). The codec errors on these match SmolLM2-135M's own hidden states
+    (layers 3/10/20/29 of three sentences: int8 5.1% overall / 31% on the non-outlier channels, int4 17% /
+    84%, int8o 0.22% / 1.3%, int4o 4.0% / 24%).
+    """
+    g = torch.Generator().manual_seed(seed)
+    chi2 = torch.randn(4, n, layers, d, generator=g).pow(2).mean(0)
+    x = torch.randn(n, layers, d, generator=g) / chi2.sqrt()
+    x *= torch.exp(0.3 * torch.randn(n, 1, 1, generator=g)) * torch.logspace(0, 1, layers).view(1, layers, 1)
+    outlier = torch.zeros(layers, d, dtype=torch.bool)
+    for layer in range(layers):
+        chans = torch.randperm(d, generator=g)[:3]
+        outlier[layer, chans] = True
+        bulk = x[:, layer].abs().mean()
+        mag = (60 + 40 * torch.rand(3, generator=g)) * torch.tensor([1.0, -1.0, 1.0]) * bulk
+        x[:, layer, chans] = mag * (1 + 0.2 * torch.randn(n, 3, generator=g))
+        if layer >= layers // 2:
+            x[::32, layer, chans[0]] = 1000 * bulk
+    return x, outlier.expand(n, layers, d)
+
+
+def _groups(t: torch.Tensor) -> torch.Tensor:
+    """``[P, G, d]``: the outlier codecs' groups (dim -2 for rank >= 3, the whole tensor otherwise)."""
+    return t.reshape(-1, t.shape[-2], t.shape[-1]) if t.ndim >= 3 else t.reshape(-1, 1, t.shape[-1])
+
+
+def _assert_within_codec_bound(x: torch.Tensor, y: torch.Tensor, codec: str, k: int = 8) -> None:
+    """The elementwise error bound each codec guarantees on any input, computed from ``x`` alone.
+
+    fp32 is exact; fp16 and bf16 round to nearest (relative error 2^-11 and 2^-8; fp16 has subnormal steps of
+    2^-24 below 6e-5); the integer codecs err by at most half a step of the token's own grid, absmax / (2 qmax);
+    the outlier codecs send the k channels of largest absmax per group in fp16 and the rest like int8 / int4
+    with a grid set by the rest alone.
+    """
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    err = (y - x).abs()
+    if codec == "fp32":
+        assert torch.equal(y, x)
+    elif codec == "fp16":
+        assert bool((err <= 2**-11 * x.abs() + 2**-25).all()), err.max()
+    elif codec == "bf16":
+        assert bool((err <= 2**-8 * x.abs()).all()), err.max()
+    elif codec in ("int8", "int4"):
+        step = x.abs().amax(-1, keepdim=True) / QMAX[codec] if x.numel() else x
+        assert bool((err <= step / 2 * (1 + 1e-6)).all()), (err - step / 2).max()
+    else:
+        xg, yg = _groups(x), _groups(y)
+        kk = min(k, x.shape[-1])
+        top = xg.abs().amax(0).topk(kk, dim=-1).indices if xg.shape[0] else torch.zeros(xg.shape[1], 0, dtype=torch.long)
+        chosen = torch.zeros(xg.shape[1:], dtype=torch.bool).scatter_(-1, top, True).expand_as(xg)
+        assert torch.equal(yg[chosen], xg[chosen].half().float())  # fp16-exact
+        rest = xg.masked_fill(chosen, 0.0)
+        step = rest.abs().amax(-1, keepdim=True) / QMAX[codec]
+        assert bool(((yg - rest).abs().masked_fill(chosen, 0.0) <= step / 2 * (1 + 1e-6)).all())
+
+
 @pytest.mark.parametrize("codec", CODECS)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_round_trip_shape_and_dtype(codec: str, shape: tuple[int, ...]) -> None:
-    x = _x(shape)
-    parts = encode(x, codec)
-    assert tuple(parts) == part_names(codec)
-    assert all(p.is_contiguous() for p in parts.values())
-    y = decode(parts, codec)
-    assert y.dtype == torch.float32
-    assert y.shape == x.shape
-    assert torch.isfinite(y).all()
+def test_round_trips_stay_within_the_codec_error_bound(codec: str) -> None:
+    for i, shape in enumerate(SHAPES):
+        x = _x(shape, seed=i)
+        parts = encode(x, codec)
+        assert tuple(parts) == part_names(codec)
+        _assert_within_codec_bound(x, decode(parts, codec), codec)
+        if codec in ("int8", "int4"):  # the scale on the wire is that grid's step
+            torch.testing.assert_close(parts["scale"], x.abs().amax(-1) / QMAX[codec] if x.numel() else parts["scale"])
 
 
-def test_fp32_is_exact() -> None:
-    x = _x((3, 4, 576))
-    assert torch.equal(decode(encode(x, "fp32"), "fp32"), x)
+#: bounds on the relative error ||decode(encode(x)) - x|| / ||x|| on ``_llm_acts``, overall and on the
+#: non-outlier channels ("bulk"); None: no bound (the plain integer codecs lose the bulk to the outliers)
+LLM_BOUNDS = {
+    "fp32": (0.0, 0.0),
+    "fp16": (5e-4, 5e-4),
+    "bf16": (4e-3, 4e-3),
+    "int8": (0.05, None),
+    "int4": (0.25, None),
+    "int8o": (0.005, 0.025),
+    "int4o": (0.06, 0.35),
+}
 
 
-@pytest.mark.parametrize(("codec", "tol"), [("fp16", 1e-3), ("bf16", 1e-2)])
-def test_half_precision_relative_error(codec: str, tol: float) -> None:
-    x = _x((3, 4, 576))
+def _rel(y: torch.Tensor, x: torch.Tensor) -> float:
+    return float((y - x).norm() / x.norm())
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_error_on_llm_like_activations(codec: str) -> None:
+    x, outlier = _llm_acts()
     y = decode(encode(x, codec), codec)
-    rel = ((y - x).abs() / x.abs().clamp_min(1e-6)).max()
-    assert rel <= tol
+    _assert_within_codec_bound(x, y, codec)
+    overall, bulk = LLM_BOUNDS[codec]
+    assert _rel(y, x) <= overall, _rel(y, x)
+    if bulk is not None:
+        assert _rel(y[~outlier], x[~outlier]) <= bulk, _rel(y[~outlier], x[~outlier])
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4"])
-@pytest.mark.parametrize("shape", [(3, 4, 576), (5, 7), (2, 9), (4, 1)])
-def test_integer_codecs_error_within_half_a_step(codec: str, shape: tuple[int, ...]) -> None:
-    x = _x(shape, seed=1)
-    parts = encode(x, codec)
-    scale = parts["scale"]
-    assert scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
-    torch.testing.assert_close(scale, x.abs().amax(-1) / QMAX[codec])
-    err = (decode(parts, codec) - x).abs().amax(-1)
-    assert (err <= scale / 2 + 1e-6).all()
+def test_outliers_coarsen_the_plain_grid_and_the_outlier_codecs_recover_it() -> None:
+    """Per-token absmax scales: a few huge channels set every token's step, so plain int8/int4 lose the other
+    channels (the bulk); int8o/int4o send those channels apart and keep the bulk's own grid."""
+    x, outlier = _llm_acts(seed=1)
+    rel = {c: _rel(decode(encode(x, c), c), x) for c in ("int8", "int4", "int8o", "int4o")}
+    bulk = {c: _rel(decode(encode(x, c), c)[~outlier], x[~outlier]) for c in rel}
+    assert bulk["int8"] > 0.1 and bulk["int4"] > 0.5, bulk  # 20% and 94%: the damage the outlier codecs undo
+    assert rel["int8o"] < rel["int8"] / 8 and bulk["int8o"] < bulk["int8"] / 8, (rel, bulk)
+    # int4's own grid error on the heavy-tailed bulk bounds what int4o can gain
+    assert rel["int4o"] < rel["int4"] / 3 and bulk["int4o"] < bulk["int4"] / 3, (rel, bulk)
+    # without the outliers the plain codecs are as good as the outlier ones
+    clean = x.masked_fill(outlier, 0.0)
+    for c in ("int8", "int4"):
+        plain, aware = _rel(decode(encode(clean, c), c), clean), _rel(decode(encode(clean, c + "o"), c + "o"), clean)
+        assert aware <= plain * 1.05, (c, plain, aware)
 
 
 def test_int8_values_and_dtype() -> None:
@@ -112,30 +194,11 @@ def test_payload_bytes_match_bytes_per_value(codec: str, shape: tuple[int, ...])
         assert nbytes == bytes_per_value(codec) * math.prod(shape)
 
 
-def test_bytes_per_value_table() -> None:
-    assert [bytes_per_value(c) for c in CODECS] == [4, 2, 2, 1, 0.5, 1, 0.5]
-    with pytest.raises(ValueError, match="int2"):
-        bytes_per_value("int2")
-
-
-def test_outlier_channel_inflates_int8_error() -> None:
-    """Per-token absmax scales: one large outlier channel coarsens the grid for all other channels."""
-    x = _x((64, 576), seed=2)
-    with_outlier = x.clone()
-    with_outlier[:, 17] = 200.0  # LLM activations have such channels
-    normal = torch.ones(576, dtype=torch.bool)
-    normal[17] = False
-
-    def rel_err(t: torch.Tensor) -> float:
-        y = decode(encode(t, "int8"), "int8")
-        return ((y - t)[:, normal].norm() / t[:, normal].norm()).item()
-
-    assert rel_err(with_outlier) > 5 * rel_err(x)
-
-
-def test_encode_rejects_unknown_codec_and_bad_input() -> None:
+def test_unknown_codec_and_bad_input_are_refused() -> None:
     with pytest.raises(ValueError, match=r"int2.*fp32, fp16, bf16, int8, int4"):
         encode(_x((2, 3)), "int2")
+    with pytest.raises(ValueError, match="int2"):
+        bytes_per_value("int2")
     with pytest.raises(ValueError, match="floating point"):
         encode(torch.ones(2, 3, dtype=torch.int64), "int8")
     with pytest.raises(ValueError, match="rank"):
@@ -232,21 +295,17 @@ def test_decode_rejects_out_of_range_codes() -> None:
         decode({**parts, "q": q}, "int4")
 
 
-def test_input_dtypes_and_no_mutation() -> None:
-    x = _x((3, 10)).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_input_dtypes_encode_like_their_float32_values_and_are_not_mutated(dtype: torch.dtype) -> None:
+    x = _llm_acts(n=16, layers=2, d=40)[0].to(dtype)
     before = x.clone()
     for codec in CODECS:
-        y = decode(encode(x, codec), codec)
-        assert y.dtype == torch.float32 and y.shape == x.shape
+        parts = encode(x, codec)
+        ref = encode(x.float(), codec)  # the codecs compute in float32
+        assert parts.keys() == ref.keys()
+        for name in parts:
+            assert torch.equal(parts[name], ref[name]), (codec, name)
     assert torch.equal(x, before)
-
-
-def test_realistic_batch_round_trips() -> None:
-    """A realistic batch (8 x 128 tokens x 30 layers x 576) encodes and decodes (speed: benchmarks/codecs.py)."""
-    x = torch.randn(30, 8 * 128, 576)
-    for codec in ("int8", "int4", "int8o", "int4o"):
-        y = decode(encode(x, codec), codec)
-        assert y.shape == x.shape
 
 
 # ---- outlier-aware codecs int8o / int4o -----------------------------------------------------------
@@ -266,29 +325,6 @@ def _planted(shape: tuple[int, ...], channels_per_group: list[list[int]], seed: 
             else:
                 x[..., c] = vals
     return x
-
-
-@pytest.mark.parametrize("codec", OUTLIER_CODECS)
-@pytest.mark.parametrize(
-    ("shape", "oidx_shape"),
-    [((6, 5, 64), (5, 8)), ((2, 3, 4, 33), (4, 8)), ((9, 64), (8,)), ((4, 33), (8,)), ((33,), (8,)),
-     ((3, 5), (5,)), ((2, 3, 1), (3, 1)), ((0, 3, 16), (3, 8)), ((0, 16), (8,))],
-)
-def test_outlier_round_trip_shapes_and_parts(codec: str, shape: tuple[int, ...], oidx_shape: tuple[int, ...]) -> None:
-    x = _x(shape, seed=3)
-    parts = encode(x, codec)
-    assert tuple(parts) == part_names(codec)
-    assert all(p.is_contiguous() for p in parts.values())
-    k = oidx_shape[-1]
-    assert parts["oidx"].dtype == torch.int16 and tuple(parts["oidx"].shape) == oidx_shape
-    assert parts["oval"].dtype == torch.float16 and tuple(parts["oval"].shape) == (*shape[:-1], k)
-    assert parts["scale"].shape == shape[:-1]
-    assert parts["q"].shape[-1] == (shape[-1] if codec == "int8o" else (shape[-1] + 1) // 2)
-    # indices sorted ascending and unique within each group
-    idx = parts["oidx"].reshape(-1, k).long()
-    assert (idx[:, 1:] > idx[:, :-1]).all()
-    y = decode(parts, codec)
-    assert y.dtype == torch.float32 and y.shape == x.shape and torch.isfinite(y).all()
 
 
 @pytest.mark.parametrize("codec", OUTLIER_CODECS)
@@ -314,20 +350,6 @@ def test_outlier_channels_exact_to_fp16_and_rest_within_half_a_step(codec: str, 
     for g in range(groups):
         err[:, g, oidx[g]] = 0.0
     assert (err.abs().amax(-1) <= parts["scale"].reshape(-1, groups) / 2 + 1e-5).all()
-
-
-@pytest.mark.parametrize("codec", OUTLIER_CODECS)
-def test_outlier_codec_error_far_below_plain(codec: str) -> None:
-    """Packed acts [N, L, d] with different outlier channels per layer, as in SmolLM2's hidden states."""
-    shape = (256, 4, 576)
-    x = _planted(shape, [[3, 77], [100, 101, 500], [9], [250, 251, 252, 253]], seed=5)
-
-    def rel(c: str) -> float:
-        return float((decode(encode(x, c), c) - x).norm() / x.norm())
-
-    plain, outlier = rel(BASE[codec]), rel(codec)
-    # int4's own grid error on the gaussian bulk (~10% of it) bounds what int4o can gain
-    assert outlier < plain / {"int8o": 20, "int4o": 5}[codec], (plain, outlier)
 
 
 def test_outlier_channels_option() -> None:

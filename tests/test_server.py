@@ -1,8 +1,15 @@
-"""The server runtime against good and malformed frames, and the gRPC link's token check."""
+"""The side server against good and malformed frames, and the gRPC link's token check.
+
+Everything goes through the server's public entry point, ``SideServer.handle(bytes) -> bytes``: a session's
+state is what a ``get_state`` frame returns (weights, optimizer, scheduler, step) and the stored reply for
+retries is what re-sending the last training frame returns.
+"""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +24,7 @@ from lightning_mobillm.transport.link import GrpcLink, LinkError, serve_link
 
 SPEC = TapSpec(layers=[0, 1, 2], hidden_size=16, arch="llama", is_decoder=True)
 NUM_CLASSES = 3
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny side networks (see conftest)
 
 
 def _hello(total_steps: int = 50) -> Frame:
@@ -28,7 +36,8 @@ def _hello(total_steps: int = 50) -> Frame:
             "device_id": "dev",
             "run_id": "r1",
             "module": "side_tuning",
-            "hparams": P.json_safe(module.hparams_dict()),
+            "side": module.side_config.to_dict(),
+            "hparams": P.json_safe(module.server_hparams()),
             "tap_spec": SPEC.to_dict(),
             "num_outputs": NUM_CLASSES,
             "total_steps": total_steps,
@@ -57,33 +66,99 @@ def _train_frame(session: str, step: int, seed: int, codec: str = "int8", **over
     return Frame(kind=P.TRAIN, header={"session": session, "step": step, "codec": codec}, tensors=tensors)
 
 
+def _new_session(server: SideServer, hello: Frame | None = None) -> str:
+    reply = _call(server, hello or _hello())
+    assert reply.kind == P.OK, reply.header
+    return reply.header["session"]
+
+
+def _get_state(server: SideServer, session: str) -> dict[str, Any]:
+    """The session's full state as the device downloads it."""
+    reply = _call(server, Frame(kind=P.GET_STATE, header={"session": session}))
+    assert reply.kind == P.OK, reply.header
+    state = P.unpack_state(reply.header["skeleton"], reply.tensors["state"])
+    assert state["step"] == reply.header["step"]
+    return state
+
+
+def _leaves(obj: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in _leaves(value, f"{path}/{key}").items()} or {path: {}}
+    if isinstance(obj, list):
+        return {k: v for i, value in enumerate(obj) for k, v in _leaves(value, f"{path}[{i}]").items()} or {path: []}
+    return {path: obj}
+
+
+def _assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Every tensor (dtype, shape, bits) and every number or string of two states, one by one."""
+    a, b = _leaves(before), _leaves(after)
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    for path, x in a.items():
+        y = b[path]
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), path
+        else:
+            assert type(x) is type(y) and x == y, (path, x, y)
+
+
+def _set_state_frame(session: str, state: Any) -> Frame:
+    skeleton, blob = P.pack_state(state)
+    return Frame(kind=P.SET_STATE, header={"session": session, "skeleton": skeleton}, tensors={"state": blob})
+
+
+STEPS = 3  # training steps before the malformed frames: AdamW then has real moments and a step count
+
+
+@dataclass
+class Trained:
+    server: SideServer
+    session: str
+    last_frame: bytes  # the training frame of step STEPS - 1 ...
+    last_reply: bytes  # ... and the server's reply to it
+
+
+def _train(server: SideServer, session: str, steps: range) -> tuple[bytes, bytes]:
+    for step in steps:
+        data = encode_frame(_train_frame(session, step, seed=step))
+        reply = server.handle(data)
+        assert decode_frame(reply, P.REPLY_SCHEMAS).kind == P.OK
+    return data, reply
+
+
 @pytest.fixture
-def server_and_session():
+def trained() -> Trained:
     server = SideServer(ServerConfig(device="cpu"))
-    reply = _call(server, _hello())
-    assert reply.kind == P.OK
-    return server, reply.header["session"]
+    session = _new_session(server)
+    data, reply = _train(server, session, range(STEPS))
+    return Trained(server, session, data, reply)
 
 
-def _snapshot(server: SideServer, session: str):
-    s = server.sessions[session]
-    return (
-        {k: v.clone() for k, v in s.module.state_dict().items()},
-        copy.deepcopy(s.optimizer.state_dict()),
-        s.step,
-    )
+@pytest.fixture(scope="module")
+def next_step_reference() -> dict[str, Any]:
+    """The reply header of step STEPS on a session that never saw a malformed frame (with one thread, as the
+    tests that compare with it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        server = SideServer(ServerConfig(device="cpu"))
+        session = _new_session(server)
+        _train(server, session, range(STEPS))
+        return _call(server, _train_frame(session, STEPS, seed=STEPS)).header
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _assert_unchanged(before, after) -> None:
-    (m0, o0, s0), (m1, o1, s1) = before, after
-    assert s0 == s1
-    assert m0.keys() == m1.keys() and all(torch.equal(m0[k], m1[k]) for k in m0)
-    assert o0["param_groups"] == o1["param_groups"]
-    assert o0["state"].keys() == o1["state"].keys()
+def test_trained_session_state_is_real(trained):
+    """What the malformed-frame tests compare is not trivially equal: Adam moments, scheduler, step."""
+    state = _get_state(trained.server, trained.session)
+    assert state["step"] == STEPS and state["scheduler"]["last_epoch"] == STEPS
+    moments = [v for p in state["optimizer"]["state"].values() for k, v in p.items() if k.startswith("exp_avg")]
+    assert len(moments) == 2 * len(state["model"]) and all(bool(m.abs().sum() > 0) for m in moments)
 
 
-def test_training_frames_reduce_the_loss(server_and_session):
-    server, session = server_and_session
+def test_training_frames_reduce_the_loss():
+    server = SideServer(ServerConfig(device="cpu"))
+    session = _new_session(server)
     losses = []
     for step in range(40):
         reply = _call(server, _train_frame(session, step, seed=step))
@@ -91,53 +166,114 @@ def test_training_frames_reduce_the_loss(server_and_session):
         assert reply.header["step"] == step
         losses.append(reply.header["loss"])
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
-    assert server.sessions[session].step == 40
+    assert _get_state(server, session)["step"] == 40
 
 
-def test_retried_frame_is_not_applied_twice(server_and_session):
-    server, session = server_and_session
-    first = server.handle(encode_frame(_train_frame(session, 0, seed=0)))
-    before = _snapshot(server, session)
-    again = server.handle(encode_frame(_train_frame(session, 0, seed=0)))
-    assert again == first
-    _assert_unchanged(before, _snapshot(server, session))
+def test_retried_frame_is_not_applied_twice(trained):
+    before = _get_state(trained.server, trained.session)
+    assert trained.server.handle(trained.last_frame) == trained.last_reply
+    _assert_same_state(before, _get_state(trained.server, trained.session))
 
 
-def _garbage_frames(session: str) -> dict[str, bytes | Frame]:
-    acts, lengths, labels = _batch(1)
+def _perturbed(state: dict[str, Any], **override: Any) -> dict[str, Any]:
+    """``state`` with different weights, Adam moments and scheduler position (so that a partial load shows)."""
+    bad = copy.deepcopy(state)
+    bad["model"] = {k: v + 1.0 for k, v in bad["model"].items()}
+    for p in bad["optimizer"]["state"].values():
+        p["exp_avg"] = p["exp_avg"] * 2.0
+    bad["scheduler"]["last_epoch"] += 5
+    bad.update(override)
+    return bad
+
+
+def _malformed(session: str, state: dict[str, Any]) -> dict[str, bytes | Frame]:
+    """Frames the server must refuse, for a session that has applied STEPS steps (``state`` is its state)."""
+    step = STEPS  # the step the session expects next
+    acts, lengths, labels = _batch(step)
     nan_acts = acts.clone()
     nan_acts[0, 0, 0] = float("nan")
-    good = encode_frame(_train_frame(session, 0, seed=1))
+    overflow = P.pack_acts(acts, lengths, "int8")
+    overflow["acts.scale"] = torch.full_like(overflow["acts.scale"], 3e38)  # finite, but q * scale is not
+    good = encode_frame(_train_frame(session, step, seed=step))
+    wrong_moment = copy.deepcopy(state)
+    first = next(iter(wrong_moment["optimizer"]["state"].values()))
+    first["exp_avg"] = torch.zeros(3)
+    bad_hello = _hello()
+    bad_hello.header["tap_spec"] = {"layers": "all"}
+    foreign_hello = _hello()
+    foreign_hello.header["module"] = "os:system"
     return {
         "random bytes": bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()),
         "truncated": good[: len(good) // 2],
-        "wrong width": _train_frame(session, 0, 1, **P.pack_acts(torch.randn(18, 3, 8), lengths, "int8")),
-        "wrong layer count": _train_frame(session, 0, 1, **P.pack_acts(torch.randn(18, 2, 16), lengths, "int8")),
-        "wrong dtype": _train_frame(session, 0, 1, **{"acts.q": torch.zeros(18, 3, 16, dtype=torch.int32)}),
-        "nan in fp32 acts": _train_frame(session, 0, 1, codec="fp32", **P.pack_acts(nan_acts, lengths, "fp32")),
-        "lengths do not sum": _train_frame(session, 0, 1, lengths=torch.full((6,), 2)),
-        "label out of range": _train_frame(session, 0, 1, labels=torch.full((6,), 7)),
-        "forbidden field": _train_frame(session, 0, 1, input_ids=torch.zeros(6, 3, dtype=torch.int64)),
-        "unknown session": _train_frame("nobody/x", 0, 1),
-        "out of order step": _train_frame(session, 5, 1),
+        "wrong width": _train_frame(session, step, step, **P.pack_acts(torch.randn(18, 3, 8), lengths, "int8")),
+        "wrong layer count": _train_frame(session, step, step, **P.pack_acts(torch.randn(18, 2, 16), lengths, "int8")),
+        "wrong dtype": _train_frame(session, step, step, **{"acts.q": torch.zeros(18, 3, 16, dtype=torch.int32)}),
+        "nan in fp32 acts": _train_frame(session, step, step, codec="fp32", **P.pack_acts(nan_acts, lengths, "fp32")),
+        "int8 scale decoding to inf": _train_frame(session, step, step, **overflow),
+        "lengths do not sum": _train_frame(session, step, step, lengths=torch.full((6,), 2)),
+        "a sample of no tokens": _train_frame(session, step, step, lengths=torch.tensor([0, 3, 3, 3, 3, 6])),
+        "label out of range": _train_frame(session, step, step, labels=torch.full((6,), 7)),
+        "negative label": _train_frame(session, step, step, labels=torch.tensor([0, 1, -1, 0, 1, 2])),
+        "fewer labels than samples": _train_frame(session, step, step, labels=labels[:5]),
+        "forbidden field": _train_frame(session, step, step, input_ids=torch.zeros(6, 3, dtype=torch.int64)),
+        "unknown session": _train_frame("nobody/x", step, step),
+        "step ahead": _train_frame(session, step + 2, step),
+        "stale step": _train_frame(session, step - 2, step),
         "unknown kind": Frame(kind="exec", header={"session": session}),
+        "targets on a labelled session": Frame(kind=P.TRAIN_TARGET, header={"session": session, "step": step, "codec": "int8"},
+                                                tensors={**P.pack_acts(acts, lengths, "int8"), "targets": torch.randn(6, 3)}),
+        "cached step without a cache": Frame(kind=P.TRAIN_CACHED, header={"session": session, "step": step, "keys": ["k"]}),
+        "eval of the wrong width": Frame(kind=P.EVAL, header={"session": session, "codec": "int8"},
+                                         tensors=P.pack_acts(torch.randn(18, 3, 8), lengths, "int8")),
+        "hello with a bad tap spec": bad_hello,
+        "hello for an unregistered module": foreign_hello,
+        "state: weights of the wrong shape": _set_state_frame(
+            session, {**state, "model": {k: torch.zeros(2, 2) for k in state["model"]}}),
+        "state: an unknown weight": _set_state_frame(
+            session, _perturbed(state, model={**_perturbed(state)["model"], "side.extra": torch.zeros(2)})),
+        "state: Adam moment of the wrong shape": _set_state_frame(session, {**_perturbed(state), "optimizer": wrong_moment["optimizer"]}),
+        "state: negative step": _set_state_frame(session, _perturbed(state, step=-1)),
+        # a scheduler's load_state_dict takes any dict into its __dict__; these were accepted once, and every
+        # later training step then moved the weights (optimizer.step) before failing in scheduler.step
+        "state: scheduler step count not a number": _set_state_frame(
+            session, _perturbed(state, scheduler={**state["scheduler"], "last_epoch": "three"})),
+        "state: scheduler with a foreign key": _set_state_frame(
+            session, _perturbed(state, scheduler={**state["scheduler"], "optimizer": 5})),
+        "state: schedule length not a number": _set_state_frame(session, _perturbed(state, scheduler={
+            **state["scheduler"], "lr_lambdas": [{**f, "total_steps": "x"} for f in state["scheduler"]["lr_lambdas"]]})),
+        "state: no weights": _set_state_frame(session, {"step": step}),
+        "state: blob is not safetensors": Frame(kind=P.SET_STATE, header={"session": session, "skeleton": {"root": {}}},
+                                                tensors={"state": torch.frombuffer(bytearray(b"garbage!"), dtype=torch.uint8)}),
+        "state: skeleton names a missing tensor": Frame(
+            kind=P.SET_STATE, header={"session": session, "skeleton": {"root": {"__tensor__": "t99"}}},
+            tensors={"state": P.pack_state({})[1]}),
     }
 
 
-@pytest.mark.parametrize("case", list(_garbage_frames("s")))
-def test_malformed_frames_are_refused_and_change_nothing(server_and_session, case):
-    server, session = server_and_session
-    before = _snapshot(server, session)
-    reply = _call(server, _garbage_frames(session)[case])
+MALFORMED = list(_malformed("s", {"model": {"w": torch.zeros(1)}, "optimizer": {"state": {"0": {"exp_avg": torch.zeros(1)}}},
+                                  "scheduler": {"last_epoch": 0, "lr_lambdas": [{}]}, "step": 0}))
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_frames_are_refused_and_change_nothing(trained, next_step_reference, case):
+    server, session = trained.server, trained.session
+    before = _get_state(server, session)
+    reply = _call(server, _malformed(session, before)[case])
     assert reply.kind == P.ERROR and reply.header["message"]
-    _assert_unchanged(before, _snapshot(server, session))
-    # ... and the server goes on serving
-    assert _call(server, _train_frame(session, 0, seed=0)).kind == P.OK
+    # weights, optimizer moments, scheduler and step, tensor by tensor
+    _assert_same_state(before, _get_state(server, session))
+    # the stored reply for retries: the last training frame gets the very same bytes
+    assert server.handle(trained.last_frame) == trained.last_reply
+    # ... and the next step trains exactly as on a session that never saw the malformed frame
+    after = _call(server, _train_frame(session, STEPS, seed=STEPS))
+    assert after.kind == P.OK, after.header
+    for key in ("step", "loss", "lr", "grad_norm", "acc"):
+        assert after.header[key] == next_step_reference[key], key
 
 
 def test_oversized_frame_is_refused():
     server = SideServer(ServerConfig(device="cpu", max_frame_mb=1))
-    session = _call(server, _hello()).header["session"]
+    session = _new_session(server)
     big = _train_frame(session, 0, 1, codec="fp32", **P.pack_acts(torch.randn(6 * 3000, 3, 16), torch.full((6,), 3000), "fp32"))
     reply = _call(server, big)
     assert reply.kind == P.ERROR and "bytes" in reply.header["message"]
@@ -149,33 +285,23 @@ def test_hello_refuses_unregistered_module():
     hello.header["module"] = "os:system"
     reply = _call(server, hello)
     assert reply.kind == P.ERROR and "unknown module" in reply.header["message"]
-    assert not server.sessions
+    # no session was opened under that device and run
+    reply = _call(server, Frame(kind=P.GET_STATE, header={"session": "dev/r1"}))
+    assert reply.kind == P.ERROR and "unknown session" in reply.header["message"]
 
 
-def test_state_round_trip_and_bad_state_leaves_session_unchanged(server_and_session):
-    server, session = server_and_session
-    for step in range(3):
-        _call(server, _train_frame(session, step, seed=step))
-    reply = _call(server, Frame(kind=P.GET_STATE, header={"session": session}))
-    state = P.unpack_state(reply.header["skeleton"], reply.tensors["state"])
-    assert state["step"] == 3 and state["optimizer"]["state"]
-
+def test_state_round_trip(trained):
+    server, session = trained.server, trained.session
+    state = _get_state(server, session)
     # a fresh session restored from that state continues where the first left off
     other = SideServer(ServerConfig(device="cpu"))
-    s2 = _call(other, _hello()).header["session"]
-    skeleton, blob = P.pack_state(state)
-    assert _call(other, Frame(kind=P.SET_STATE, header={"session": s2, "skeleton": skeleton}, tensors={"state": blob})).kind == P.OK
-    r1 = _call(server, _train_frame(session, 3, seed=3)).header
-    r2 = _call(other, _train_frame(s2, 3, seed=3)).header
-    assert r1["loss"] == pytest.approx(r2["loss"]) and r1["lr"] == pytest.approx(r2["lr"])
-
-    before = _snapshot(server, session)
-    bad = dict(state)
-    bad["model"] = {k: torch.zeros(2, 2) for k in state["model"]}
-    skeleton, blob = P.pack_state(bad)
-    reply = _call(server, Frame(kind=P.SET_STATE, header={"session": session, "skeleton": skeleton}, tensors={"state": blob}))
-    assert reply.kind == P.ERROR
-    _assert_unchanged(before, _snapshot(server, session))
+    s2 = _new_session(other)
+    assert _call(other, _set_state_frame(s2, state)).kind == P.OK
+    _assert_same_state(state, _get_state(other, s2))
+    r1 = _call(server, _train_frame(session, STEPS, seed=STEPS)).header
+    r2 = _call(other, _train_frame(s2, STEPS, seed=STEPS)).header
+    assert (r1["loss"], r1["lr"], r1["grad_norm"]) == (r2["loss"], r2["lr"], r2["grad_norm"])
+    _assert_same_state(_get_state(server, session), _get_state(other, s2))
 
 
 def test_link_refuses_wrong_token_before_decoding():
@@ -213,9 +339,7 @@ def _pae_session(server: SideServer) -> str:
     hello = _hello()
     hello.header.update(module="additive_adapter", hparams=P.json_safe(module.hparams_dict()), num_outputs=16,
                         num_classes=NUM_CLASSES)
-    reply = _call(server, hello)
-    assert reply.kind == P.OK, reply.header
-    return reply.header["session"]
+    return _new_session(server, hello)
 
 
 def _target_frame(session: str, step: int, **extra) -> Frame:
@@ -227,12 +351,12 @@ def _target_frame(session: str, step: int, **extra) -> Frame:
 def test_label_free_session_refuses_labels():
     server = SideServer(ServerConfig(device="cpu"))
     session = _pae_session(server)
-    before = _snapshot(server, session)
+    before = _get_state(server, session)
     # a labelled frame kind, and a target frame smuggling a labels tensor, are both refused
     reply = _call(server, _train_frame(session, 0, seed=0))
     assert reply.kind == P.ERROR and "label-free" in reply.header["message"]
     reply = _call(server, _target_frame(session, 0, labels=torch.zeros(6, dtype=torch.int64)))
     assert reply.kind == P.ERROR and "labels" in reply.header["message"]
-    _assert_unchanged(before, _snapshot(server, session))
+    _assert_same_state(before, _get_state(server, session))
     reply = _call(server, _target_frame(session, 0))
     assert reply.kind == P.OK and "acc" not in reply.header  # the server cannot score what it cannot see

@@ -13,6 +13,8 @@ from lightning_mobillm.optim import WarmupCosineLambda
 from lightning_mobillm.side import BottleneckAdapter, ParallelAdapterSideNetwork
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors and models (see conftest)
+
 
 def _net(L=3, d=16, C=4, **kw) -> ParallelAdapterSideNetwork:
     torch.manual_seed(0)
@@ -31,17 +33,22 @@ def _spec(L=3, d=16) -> TapSpec:
 
 
 # ------------------------------------------------------------------------------------ side network
-@pytest.mark.parametrize(
-    "lengths,L,d",
-    [([1, 1, 1, 1], 3, 16), ([3, 1, 5], 2, 8), ([1], 1, 4), ([2, 2], 4, 32), ([7], 3, 9)],
-)
-@pytest.mark.parametrize("pool", ["last", "mean"])
-def test_shapes(lengths, L, d, pool):
-    net = _net(L, d, 5, pool=pool)
+@pytest.mark.parametrize("lengths", [[3, 1, 5], [1, 1, 1, 1], [7]])
+@pytest.mark.parametrize("pool", ["last", "mean", "first"])
+def test_packed_samples_do_not_see_each_other(lengths, pool):
+    """A packed batch gives each sample what it gets alone, and changing one sample changes only its row."""
+    net = _net(3, 16, 5, pool=pool).eval()
+    _perturb_up(net)
     lengths = torch.tensor(lengths)
-    acts = torch.randn(int(lengths.sum()), L, d)
-    assert net(acts, lengths).shape == (len(lengths), 5)
-    assert net.side_states(acts).shape == (acts.shape[0], d)
+    acts = torch.randn(int(lengths.sum()), 3, 16, generator=torch.Generator().manual_seed(len(lengths)))
+    out = net(acts, lengths)
+    alone = torch.cat([net(a, torch.tensor([len(a)])) for a in acts.split(lengths.tolist())])
+    torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-6)
+    changed = acts.clone()
+    changed[: int(lengths[0])] += 3.0 * torch.randn(int(lengths[0]), 3, 16)  # only sample 0's tokens
+    out2 = net(changed, lengths)
+    assert not torch.allclose(out2[0], out[0], atol=1e-4)
+    torch.testing.assert_close(out2[1:], out[1:], rtol=1e-5, atol=1e-6)
 
 
 def test_adapter_is_identity_at_init_and_width():
@@ -52,9 +59,8 @@ def test_adapter_is_identity_at_init_and_width():
     assert BottleneckAdapter(4, reduction=8).bottleneck == 1
 
 
-def test_gates_start_at_half_and_init_is_gated_fusion():
+def test_init_is_gated_fusion():
     net = _net(3, 8, 2, normalize_taps=False)
-    assert torch.allclose(net.gates, torch.full((3,), 0.5))
     acts = torch.randn(4, 3, 8)
     # Adapters are the identity at init, so s_L = 0.5 A_3 + 0.25 A_2 + 0.125 A_1.
     expected = 0.5 * acts[:, 2] + 0.25 * acts[:, 1] + 0.125 * acts[:, 0]
@@ -91,18 +97,21 @@ def test_last_pooling_picks_last_token():
             assert same != (tok == int(last[b])), (tok, b)
 
 
-def test_mean_pooling_matches_loop_reference():
-    net = _net(3, 12, 4, pool="mean").eval()
-    _perturb_up(net)
-    lengths = torch.tensor([2, 1, 4, 3])
-    acts = torch.randn(10, 3, 12)
-    states = net.final_norm(net.side_states(acts))
-    pooled, start = [], 0
-    for n in lengths.tolist():
-        pooled.append(states[start : start + n].mean(0))
-        start += n
-    ref = net.head(torch.stack(pooled))
-    assert torch.allclose(net(acts, lengths), ref, atol=1e-5)
+def test_mean_pooling_averages_the_token_outputs():
+    """The side network is token-wise and its head affine, so with mean pooling a sample's output is the mean
+    of what each of its tokens gives alone; with last pooling it is the last token's."""
+    acts, lengths = torch.randn(10, 3, 12), torch.tensor([2, 1, 4, 3])
+    per_token = {}
+    for pool in ("mean", "last"):
+        net = _net(3, 12, 4, pool=pool).eval()
+        _perturb_up(net)
+        per_token[pool] = net(acts, torch.ones(10, dtype=torch.long))
+        out = net(acts, lengths)
+        segments = per_token[pool].split(lengths.tolist())
+        ref = torch.stack([s.mean(0) if pool == "mean" else s[-1] for s in segments])
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # sample 0's two tokens give different outputs, so its mean and its last token really differ
+    assert not torch.allclose(per_token["mean"][0], per_token["mean"][1], atol=1e-4)
 
 
 def test_pool_modes_agree_with_one_token_per_sample():
@@ -119,16 +128,27 @@ def test_gradients_reach_every_adapter_and_gate():
     net = _net(4, 16, 3)
     acts, lengths = torch.randn(7, 4, 16), torch.tensor([3, 4])
     torch.nn.functional.cross_entropy(net(acts, lengths), torch.tensor([0, 2])).backward()
-    assert net.gate_alpha.grad is not None and bool((net.gate_alpha.grad.abs() > 0).all())
-    for a in net.adapters:  # W_up is zero, so at init only W_up receives gradient
-        assert a.up.weight.grad is not None and a.up.weight.grad.abs().sum() > 0
-    # once W_up is non-zero, W_down gets gradient too
-    net.zero_grad()
-    _perturb_up(net)
-    torch.nn.functional.cross_entropy(net(acts, lengths), torch.tensor([0, 2])).backward()
-    for a in net.adapters:
-        assert a.down.weight.grad.abs().sum() > 0 and a.up.weight.grad.abs().sum() > 0
-    assert net.head.weight.grad.abs().sum() > 0
+    assert bool((net.gate_alpha.grad.abs() > 0).all())
+    for a in net.adapters:  # W_up is zero, so at init W_down gets no gradient yet
+        assert a.up.weight.grad.abs().sum() > 0 and a.down.weight.grad.abs().sum() == 0
+
+
+def test_a_few_optimizer_steps_move_every_side_weight():
+    """The module's own optimizer (no weight decay here, so any change is a gradient step) trains every
+    weight of the side network: W_down too, once W_up has left zero."""
+    torch.manual_seed(0)
+    m = _module(weight_decay=0.0, lr=1e-2, total_steps=10)
+    m.build(_spec(L=4))
+    before = _state(m)
+    opt = m.configure_optimizers()["optimizer"]
+    acts, lengths, labels = torch.randn(7, 4, 16), torch.tensor([3, 4]), torch.tensor([0, 2])
+    for _ in range(3):
+        opt.zero_grad()
+        m.training_step({"acts": acts, "lengths": lengths, "labels": labels}).backward()
+        opt.step()
+    after = m.state_dict()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert unchanged == [], unchanged
 
 
 @pytest.mark.parametrize(
@@ -233,19 +253,25 @@ def test_scheduler_values():
     json.dumps(state["lr_lambdas"])  # the lambda's __dict__: numbers only
 
 
-def test_optimizer_groups_and_total_steps_error():
-    m = _module(weight_decay=0.05)
+def test_weight_decay_shrinks_matrices_only_and_total_steps_is_required():
+    m = _module(weight_decay=0.5, lr=0.1, warmup_ratio=0.0)
     m.build(_spec())
     with pytest.raises(ValueError, match="total_steps"):
         m.configure_optimizers()
     m.total_steps = 10
+    with torch.no_grad():  # no parameter at zero, so that a decay shows everywhere
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     opt = m.configure_optimizers()["optimizer"]
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    no_decay_ids = {id(p) for p in no_decay["params"]}
-    assert id(m.side.gate_alpha) in no_decay_ids and id(m.side.final_norm.weight) in no_decay_ids
-    assert id(m.side.head.bias) in no_decay_ids and id(m.side.head.weight) not in no_decay_ids
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)  # a zero gradient: only decoupled weight decay moves anything
+    opt.step()
+    for n, p in m.named_parameters():
+        if p.ndim >= 2:  # adapter and head matrices decay by lr * weight_decay
+            torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * 0.5), msg=n)
+        else:  # biases, norm weights and gates are not decayed
+            assert torch.equal(p.detach(), before[n]), n
 
 
 def _separable(n=256, L=3, d=16, C=3, seed=0):
@@ -286,7 +312,8 @@ def test_manual_training_loop_learns():
     metrics = m.compute_eval_metrics("val")
     assert set(metrics) == {"val/acc", "val/f1"} and metrics["val/acc"] > 0.9
     out = m.predict_step({"acts": acts[:4].double(), "lengths": torch.ones(4, dtype=torch.long)}, 0)
-    assert out["logits"].shape == (4, 3) and out["preds"].shape == (4,)
+    torch.testing.assert_close(out["logits"], logits[:4])  # float64 input is cast to the side network's dtype
+    assert torch.equal(out["preds"], logits[:4].argmax(-1))
 
 
 class _DictDataset(torch.utils.data.Dataset):
@@ -329,5 +356,9 @@ def test_load_from_checkpoint_via_trainer(tmp_path):
     x, lengths = torch.randn(6, 3, 16), torch.tensor([1, 2, 3])
     with torch.no_grad():
         assert torch.allclose(m(x, lengths), loaded(x, lengths))
+        # ... and those are the trained weights, not the seeded initial ones
+        fresh = _module(backbone=BackboneConfig(layers=[0, 1, 2]))
+        fresh.build(_spec())
+        assert not torch.allclose(fresh.eval()(x, lengths), loaded(x, lengths), atol=1e-4)
     test_metrics = trainer.test(m, loader, verbose=False)[0]
     assert {"test/loss", "test/acc", "test/f1"} <= set(test_metrics)
