@@ -94,6 +94,14 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def restore_seed_env(monkeypatch):
+    """``seed_everything`` writes ``PL_GLOBAL_SEED``/``PL_SEED_WORKERS`` into the environment: put them back
+    after the test, so that one test's seed never leaks into the next."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    monkeypatch.setenv("PL_SEED_WORKERS", "0")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A saved tiny random Llama with the tiny tokenizer: a ``BackboneConfig.source`` folder."""

@@ -36,18 +36,15 @@ EVAL_KINDS = {P.EVAL, P.SPLIT_EVAL}
 
 
 @pytest.fixture(autouse=True)
-def one_thread_fixed_seeds(monkeypatch):
-    """Device and server share this process (and the machine's two shared cores): one intra-op thread
-    each, or OpenMP's spin-waits make a split-learning fit ten times slower. PAE's keyed randomized
-    response draws its coins from ``MOBILLM_LABEL_SECRET``: fixed, every run is the same. The seed
-    variables Lightning sets are restored afterwards."""
+def fixed_label_secret(monkeypatch):
+    """PAE's keyed randomized response draws its coins from ``MOBILLM_LABEL_SECRET``: fixed, every run is
+    the same."""
     monkeypatch.setenv("MOBILLM_LABEL_SECRET", "5e" * 32)
-    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
-    monkeypatch.setenv("PL_SEED_WORKERS", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+
+# device and server share this process (and the machine's two cores): one intra-op thread, or OpenMP's
+# spin-waits make a split-learning fit ten times slower; Lightning's seed variables are restored
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "restore_seed_env")
 
 
 @dataclass

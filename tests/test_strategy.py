@@ -33,17 +33,9 @@ from lightning_mobillm.transport.link import InProcessLink
 GRPC = None  # an embedded server: a separate process on loopback
 
 
-@pytest.fixture(autouse=True)
-def one_thread_fixed_seeds(monkeypatch):
-    """One intra-op thread in this process: with the in-process link the device and the server share it
-    (and the machine's two shared cores), and two OpenMP threads each spin-wait on one another. The seed
-    variables Lightning sets are restored afterwards."""
-    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
-    monkeypatch.setenv("PL_SEED_WORKERS", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# device and server share this process over the in-process link (and the machine's two cores): one
+# intra-op thread, or two OpenMP threads spin-wait on each other; Lightning's seed variables are restored
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "restore_seed_env")
 
 
 @pytest.fixture
