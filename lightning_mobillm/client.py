@@ -196,7 +196,7 @@ class ServerClient:
         self.server_pid: int | None = None
         self.in_process_server: Any = None  # the server object behind an in-process link (for tests)
         self._embedded: EmbeddedServer | None = None
-        self._pending: deque[tuple[Any, Future, int]] = deque()
+        self._pending: deque[tuple[Any, Future]] = deque()
 
     # ---- connection -------------------------------------------------------------------------------
     @property
@@ -280,7 +280,7 @@ class ServerClient:
     # ---- the in-flight queue ----------------------------------------------------------------------
     def submit(self, data: bytes, tag: Any = None) -> None:
         """Queue encoded frame bytes; replies come back in order through :meth:`complete_oldest`."""
-        self._pending.append((tag, self._require_link().submit(data), len(data)))
+        self._pending.append((tag, self._require_link().submit(data)))
 
     @property
     def in_flight(self) -> int:
@@ -291,15 +291,14 @@ class ServerClient:
 
     def complete_oldest(self) -> tuple[Any, bytes]:
         """Wait for the oldest frame in flight; returns its tag and reply bytes (not yet decoded)."""
-        tag, future, _ = self._pending.popleft()
+        tag, future = self._pending.popleft()
         return tag, future.result()
 
-    def drain(self, on_reply=None) -> None:
-        """Wait for every frame in flight; ``on_reply(tag, reply_bytes)`` handles each in order."""
+    def drain(self) -> None:
+        """Wait for every frame in flight, discarding the replies (the owner completes the ones it needs
+        with :meth:`complete_oldest` first)."""
         while self._pending:
-            tag, data = self.complete_oldest()
-            if on_reply is not None:
-                on_reply(tag, data)
+            self.complete_oldest()
 
     # ---- state --------------------------------------------------------------------------------------
     def push_state(self, state: dict) -> Frame:

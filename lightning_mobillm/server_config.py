@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from lightning_mobillm.assets import cache_dir
+
 
 @dataclass
 class ServerConfig:
@@ -64,8 +66,4 @@ class ServerConfig:
 
     def root(self) -> Path:
         """The server's working folder."""
-        if self.workdir:
-            return Path(self.workdir)
-        from lightning_mobillm.assets import cache_dir
-
-        return cache_dir() / "server"
+        return Path(self.workdir) if self.workdir else cache_dir() / "server"

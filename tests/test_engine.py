@@ -32,6 +32,15 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
             "labels": torch.randint(0, 3, (4,), generator=g)}
 
 
+def _hello() -> Frame:
+    module = SideTuningModule(backbone=BackboneConfig(source="unused"), num_classes=3)
+    return Frame(kind=P.HELLO, header={"protocol": P.PROTOCOL_VERSION, "device_id": "d", "run_id": "r",
+                                       "module": "side_tuning", "side": module.side_config.to_dict(),
+                                       "hparams": P.json_safe(module.server_hparams()),
+                                       "tap_spec": SPEC.to_dict(), "num_outputs": 3, "total_steps": 5,
+                                       "codec": "fp32"})
+
+
 @pytest.fixture
 def engine() -> TrainingEngine:
     return TrainingEngine.for_module(Fabric(accelerator="cpu", devices=1), _module(), grad_clip=1.0)
@@ -72,12 +81,7 @@ def test_the_side_server_trains_through_fabric(monkeypatch):
     monkeypatch.setattr(Fabric, "backward", counted_backward)
     monkeypatch.setattr(Fabric, "clip_gradients", counted_clip)
     server = SideServer(ServerConfig(device="cpu", checkpoint_every_n_steps=0))
-    module = SideTuningModule(backbone=BackboneConfig(source="unused"), num_classes=3)
-    hello = Frame(kind=P.HELLO, header={"protocol": P.PROTOCOL_VERSION, "device_id": "d", "run_id": "r",
-                                        "module": "side_tuning", "side": module.side_config.to_dict(),
-                                        "hparams": P.json_safe(module.server_hparams()),
-                                        "tap_spec": SPEC.to_dict(), "num_outputs": 3, "total_steps": 5,
-                                        "codec": "fp32"})
+    hello = _hello()
     assert P.OK.encode() in server.handle(encode_frame(hello))
     session = server.sessions["d/r"]
     assert isinstance(session.model.model, _FabricModule) and isinstance(session.model.optimizer, _FabricOptimizer)
@@ -133,12 +137,7 @@ def test_checkpoints_round_trip_atomically(engine, tmp_path):
 def test_the_server_trains_whatever_autograd_mode_its_caller_is_in():
     """In-process, a frame may arrive from a thread inside Lightning's inference_mode (a validation hook)."""
     server = SideServer(ServerConfig(device="cpu", checkpoint_every_n_steps=0))
-    module = SideTuningModule(backbone=BackboneConfig(source="unused"), num_classes=3)
-    hello = Frame(kind=P.HELLO, header={"protocol": P.PROTOCOL_VERSION, "device_id": "d", "run_id": "r",
-                                        "module": "side_tuning", "side": module.side_config.to_dict(),
-                                        "hparams": P.json_safe(module.server_hparams()),
-                                        "tap_spec": SPEC.to_dict(), "num_outputs": 3, "total_steps": 5,
-                                        "codec": "fp32"})
+    hello = _hello()
     server.handle(encode_frame(hello))
     b = _batch(0)
     tensors = {**P.pack_acts(b["acts"], b["lengths"], "fp32"), "labels": b["labels"]}

@@ -55,10 +55,11 @@ class DeviceMonitor(L.Callback):
         return None
 
     def _counters(self, trainer: L.Trainer) -> dict[str, float]:
-        stats = self._stats(trainer) or DeviceStats(device_busy_s=None)
+        owned = self._stats(trainer)
+        stats = owned or DeviceStats(device_busy_s=None)
         link = stats.link.snapshot()
         busy = stats.device_busy_s if stats.device_busy_s is not None else self._own_busy_s - stats.link_wait_s
-        has_train_counts = self._stats(trainer) is not None
+        has_train_counts = owned is not None
         return {
             "steps": float(trainer.global_step),
             "samples": float(self._samples),

@@ -30,6 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightning_mobillm import protocol as P
 from lightning_mobillm.optim import adamw_warmup_cosine
+from lightning_mobillm.side.config import KNOBS as SIDE_KNOBS
 from lightning_mobillm.side.config import SideConfig
 from lightning_mobillm.side.network import SideNetwork
 from lightning_mobillm.specs import BackboneConfig, TapSpec
@@ -178,13 +179,13 @@ class SideTuningModule(lightning.LightningModule):
     @property
     def side_config(self) -> SideConfig:
         """The side network's type and shape, from this module's hyperparameters."""
-        return SideConfig(**{k: self.hparams[k] for k in SideConfig().module_kwargs() if k in self.hparams})
+        return SideConfig(**{k: self.hparams[k] for k in SIDE_KNOBS if k in self.hparams})
 
     def server_hparams(self) -> dict[str, Any]:
         """What the server needs to train this module besides the side config (the optimiser, the loss);
         the hello carries the side config, tap spec, class count and planned steps separately."""
-        side = set(SideConfig().module_kwargs())
-        return {k: v for k, v in self.hparams_dict().items() if k not in self.device_only_hparams and k not in side}
+        return {k: v for k, v in self.hparams_dict().items()
+                if k not in self.device_only_hparams and k not in SIDE_KNOBS}
 
     @classmethod
     def from_hparams_dict(cls, d: dict[str, Any]) -> SideTuningModule:

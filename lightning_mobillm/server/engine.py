@@ -114,12 +114,12 @@ class TrainingEngine:
             if not torch.isfinite(loss):
                 raise FrameError(f"non-finite loss {loss.item()}; step skipped")
             self.fabric.backward(loss)
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             if self.grad_clip is not None:
                 norm = self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.grad_clip,
                                                   error_if_nonfinite=False)
             else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                norm = torch.nn.utils.get_total_norm(
+                    [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None])
             if norm is None or not torch.isfinite(norm):
                 raise FrameError("non-finite gradient; step skipped")
             self.optimizer.step()

@@ -19,7 +19,7 @@ from lightning_mobillm.side.network import SideNetwork
 from lightning_mobillm.side.parallel_adapters import ParallelAdapterTrunk
 from lightning_mobillm.specs import TapSpec
 
-__all__ = ["HEAD_TYPES", "TRUNK_TYPES", "SideConfig"]
+__all__ = ["HEAD_TYPES", "KNOBS", "TRUNK_TYPES", "SideConfig"]
 
 #: trunk type name -> class built as ``cls(num_taps, hidden_size, **trunk knobs)``
 TRUNK_TYPES: dict[str, type] = {"parallel_adapters": ParallelAdapterTrunk}
@@ -28,6 +28,8 @@ HEAD_TYPES: dict[str, type] = {"pooled_linear": PooledLinearHead}
 
 _TRUNK_KNOBS = ("reduction", "normalize_taps", "activation", "final_norm")
 _HEAD_KNOBS = ("pool", "dropout")
+#: the knobs of a side config, named as the side-tuning module's constructor names them
+KNOBS = (*_TRUNK_KNOBS, *_HEAD_KNOBS)
 
 
 @dataclass
@@ -72,7 +74,7 @@ class SideConfig:
 
     def module_kwargs(self) -> dict[str, Any]:
         """The knobs as the side-tuning module's constructor takes them."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("trunk", "head")}
+        return {k: getattr(self, k) for k in KNOBS}
 
     def build(self, tap_spec: TapSpec, num_outputs: int, *, seed: int | None = None) -> SideNetwork:
         """The side network for a backbone's taps (seeded: the same seed builds the same weights)."""

@@ -192,7 +192,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         )
         self.device_stats.server_pid = self.client.server_pid
         # The device's copy of the weights (fresh init, or restored from a checkpoint) is the truth.
-        self._push_state({"model": module.state_dict(), "step": 0})
+        self.client.push_state({"model": module.state_dict(), "step": 0})
 
     def setup_optimizers(self, trainer) -> None:
         self.optimizers = [ServerOptimizer()]
@@ -229,12 +229,6 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.device_stats.link = self.client.stats
 
     # ---- requests -----------------------------------------------------------------------------------
-    def _request(self, frame: Frame) -> Frame:
-        return self.client.request(frame)
-
-    def _push_state(self, state: dict) -> None:
-        self.client.push_state(state)
-
     def fetch_server_state(self) -> dict:
         """Wait for in-flight steps, then download the side network, optimizer, scheduler and step."""
         self._drain()
@@ -346,7 +340,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                 side = module(acts, lengths).float()
         else:
             self._drain()
-            reply = self._request(
+            reply = self.client.request(
                 Frame(kind=P.EVAL, header={"session": self.session, "codec": self.transfer.codec}, tensors=tensors)
             )
             side = reply.tensors["logits"]
@@ -387,7 +381,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         if server is None:
             log.warning("checkpoint has no server state; the side network's optimizer starts afresh")
             return
-        self._push_state({"model": self.lightning_module.state_dict(), **server})
+        self.client.push_state({"model": self.lightning_module.state_dict(), **server})
         log.info("server state restored at step %d", server["step"])
 
     @classmethod
