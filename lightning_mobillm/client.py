@@ -93,7 +93,7 @@ class EmbeddedServer:
     def start(self, timeout: float = 120.0) -> str:
         """Spawn the process and wait for its READY line; returns ``"127.0.0.1:<port>"``."""
         cfg = dataclasses.asdict(self.config)
-        cfg.update(host="127.0.0.1", port=0, token=None)
+        cfg.update(host="127.0.0.1", port=0, tokens_file=None, token_file=None)
         env = dict(os.environ)
         env[self.config.token_env] = self.token
         stderr = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - handed to the child

@@ -15,12 +15,22 @@ from lightning_mobillm.assets import cache_dir
 class ServerConfig:
     """Settings of a server process (either role).
 
+    Who may call (see ``docs/threat-model.md``):
+
     Args:
         host: interface to listen on (``0.0.0.0`` to accept remote devices).
         port: port to listen on; 0 picks a free one.
-        token: shared secret devices must present; if None, read from the ``token_env`` variable; if that
-            is unset too, the server accepts any device (loopback use only).
-        token_env: environment variable holding the token.
+        tokens_file: per-device credentials, one ``<identity> <sha256 hex of the token>`` line per device
+            (``#`` comments); re-read when the file changes, so deleting a line revokes that device. A call's
+            token names its identity; a session belongs to the identity that opened it. Make entries with
+            ``python -m lightning_mobillm token --identity NAME --file PATH``.
+        token_env: environment variable holding one *shared* token (an explicit, weaker choice: every holder
+            is trusted to name its own ``device_id``); never taken from the command line.
+        token_file: a file holding the shared token (instead of ``token_env``).
+        tls_cert_file, tls_key_file: the server's certificate chain and private key (PEM): the link runs
+            over TLS.
+        tls_client_ca_file: with TLS, require client certificates signed by this CA (mutual TLS).
+        allow_insecure: serve on a non-loopback address without TLS or without a token. Refused otherwise.
         device: where the side network trains: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``
             (Fabric's accelerator and device).
         devices: how many devices of that kind Fabric trains on (``device: cuda`` only).
@@ -28,14 +38,30 @@ class ServerConfig:
             the single-device CPU engine is tested here).
         precision: Fabric precision of the server's steps: ``32``, ``bf16-mixed`` (autocast) or ``16-mixed``.
         grad_clip: max global gradient norm per step (None disables clipping).
-        max_frame_mb: frames larger than this are refused.
-        max_sessions: how many device sessions may be open at once.
+        max_frame_mb: frames larger than this are refused by the transport before they are decoded
+            (sized to the largest shipped recipe's training frame with headroom).
+        max_concurrent_rpcs: calls the gRPC server runs at once; more are refused (RESOURCE_EXHAUSTED).
         max_workers: gRPC worker threads.
+        keepalive_s: how often the server pings an idle connection (and the least ping interval it allows
+            a client).
+        max_connection_idle_s: connections idle this long are closed.
+        max_sessions: sessions open at once, over all identities.
+        max_sessions_per_identity: sessions one identity may hold open at once.
+        session_idle_s: a session without a frame for this long is checkpointed and closed to free its
+            memory; its device resumes it with a hello that says ``resume: true``.
+        max_taps, max_width, max_outputs: bounds on what a hello may ask for.
+        max_session_mb: bound on a session's model at hello (weights, gradients and AdamW moments,
+            counted before anything is allocated).
+        max_tokens_per_frame: bound on the token rows of one frame, checked before it is dequantised.
+        cache_memory_mb: memory an activation cache may use before it spills to disk (per session; a
+            device may ask for less, never more).
+        cache_disk_mb: disk an activation cache may use (per session); beyond it, new samples are not
+            cached and the device forwards them again.
         threads: torch intra-op threads of a server process (None keeps torch's default); an in-process
             server shares its caller's threads and leaves them alone.
-        workdir: folder for the server's own checkpoints (``server-checkpoints/``) and the activation caches of
-            sessions that ask for one (one subfolder per cache id); None uses ``<cache_dir>/server``. An
-            embedded server uses the run's log folder.
+        workdir: folder for the server's own checkpoints (``server-checkpoints/``) and the activation caches
+            of sessions that ask for one; None uses ``<cache_dir>/server``. An embedded server uses the run's
+            log folder.
         checkpoint_every_n_steps: a session's model, optimizer, scheduler and step are written to the
             workdir every n training steps (and whenever a device fetches the state), so a restarted server
             continues a session that says hello with ``resume: true``; 0 disables.
@@ -46,23 +72,50 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 0
-    token: str | None = None
+    tokens_file: str | None = None
     token_env: str = "MOBILLM_TOKEN"
+    token_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    allow_insecure: bool = False
     device: str = "auto"
     devices: int = 1
     fabric_strategy: str = "auto"
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
     grad_clip: float | None = 1.0
-    max_frame_mb: int = 512
-    max_sessions: int = 64
+    max_frame_mb: int = 128
+    max_concurrent_rpcs: int = 64
     max_workers: int = 8
+    keepalive_s: float = 60.0
+    max_connection_idle_s: float = 900.0
+    max_sessions: int = 64
+    max_sessions_per_identity: int = 4
+    session_idle_s: float = 1800.0
+    max_taps: int = 128
+    max_width: int = 16384
+    max_outputs: int = 4096
+    max_session_mb: float = 2048.0
+    max_tokens_per_frame: int = 16384
+    cache_memory_mb: float = 512.0
+    cache_disk_mb: float = 8192.0
     threads: int | None = None
     workdir: str | None = None
     checkpoint_every_n_steps: int = 50
     allowed_backbones: list[str] | None = None
 
     def resolved_token(self) -> str | None:
-        return self.token or os.environ.get(self.token_env) or None
+        """The shared token: from ``token_file`` if set, else the ``token_env`` variable; None if neither."""
+        if self.token_file:
+            text = Path(self.token_file).read_text().strip()
+            if not text:
+                raise ValueError(f"token_file {self.token_file} is empty")
+            return text
+        return os.environ.get(self.token_env) or None
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return int(self.max_frame_mb * 2**20)
 
     def root(self) -> Path:
         """The server's working folder."""
