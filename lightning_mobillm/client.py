@@ -51,6 +51,17 @@ class ServerError(RuntimeError):
     """The server refused a frame or failed to handle it."""
 
 
+def read_token(token_env: str, token_file: str | None = None) -> str | None:
+    """A device's token: the contents of ``token_file`` if given, else the ``token_env`` variable, else None.
+    Tokens are never taken from a config key or the command line."""
+    if token_file:
+        token = Path(token_file).expanduser().read_text().strip()
+        if not token:
+            raise ValueError(f"token_file {token_file} is empty")
+        return token
+    return os.environ.get(token_env) or None
+
+
 def server_log_path(trainer) -> Path | None:
     """``server.log`` in the run's log folder; None (the server inherits stderr) without a logger."""
     if trainer is None or not trainer.loggers:
@@ -165,6 +176,8 @@ class ServerClient:
         log_path: where an embedded server writes its log.
         connect_timeout, call_timeout, retries: link settings.
         reply_schemas: what replies of this role may carry.
+        tls: TLS settings of a remote server's link (``ca_file``, ``cert_file``, ``key_file``,
+            ``server_name``; unset ones may be None); None or all None: plaintext (loopback servers).
     """
 
     def __init__(
@@ -179,6 +192,7 @@ class ServerClient:
         call_timeout: float = 600.0,
         retries: int = 3,
         reply_schemas: dict[str, FrameSchema] | None = None,
+        tls: dict[str, str | None] | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
@@ -191,8 +205,10 @@ class ServerClient:
         self.call_timeout = call_timeout
         self.retries = retries
         self.reply_schemas = reply_schemas or (P.SPLIT_REPLY_SCHEMAS if role == "split" else P.REPLY_SCHEMAS)
+        self.tls = {k: v for k, v in (tls or {}).items() if v is not None}
         self.link: Link | None = None
         self.session: str | None = None
+        self.secret: str | None = None  # the session's secret, from the hello's reply; never logged
         self.server_pid: int | None = None
         self.in_process_server: Any = None  # the server object behind an in-process link (for tests)
         self._embedded: EmbeddedServer | None = None
@@ -216,9 +232,14 @@ class ServerClient:
         if address is None:
             self._embedded = EmbeddedServer(self.embedded, self.token, role=self.role, log_path=self.log_path)
             address = self._embedded.start(timeout=self.connect_timeout)
+        kwargs: dict[str, Any] = {}
+        if self.tls and address == self.address:  # an embedded server is on loopback: no TLS
+            from lightning_mobillm.transport.security import TlsClientConfig
+
+            kwargs["tls"] = TlsClientConfig(**self.tls)
         try:
             self.link = GrpcLink(address, self.token, connect_timeout=self.connect_timeout,
-                                 call_timeout=self.call_timeout, retries=self.retries)
+                                 call_timeout=self.call_timeout, retries=self.retries, **kwargs)
         except Exception:
             self._stop_embedded()
             raise
@@ -234,12 +255,12 @@ class ServerClient:
         if self.link is not None:
             if self.session is not None:
                 try:
-                    self.link.call(encode_frame(Frame(kind=P.BYE, header={"session": self.session})))
+                    self.link.call(encode_frame(Frame(kind=P.BYE, header=self.session_header())))
                 except Exception:  # noqa: BLE001 - a closed or unreachable server needs no goodbye
                     pass
             self.link.close()
             self.link = None
-        self.session = None
+        self.session = self.secret = None
         self._stop_embedded()
 
     def _stop_embedded(self) -> None:
@@ -264,16 +285,24 @@ class ServerClient:
         """Send encoded frame bytes and return the reply bytes (nothing decoded)."""
         return self._require_link().call(data)
 
+    def session_header(self, **header: Any) -> dict[str, Any]:
+        """The header of a frame of this session: its name and secret, then ``header``."""
+        if self.session is None or self.secret is None:
+            raise RuntimeError("no session: say hello first")
+        return {"session": self.session, "secret": self.secret, **header}
+
     def request(self, frame: Frame) -> Frame:
-        """Send a frame (the session is filled in) and wait for its decoded reply."""
-        if self.session is not None and frame.kind != P.HELLO and frame.kind != P.SPLIT_HELLO:
-            frame.header.setdefault("session", self.session)
+        """Send a frame (the session and its secret are filled in) and wait for its decoded reply."""
+        if frame.kind not in (P.HELLO, P.SPLIT_HELLO):
+            frame.header = {**self.session_header(), **frame.header}
         return self.decode_reply(self.call(encode_frame(frame)))
 
     def hello(self, kind: str, header: dict[str, Any]) -> Frame:
-        """Open a session: the hello carries the protocol version; the reply names the session."""
+        """Open (or reconnect to) a session: the hello carries the protocol version; the reply names the
+        session and its secret."""
         reply = self.request(Frame(kind=kind, header={"protocol": P.PROTOCOL_VERSION, **header}))
         self.session = reply.header["session"]
+        self.secret = reply.header["secret"]
         self.server_pid = int(reply.header["server_pid"])
         return reply
 
@@ -308,5 +337,5 @@ class ServerClient:
 
     def pull_state(self) -> dict:
         """Download the session's model, optimizer, scheduler and step (call :meth:`drain` first)."""
-        reply = self.request(Frame(kind=P.GET_STATE, header={}))
+        reply = self.request(Frame(kind=P.GET_STATE))
         return P.unpack_state(reply.header["skeleton"], reply.tensors["state"])

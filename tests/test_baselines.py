@@ -216,17 +216,17 @@ def test_split_server_refuses_bad_frames(tiny_llama_dir):
     refused = ask("split_hello", {**hello, "backbone": {"source": "/etc"}})
     assert refused.kind == "error" and "does not load backbone" in refused.header["message"]
     ok = ask("split_hello", {**hello, "backbone": {"source": str(tiny_llama_dir)}})
-    session = ok.header["session"]
+    session, secret = ok.header["session"], ok.header["secret"]
     wrong_width = P.pack_acts(torch.randn(4, 1, 7), torch.tensor([4]), "fp32")
-    bad = ask("split_train", {"session": session, "step": 0, "codec": "fp32", "codec_down": "fp32"},
+    bad = ask("split_train", {"session": session, "secret": secret, "step": 0, "codec": "fp32", "codec_down": "fp32"},
               {**wrong_width, "labels": torch.tensor([1])})
     assert bad.kind == "error" and "states shape" in bad.header["message"]
     good = P.pack_acts(torch.randn(4, 1, 32), torch.tensor([4]), "fp32")
-    bad_label = ask("split_train", {"session": session, "step": 0, "codec": "fp32", "codec_down": "fp32"},
+    bad_label = ask("split_train", {"session": session, "secret": secret, "step": 0, "codec": "fp32", "codec_down": "fp32"},
                     {**good, "labels": torch.tensor([9])})
     assert bad_label.kind == "error" and "labels" in bad_label.header["message"]
     assert server.sessions[session].step == 0  # nothing was applied
-    reply = ask("split_train", {"session": session, "step": 0, "codec": "fp32", "codec_down": "fp32"},
+    reply = ask("split_train", {"session": session, "secret": secret, "step": 0, "codec": "fp32", "codec_down": "fp32"},
                 {**good, "labels": torch.tensor([1])})
     grad, lengths = P.unpack_acts(reply.tensors, reply.header["codec"])
     assert reply.kind == "ok" and grad.shape == (4, 1, 32) and lengths.tolist() == [4]

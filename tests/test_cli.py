@@ -80,7 +80,7 @@ def test_fit_from_a_recipe(tmp_path, tiny_llama_dir, tiny_data_file):
 def test_help_lists_every_subcommand(tmp_path):
     proc = _cli(["--help"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: python -m lightning_mobillm {fit,validate,test,predict,serve}")
+    assert proc.stdout.startswith("usage: python -m lightning_mobillm {fit,validate,test,predict,serve,token}")
     for sub in ("fit", "validate", "test", "predict", "serve"):
         assert f"\n  {sub} " in proc.stdout, sub
     fit_help = _cli(["fit", "--help"], cwd=tmp_path, timeout=120)
@@ -109,7 +109,9 @@ def test_bad_key_is_named(tmp_path, tiny_llama_dir, tiny_data_file, old, new, na
 def standalone_server(tmp_path):
     """``python -m lightning_mobillm serve`` as a user would start it on a server machine."""
     config = tmp_path / "server.yaml"
-    config.write_text("server:\n  host: 127.0.0.1\n  port: 0\n  token: s3cret\n  device: cpu\n  threads: 1\n")
+    (tmp_path / "server-token").write_text("s3cret\n")
+    config.write_text(f"server:\n  host: 127.0.0.1\n  port: 0\n  token_file: {tmp_path / 'server-token'}\n"
+                      "  device: cpu\n  threads: 1\n")
     log = tmp_path / "server.stderr"  # a file, not a pipe nobody drains (a full pipe would stall the server)
     with log.open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "serve", "--config", str(config)],
@@ -134,8 +136,10 @@ def _fit_against(address: str, token: str, tiny_llama_dir, tiny_data_file, tmp_p
     model = SideTuningModule(backbone=BackboneConfig(source=str(tiny_llama_dir)), num_classes=data.num_classes,
                              pool="mean")
     monitor = DeviceMonitor()
+    token_file = tmp_path / f"token-{token}"
+    token_file.write_text(token)
     trainer = L.Trainer(
-        strategy=ServerAssistedStrategy(server=address, token=token, connect_timeout=5, retries=0),
+        strategy=ServerAssistedStrategy(server=address, token_file=str(token_file), connect_timeout=5, retries=0),
         accelerator="cpu", max_steps=3, callbacks=[monitor], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=1, default_root_dir=tmp_path,
     )

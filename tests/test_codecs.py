@@ -461,7 +461,7 @@ def test_outlier_codecs_through_a_train_frame(codec: str) -> None:
     tensors = P.pack_acts(acts, lengths, codec, outlier_channels=4)
     assert tensors["acts.oidx"].shape == (3, 4) and tensors["acts.oval"].shape == (20, 3, 4)
     tensors["labels"] = torch.tensor([0, 1])
-    data = encode_frame(Frame(kind=P.TRAIN, header={"session": "s", "step": 0, "codec": codec}, tensors=tensors))
+    data = encode_frame(Frame(kind=P.TRAIN, header={"session": "s", "secret": "s", "step": 0, "codec": codec}, tensors=tensors))
     frame = decode_frame(data, P.REQUEST_SCHEMAS)
     got, got_lengths = P.unpack_acts(frame.tensors, codec)
     assert torch.equal(got, decode(encode(acts, codec, outlier_channels=4), codec))

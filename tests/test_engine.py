@@ -82,14 +82,14 @@ def test_the_side_server_trains_through_fabric(monkeypatch):
     monkeypatch.setattr(Fabric, "clip_gradients", counted_clip)
     server = SideServer(ServerConfig(device="cpu", checkpoint_every_n_steps=0))
     hello = _hello()
-    assert P.OK.encode() in server.handle(encode_frame(hello))
-    session = server.sessions["d/r"]
+    ok = decode_frame(server.handle(encode_frame(hello)), P.REPLY_SCHEMAS)
+    session = server.sessions[ok.header["session"]]
     assert isinstance(session.model.model, _FabricModule) and isinstance(session.model.optimizer, _FabricOptimizer)
     for step in range(2):
         b = _batch(step)
         tensors = {**P.pack_acts(b["acts"], b["lengths"], "fp32"), "labels": b["labels"]}
-        server.handle(encode_frame(Frame(kind=P.TRAIN, header={"session": "d/r", "step": step, "codec": "fp32"},
-                                         tensors=tensors)))
+        header = {"session": session.key, "secret": ok.header["secret"], "step": step, "codec": "fp32"}
+        server.handle(encode_frame(Frame(kind=P.TRAIN, header=header, tensors=tensors)))
     assert calls == {"backward": 2, "clip": 2} and session.step == 2
 
 
@@ -138,11 +138,12 @@ def test_the_server_trains_whatever_autograd_mode_its_caller_is_in():
     """In-process, a frame may arrive from a thread inside Lightning's inference_mode (a validation hook)."""
     server = SideServer(ServerConfig(device="cpu", checkpoint_every_n_steps=0))
     hello = _hello()
-    server.handle(encode_frame(hello))
+    ok = decode_frame(server.handle(encode_frame(hello)), P.REPLY_SCHEMAS).header
     b = _batch(0)
     tensors = {**P.pack_acts(b["acts"], b["lengths"], "fp32"), "labels": b["labels"]}
-    frame = Frame(kind=P.TRAIN, header={"session": "d/r", "step": 0, "codec": "fp32"}, tensors=tensors)
+    header = {"session": ok["session"], "secret": ok["secret"], "step": 0, "codec": "fp32"}
+    frame = Frame(kind=P.TRAIN, header=header, tensors=tensors)
     with torch.inference_mode():
         reply = server.handle(encode_frame(frame))
     assert decode_frame(reply, P.REPLY_SCHEMAS, require_finite=False).kind == P.OK
-    assert server.sessions["d/r"].step == 1
+    assert server.sessions[ok["session"]].step == 1

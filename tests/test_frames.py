@@ -35,6 +35,7 @@ SCHEMAS = {
         },
         required_tensors=("q",),
         required_header={"step": int, "device": str, "lr": float, "train": bool},
+        optional_header={"codec": str, "keys": list},
     ),
     "pae_activations": FrameSchema(
         kind="pae_activations",
@@ -43,7 +44,7 @@ SCHEMAS = {
         required_header={"step": int},
         allow_header_extra=False,
     ),
-    "ping": FrameSchema(kind="ping", tensors={}),
+    "ping": FrameSchema(kind="ping", tensors={}, allow_header_extra=True),
 }
 HEADER = {"step": 3, "device": "phone-0", "lr": 1e-3, "train": True, "codec": "int8", "keys": ["a", "b"]}
 
@@ -249,8 +250,19 @@ def test_float_rule_accepts_int() -> None:
 
 def test_header_extra_keys_when_forbidden() -> None:
     frame = Frame("pae_activations", {"step": 1, "label": 3}, {"q": torch.zeros(1, 2)})
-    with pytest.raises(FrameError, match=r"keys not in the schema: \['label'\]"):
+    with pytest.raises(FrameError, match=r"keys \['label'\] are not in the schema"):
         decode_frame(encode_frame(frame), SCHEMAS)
+
+
+def test_optional_header_keys_are_typed_and_extras_refused_by_default() -> None:
+    frame = Frame("activations", {**HEADER, "codec": 8}, {"q": torch.zeros(1, 2, 3)})
+    with pytest.raises(FrameError, match="header key 'codec' must be str"):
+        decode_frame(encode_frame(frame), SCHEMAS)
+    frame = Frame("activations", {**HEADER, "text": "private"}, {"q": torch.zeros(1, 2, 3)})
+    with pytest.raises(FrameError, match=r"\['text'\] are not in the schema"):
+        decode_frame(encode_frame(frame), SCHEMAS)
+    assert "codec" not in decode_frame(encode_frame(Frame("activations", {k: v for k, v in HEADER.items() if k != "codec"},
+                                                           {"q": torch.zeros(1, 2, 3)})), SCHEMAS).header
 
 
 def test_safetensors_part_unparseable() -> None:

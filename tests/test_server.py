@@ -21,6 +21,7 @@ from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
 from lightning_mobillm.transport.link import GrpcLink, LinkError, serve_link
+from lightning_mobillm.transport.security import Credentials
 
 SPEC = TapSpec(layers=[0, 1, 2], hidden_size=16, arch="llama", is_decoder=True)
 NUM_CLASSES = 3
@@ -60,21 +61,21 @@ def _batch(seed: int, batch: int = 6, tokens: int = 3) -> tuple[torch.Tensor, to
     return acts, torch.full((batch,), tokens), labels
 
 
-def _train_frame(session: str, step: int, seed: int, codec: str = "int8", **override) -> Frame:
+def _train_frame(session: dict, step: int, seed: int, codec: str = "int8", **override) -> Frame:
     acts, lengths, labels = _batch(seed)
     tensors = {**P.pack_acts(acts, lengths, codec), "labels": labels, **override}
-    return Frame(kind=P.TRAIN, header={"session": session, "step": step, "codec": codec}, tensors=tensors)
+    return Frame(kind=P.TRAIN, header={**session, "step": step, "codec": codec}, tensors=tensors)
 
 
-def _new_session(server: SideServer, hello: Frame | None = None) -> str:
+def _new_session(server: SideServer, hello: Frame | None = None) -> dict:
     reply = _call(server, hello or _hello())
     assert reply.kind == P.OK, reply.header
-    return reply.header["session"]
+    return {"session": reply.header["session"], "secret": reply.header["secret"]}
 
 
-def _get_state(server: SideServer, session: str) -> dict[str, Any]:
+def _get_state(server: SideServer, session: dict) -> dict[str, Any]:
     """The session's full state as the device downloads it."""
-    reply = _call(server, Frame(kind=P.GET_STATE, header={"session": session}))
+    reply = _call(server, Frame(kind=P.GET_STATE, header={**session}))
     assert reply.kind == P.OK, reply.header
     state = P.unpack_state(reply.header["skeleton"], reply.tensors["state"])
     assert state["step"] == reply.header["step"]
@@ -101,9 +102,9 @@ def _assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
             assert type(x) is type(y) and x == y, (path, x, y)
 
 
-def _set_state_frame(session: str, state: Any) -> Frame:
+def _set_state_frame(session: dict, state: Any) -> Frame:
     skeleton, blob = P.pack_state(state)
-    return Frame(kind=P.SET_STATE, header={"session": session, "skeleton": skeleton}, tensors={"state": blob})
+    return Frame(kind=P.SET_STATE, header={**session, "skeleton": skeleton}, tensors={"state": blob})
 
 
 STEPS = 3  # training steps before the malformed frames: AdamW then has real moments and a step count
@@ -112,12 +113,12 @@ STEPS = 3  # training steps before the malformed frames: AdamW then has real mom
 @dataclass
 class Trained:
     server: SideServer
-    session: str
+    session: dict
     last_frame: bytes  # the training frame of step STEPS - 1 ...
     last_reply: bytes  # ... and the server's reply to it
 
 
-def _train(server: SideServer, session: str, steps: range) -> tuple[bytes, bytes]:
+def _train(server: SideServer, session: dict, steps: range) -> tuple[bytes, bytes]:
     for step in steps:
         data = encode_frame(_train_frame(session, step, seed=step))
         reply = server.handle(data)
@@ -186,7 +187,7 @@ def _perturbed(state: dict[str, Any], **override: Any) -> dict[str, Any]:
     return bad
 
 
-def _malformed(session: str, state: dict[str, Any]) -> dict[str, bytes | Frame]:
+def _malformed(session: dict, state: dict[str, Any]) -> dict[str, bytes | Frame]:
     """Frames the server must refuse, for a session that has applied STEPS steps (``state`` is its state)."""
     step = STEPS  # the step the session expects next
     acts, lengths, labels = _batch(step)
@@ -216,14 +217,19 @@ def _malformed(session: str, state: dict[str, Any]) -> dict[str, bytes | Frame]:
         "negative label": _train_frame(session, step, step, labels=torch.tensor([0, 1, -1, 0, 1, 2])),
         "fewer labels than samples": _train_frame(session, step, step, labels=labels[:5]),
         "forbidden field": _train_frame(session, step, step, input_ids=torch.zeros(6, 3, dtype=torch.int64)),
-        "unknown session": _train_frame("nobody/x", step, step),
+        "unknown session": _train_frame({**session, "session": "device:nobody/x"}, step, step),
+        "the right session with a wrong secret": _train_frame({**session, "secret": "0" * 32}, step, step),
+        "a header key no schema names": Frame(kind=P.TRAIN, header={**session, "step": step, "codec": "int8",
+                                                                     "text": "a private sentence"},
+                                              tensors={**P.pack_acts(acts, lengths, "int8"), "labels": labels}),
+        "another step's content under an applied step": _train_frame(session, step - 1, seed=step + 7),
         "step ahead": _train_frame(session, step + 2, step),
         "stale step": _train_frame(session, step - 2, step),
-        "unknown kind": Frame(kind="exec", header={"session": session}),
-        "targets on a labelled session": Frame(kind=P.TRAIN_TARGET, header={"session": session, "step": step, "codec": "int8"},
+        "unknown kind": Frame(kind="exec", header={**session}),
+        "targets on a labelled session": Frame(kind=P.TRAIN_TARGET, header={**session, "step": step, "codec": "int8"},
                                                 tensors={**P.pack_acts(acts, lengths, "int8"), "targets": torch.randn(6, 3)}),
-        "cached step without a cache": Frame(kind=P.TRAIN_CACHED, header={"session": session, "step": step, "keys": ["k"]}),
-        "eval of the wrong width": Frame(kind=P.EVAL, header={"session": session, "codec": "int8"},
+        "cached step without a cache": Frame(kind=P.TRAIN_CACHED, header={**session, "step": step, "keys": ["k"]}),
+        "eval of the wrong width": Frame(kind=P.EVAL, header={**session, "codec": "int8"},
                                          tensors=P.pack_acts(torch.randn(18, 3, 8), lengths, "int8")),
         "hello with a bad tap spec": bad_hello,
         "hello for an unregistered module": foreign_hello,
@@ -242,28 +248,33 @@ def _malformed(session: str, state: dict[str, Any]) -> dict[str, bytes | Frame]:
         "state: schedule length not a number": _set_state_frame(session, _perturbed(state, scheduler={
             **state["scheduler"], "lr_lambdas": [{**f, "total_steps": "x"} for f in state["scheduler"]["lr_lambdas"]]})),
         "state: no weights": _set_state_frame(session, {"step": step}),
-        "state: blob is not safetensors": Frame(kind=P.SET_STATE, header={"session": session, "skeleton": {"root": {}}},
+        "state: blob is not safetensors": Frame(kind=P.SET_STATE, header={**session, "skeleton": {"root": {}}},
                                                 tensors={"state": torch.frombuffer(bytearray(b"garbage!"), dtype=torch.uint8)}),
         "state: skeleton names a missing tensor": Frame(
-            kind=P.SET_STATE, header={"session": session, "skeleton": {"root": {"__tensor__": "t99"}}},
+            kind=P.SET_STATE, header={**session, "skeleton": {"root": {"__tensor__": "t99"}}},
             tensors={"state": P.pack_state({})[1]}),
     }
 
 
-MALFORMED = list(_malformed("s", {"model": {"w": torch.zeros(1)}, "optimizer": {"state": {"0": {"exp_avg": torch.zeros(1)}}},
+MALFORMED = list(_malformed({"session": "s", "secret": "s"}, {"model": {"w": torch.zeros(1)}, "optimizer": {"state": {"0": {"exp_avg": torch.zeros(1)}}},
                                   "scheduler": {"last_epoch": 0, "lr_lambdas": [{}]}, "step": 0}))
 
 
 @pytest.mark.parametrize("case", MALFORMED)
 def test_malformed_frames_are_refused_and_change_nothing(trained, next_step_reference, case):
     server, session = trained.server, trained.session
+    if case.startswith("state:"):
+        # a state is only taken right after a hello: reconnect (same session, a new secret) so that the
+        # malformed state is refused for what it holds, not for coming late
+        session = _new_session(server)
+        assert session["session"] == trained.session["session"] and session["secret"] != trained.session["secret"]
     before = _get_state(server, session)
     reply = _call(server, _malformed(session, before)[case])
     assert reply.kind == P.ERROR and reply.header["message"]
     # weights, optimizer moments, scheduler and step, tensor by tensor
     _assert_same_state(before, _get_state(server, session))
-    # the stored reply for retries: the last training frame gets the very same bytes
-    assert server.handle(trained.last_frame) == trained.last_reply
+    # the stored reply for retries: the last training frame (under the current secret) gets the very same bytes
+    assert server.handle(encode_frame(_train_frame(session, STEPS - 1, seed=STEPS - 1))) == trained.last_reply
     # ... and the next step trains exactly as on a session that never saw the malformed frame
     after = _call(server, _train_frame(session, STEPS, seed=STEPS))
     assert after.kind == P.OK, after.header
@@ -286,7 +297,7 @@ def test_hello_refuses_unregistered_module():
     reply = _call(server, hello)
     assert reply.kind == P.ERROR and "unknown module" in reply.header["message"]
     # no session was opened under that device and run
-    reply = _call(server, Frame(kind=P.GET_STATE, header={"session": "dev/r1"}))
+    reply = _call(server, Frame(kind=P.GET_STATE, header={"session": "device:dev/r1", "secret": "0" * 32}))
     assert reply.kind == P.ERROR and "unknown session" in reply.header["message"]
 
 
@@ -307,11 +318,11 @@ def test_state_round_trip(trained):
 def test_link_refuses_wrong_token_before_decoding():
     seen: list[int] = []
 
-    def handler(data: bytes) -> bytes:
+    def handler(data: bytes, identity: str) -> bytes:
         seen.append(len(data))
         return b"reply:" + data
 
-    server, port = serve_link(handler, host="127.0.0.1", port=0, token="s3cret")
+    server, port = serve_link(handler, host="127.0.0.1", port=0, credentials=Credentials.shared("s3cret"))
     try:
         good = GrpcLink(f"127.0.0.1:{port}", "s3cret", connect_timeout=10)
         assert good.call(b"abc") == b"reply:abc"
@@ -332,7 +343,7 @@ def test_unreachable_server_names_the_address():
         GrpcLink("127.0.0.1:9", connect_timeout=1.0)
 
 
-def _pae_session(server: SideServer) -> str:
+def _pae_session(server: SideServer) -> dict:
     from lightning_mobillm.modules import AdditiveAdapterModule
 
     module = AdditiveAdapterModule(backbone=BackboneConfig(source="unused"), num_classes=NUM_CLASSES, seed=0)
@@ -342,10 +353,10 @@ def _pae_session(server: SideServer) -> str:
     return _new_session(server, hello)
 
 
-def _target_frame(session: str, step: int, **extra) -> Frame:
+def _target_frame(session: dict, step: int, **extra) -> Frame:
     acts, lengths, _ = _batch(step, tokens=1)
     tensors = {**P.pack_acts(acts, lengths, "int8"), "targets": torch.randn(6, 16), **extra}
-    return Frame(kind=P.TRAIN_TARGET, header={"session": session, "step": step, "codec": "int8"}, tensors=tensors)
+    return Frame(kind=P.TRAIN_TARGET, header={**session, "step": step, "codec": "int8"}, tensors=tensors)
 
 
 def test_label_free_session_refuses_labels():

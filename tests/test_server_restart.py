@@ -82,7 +82,7 @@ def test_resume_without_a_checkpoint_is_refused_by_name(tmp_path):
     server = EmbeddedServer(config, "t0ken", log_path=tmp_path / "server.log")
     client = _connect(server.start(timeout=120))
     try:
-        with pytest.raises(ServerError, match="no server checkpoint of session 'phone/run1'"):
+        with pytest.raises(ServerError, match="no server checkpoint of session 'device:phone/run1'"):
             client.hello(P.HELLO, _hello(resume=True))
     finally:
         client.close()

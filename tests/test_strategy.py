@@ -129,7 +129,7 @@ class ProcessAudit(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         client = trainer.strategy.client
-        data = client.call(encode_frame(Frame(kind=P.GET_STATE, header={"session": client.session})))
+        data = client.call(encode_frame(Frame(kind=P.GET_STATE, header=client.session_header())))
         reply = decode_frame(data, P.REPLY_SCHEMAS)
         self.device = client.stats.snapshot()  # this get_state included
         self.server = {"bytes_in": reply.header["bytes_in"], "bytes_out": reply.header["bytes_out"]}

@@ -152,9 +152,9 @@ class SplitLearningClassifier(OnDeviceClassifier):
     def _frame(self, kind: str, states: Tensor, lengths: Tensor, **extra_tensors: Tensor) -> Frame:
         codec = self.hparams["codec_up"]
         tensors = P.pack_acts(states.detach()[:, None, :], lengths.cpu(), codec)
-        header = {"session": self.client.session, "codec": codec, "codec_down": self.hparams["codec_down"]}
+        header = self.client.session_header(codec=codec)
         if kind == P.SPLIT_TRAIN:
-            header["step"] = self._step
+            header.update(step=self._step, codec_down=self.hparams["codec_down"])
         return Frame(kind=kind, header=header, tensors={**tensors, **extra_tensors})
 
     def on_fit_start(self) -> None:

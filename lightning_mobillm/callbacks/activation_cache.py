@@ -26,15 +26,19 @@ class ActivationCache(L.Callback):
     with a checksum per entry, and flushes its index with every checkpoint, so ``--ckpt_path`` resumes
     with the cache. A cache entry that is lost or corrupt is simply forwarded again by the device.
 
+    The cache belongs to the session that opened it: the server names it with a token of its own making
+    (kept in this callback's checkpoint state) that only this device's identity can use to reopen it.
+
     Args:
-        memory_limit_mb: server memory for cached samples before older ones spill to disk.
+        memory_limit_mb: server memory to ask for before older samples spill to disk (the server grants
+            at most its own ``cache_memory_mb``).
     """
 
     def __init__(self, memory_limit_mb: float = 512.0) -> None:
         if memory_limit_mb < 0:
             raise ValueError(f"ActivationCache: memory_limit_mb must be >= 0, got {memory_limit_mb}")
         self.memory_limit_mb = memory_limit_mb
-        self.cache_id = secrets.token_hex(8)
+        self.token: str | None = None  # the server's name for this run's cache, from the hello's reply
         self._secret = secrets.token_bytes(32)
         self.cached: set[str] = set()  # keys the server has acknowledged
         self.workdir: str | None = None  # an embedded server's cache folder, kept for resume
@@ -51,7 +55,14 @@ class ActivationCache(L.Callback):
     # ---- what the strategy asks and tells ---------------------------------------------------------
     def hello(self) -> dict[str, Any]:
         """What the server needs to open (or reopen) this run's cache."""
-        return {"cache_id": self.cache_id, "memory_limit_mb": float(self.memory_limit_mb)}
+        return {"memory_limit_mb": float(self.memory_limit_mb), **({"token": self.token} if self.token else {})}
+
+    def on_hello_reply(self, reply: dict[str, Any]) -> None:
+        """The server opened a cache: a new one (another token) holds none of the samples acknowledged before."""
+        token = reply.get("cache_token")
+        if token != self.token:
+            self.cached.clear()
+        self.token = token
 
     def sample_keys(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
         """One opaque key per sample: a keyed hash of its non-pad token ids under the device secret."""
@@ -90,11 +101,11 @@ class ActivationCache(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # The secret stays in the device's checkpoint: it is what makes keys unlinkable to text.
-        return {"cache_id": self.cache_id, "secret": self._secret.hex(), "cached": sorted(self.cached),
+        return {"token": self.token, "secret": self._secret.hex(), "cached": sorted(self.cached),
                 "hits": self.hits, "misses": self.misses, "workdir": self.workdir}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.cache_id = state_dict["cache_id"]
+        self.token = state_dict.get("token")
         self._secret = bytes.fromhex(state_dict["secret"])
         self.cached = set(state_dict["cached"])
         self.hits = int(state_dict.get("hits", 0))

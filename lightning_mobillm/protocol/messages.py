@@ -4,8 +4,9 @@ This is the contract between the two sides, so it lives outside ``server/``: the
 without loading any server runtime (no session, store, engine or server role).
 
 Every frame a server accepts is listed in :data:`REQUEST_SCHEMAS`; a frame carrying any tensor not
-listed for its kind is refused. In particular no request kind may carry text or token ids, and the
-label-free kinds (used by PAE and Fed MobiLLM) may not carry labels. How activations and nested states
+listed for its kind, or any header key its schema does not name, is refused. In particular no request
+kind may carry text or token ids, and the label-free kinds (used by PAE and Fed MobiLLM) may not carry
+labels, in their tensors or their header. Every frame after a hello presents the session's secret. How activations and nested states
 are packed into a frame's tensors is in :mod:`lightning_mobillm.protocol.packing`.
 """
 
@@ -44,10 +45,13 @@ _ACTS = {
     "acts.oval": TensorRule(dtypes=(torch.float16, torch.float32), ndim=3),
     "lengths": TensorRule(dtypes=(torch.int64,), ndim=1),
 }
-_SESSION = {"session": str}
+#: every frame after a hello names its session and presents the secret the hello's reply gave
+_SESSION = {"session": str, "secret": str}
+#: a training frame from a device that uses an activation cache names its samples (opaque keyed hashes)
+_KEYS = {"keys": list}
 
 #: the version of this contract; a hello from another version is refused with both numbers named
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 #: the line a server process prints on stdout once it accepts calls: ``MOBILLM_SERVER_READY port=N pid=N``
 READY_PREFIX = "MOBILLM_SERVER_READY"
 
@@ -67,23 +71,26 @@ REQUEST_SCHEMAS: dict[str, FrameSchema] = {
             "total_steps": int,
             "codec": str,
         },
+        optional_header={"num_classes": int, "backbone": dict, "resume": bool, "cache": dict},
     ),
     TRAIN: FrameSchema(
         kind=TRAIN,
         tensors={**_ACTS, "labels": TensorRule(dtypes=(torch.int64,), ndim=1)},
         required_tensors=("acts.q", "lengths", "labels"),
         required_header={**_SESSION, "step": int, "codec": str},
+        optional_header=_KEYS,
     ),
     TRAIN_TARGET: FrameSchema(
         kind=TRAIN_TARGET,
         tensors={**_ACTS, "targets": TensorRule(dtypes=(torch.float32,), ndim=2)},
         required_tensors=("acts.q", "lengths", "targets"),
         required_header={**_SESSION, "step": int, "codec": str},
+        optional_header=_KEYS,
     ),
     TRAIN_CACHED: FrameSchema(
         kind=TRAIN_CACHED,
         tensors={},
-        required_header={**_SESSION, "step": int, "keys": list},
+        required_header={**_SESSION, "step": int, **_KEYS},
     ),
     EVAL: FrameSchema(
         kind=EVAL,
@@ -101,6 +108,7 @@ REQUEST_SCHEMAS: dict[str, FrameSchema] = {
     BYE: FrameSchema(kind=BYE, tensors={}, required_header=dict(_SESSION)),
 }
 
+#: replies are read by the device from the server it chose: their headers may grow without a new version
 REPLY_SCHEMAS: dict[str, FrameSchema] = {
     OK: FrameSchema(
         kind=OK,
@@ -108,8 +116,9 @@ REPLY_SCHEMAS: dict[str, FrameSchema] = {
             "logits": TensorRule(dtypes=(torch.float32,), ndim=2),
             "state": TensorRule(dtypes=(torch.uint8,), ndim=1),
         },
+        allow_header_extra=True,
     ),
-    ERROR: FrameSchema(kind=ERROR, tensors={}, required_header={"message": str}),
+    ERROR: FrameSchema(kind=ERROR, tensors={}, required_header={"message": str}, allow_header_extra=True),
 }
 
 
@@ -119,6 +128,7 @@ SPLIT_REQUEST_SCHEMAS: dict[str, FrameSchema] = {
         tensors={},
         required_header={"protocol": int, "device_id": str, "run_id": str, "backbone": dict, "split_layer": int,
                          "num_classes": int, "total_steps": int, "hparams": dict},
+        optional_header={"resume": bool},
     ),
     SPLIT_TRAIN: FrameSchema(
         kind=SPLIT_TRAIN,
@@ -136,7 +146,8 @@ SPLIT_REQUEST_SCHEMAS: dict[str, FrameSchema] = {
 }
 
 SPLIT_REPLY_SCHEMAS: dict[str, FrameSchema] = {
-    OK: FrameSchema(kind=OK, tensors={**_ACTS, "logits": TensorRule(dtypes=(torch.float32,), ndim=2)}),
+    OK: FrameSchema(kind=OK, tensors={**_ACTS, "logits": TensorRule(dtypes=(torch.float32,), ndim=2)},
+                    allow_header_extra=True),
     ERROR: REPLY_SCHEMAS[ERROR],
 }
 

@@ -189,6 +189,8 @@ class ActivationStore:
         self.misses = 0
         self.corrupt = 0
         self.files_written = 0
+        #: bound on the bytes of all entries (memory and disk); :meth:`put_many` stores nothing beyond it
+        self.quota_bytes: int | None = None
 
     @property
     def index_path(self) -> Path:
@@ -497,8 +499,10 @@ class ActivationStore:
             self._insert(key, stored)
             self._enforce_bound()
 
-    def put_many(self, keys: list[str], tensors: dict[str, torch.Tensor]) -> None:
-        """Store ``len(keys)`` samples: row ``i`` of every tensor is sample ``keys[i]`` (a later duplicate wins)."""
+    def put_many(self, keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:
+        """Store ``len(keys)`` samples: row ``i`` of every tensor is sample ``keys[i]`` (a later duplicate wins).
+
+        Returns False, storing nothing, when the samples would take the store past :attr:`quota_bytes`."""
         keys = list(keys)
         for key in keys:
             validate_key(key)
@@ -510,9 +514,16 @@ class ActivationStore:
         samples = [{name: t[i].clone() for name, t in rows.items()} for i in range(len(keys))]
         with self._lock:
             self._check_open()
+            if self.quota_bytes is not None:
+                new = sum(t.numel() * t.element_size() for t in rows.values())
+                replaced = set(keys)
+                held = sum(e.nbytes for k, e in self._entries.items() if k not in replaced)
+                if held + new > self.quota_bytes:
+                    return False
             for key, sample in zip(keys, samples):
                 self._insert(key, sample)
             self._enforce_bound()
+        return True
 
     def _insert(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         old = self._entries.get(key)

@@ -68,7 +68,8 @@ class PerDevicePolicy(ServerPolicy):
     """One model per device session, stepped on arrival; checkpoints of the server's own in its workdir."""
 
     def checkpoint_path(self, session: Any) -> Path:
-        # the key holds the device's chosen names: hash it rather than trust it as a file name
+        # the key (owner/run_id) holds device-chosen names: hash it rather than trust it as a file name; the
+        # owner is part of it, so no other identity can resume this checkpoint
         name = hashlib.sha256(session.key.encode()).hexdigest()[:32]
         return self.config.root() / "server-checkpoints" / f"session-{name}.ckpt"
 
@@ -111,9 +112,10 @@ class PerDevicePolicy(ServerPolicy):
     def load_state(self, session: Any, state: dict[str, Any]) -> None:
         session.model.load_state_dict(state)
 
-    def checkpoint(self, session: Any) -> None:
-        """Write the session's engine state atomically (and flush its activation cache's index)."""
-        if not self.config.checkpoint_every_n_steps:
+    def checkpoint(self, session: Any, *, force: bool = False) -> None:
+        """Write the session's engine state atomically (and flush its activation cache's index); ``force``
+        writes it even when periodic checkpoints are off (a session closed for being idle)."""
+        if not (self.config.checkpoint_every_n_steps or force):
             return
         if session.store is not None:
             session.store.flush()

@@ -10,18 +10,21 @@ error reply and leaves every session as it was.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_mobillm import protocol as P
 from lightning_mobillm.server.cache import ActivationStore
-from lightning_mobillm.server.dispatch import FrameServer, SessionBase
+from lightning_mobillm.server.dispatch import FrameServer, SessionBase, check_name
 from lightning_mobillm.server.policies import PerDevicePolicy, ServerPolicy
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.side.config import SideConfig
@@ -55,8 +58,11 @@ class SideSession(SessionBase):
 
     tap_spec: TapSpec
     num_outputs: int
+    module_name: str = ""
     label_free: bool = False
     store: ActivationStore | None = None
+    cache_folder: Path | None = None
+    cache_token: str | None = None  # server-made; only the owner learns it (hello reply) and can reopen with it
     model: Any = None  # set by the policy (a TrainingEngine for the per-device policy)
     backbone: dict = field(default_factory=dict)  # the device's backbone identity (type, name, digest)
 
@@ -68,6 +74,28 @@ class SideSession(SessionBase):
     def target_key(self) -> str:
         return "targets" if self.label_free else "labels"
 
+    def same_config(self, module: str, spec: TapSpec, num_outputs: int) -> bool:
+        return module == self.module_name and spec == self.tap_spec and num_outputs == self.num_outputs
+
+
+#: what a hello's backbone identity may hold (it is logged and kept, never used to load anything)
+_BACKBONE_KEYS = {"arch": str, "name": str, "hidden_size": int, "num_layers": int, "is_decoder": bool, "digest": str}
+#: what a hello's cache request may hold: the token of a cache this identity opened before, and a memory
+#: bound below the server's
+_CACHE_KEYS = {"token": str, "memory_limit_mb": (int, float)}
+
+
+def _check_object(what: str, obj: dict, allowed: dict[str, Any]) -> dict:
+    for key, value in obj.items():
+        if key not in allowed:
+            raise FrameError(f"hello: {what} has key {key!r}; allowed: {sorted(allowed)}")
+        types = allowed[key] if isinstance(allowed[key], tuple) else (allowed[key],)
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise FrameError(f"hello: {what}.{key} must be {' | '.join(t.__name__ for t in types)}")
+        if isinstance(value, str) and len(value) > 256:
+            raise FrameError(f"hello: {what}.{key} is longer than 256 characters")
+    return obj
+
 
 class SideServer(FrameServer):
     """The MobiLLM / PAE server. ``policy`` decides which model a frame trains and when (default: one
@@ -75,90 +103,145 @@ class SideServer(FrameServer):
 
     sessions: dict[str, SideSession]
 
-    def __init__(self, config: ServerConfig | None = None, policy: ServerPolicy | None = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: ServerConfig | None = None, policy: ServerPolicy | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
         self.policy = policy or PerDevicePolicy(self.config, self.fabric)
+        self._caches: dict[Path, str] = {}  # open activation-cache folders -> the session key holding each
 
-    # ---- handlers -------------------------------------------------------------------------------
-    def _on_hello(self, frame: Frame) -> Frame:
+    # ---- hello ----------------------------------------------------------------------------------
+    def _check_bounds(self, spec: TapSpec, h: dict) -> None:
+        c = self.config
+        if spec.num_taps < 1 or spec.hidden_size < 1 or h["num_outputs"] < 1 or h["total_steps"] < 1:
+            raise FrameError("hello needs at least one tap, a positive width, outputs and total_steps")
+        for what, value, bound, key in ((" taps", spec.num_taps, c.max_taps, "max_taps"),
+                                        ("-wide taps", spec.hidden_size, c.max_width, "max_width"),
+                                        (" outputs", h["num_outputs"], c.max_outputs, "max_outputs")):
+            if value > bound:
+                raise FrameError(f"hello asks for {value}{what}; this server allows at most {bound} ({key})")
+        if h["total_steps"] > 10**9:
+            raise FrameError("hello: total_steps is beyond any real run")
+
+    def _build_module(self, h: dict, spec: TapSpec, num_classes: int) -> torch.nn.Module:
+        """Build the module a hello asks for, after sizing it on the meta device (nothing allocated) against
+        ``max_session_mb``: weights, gradients and two AdamW moments, 4 bytes each."""
+        cls = _resolve_module_class(h["module"])
+        try:
+            side = SideConfig.from_dict(h["side"])
+            kwargs = {**h["hparams"], **side.module_kwargs()}
+            with torch.device("meta"):
+                sizing = cls.from_hparams_dict(kwargs)
+                sizing.build(spec, num_classes=num_classes, num_outputs=h["num_outputs"])
+            mb = sum(p.numel() for p in sizing.parameters()) * 16 / 2**20
+            if mb > self.config.max_session_mb:
+                raise FrameError(f"the side network asked for needs {mb:.0f} MB to train; this server allows "
+                                 f"{self.config.max_session_mb:.0f} MB per session (max_session_mb)")
+            module = cls.from_hparams_dict(kwargs)
+            module.build(spec, num_classes=num_classes, num_outputs=h["num_outputs"])
+        except (TypeError, ValueError, KeyError) as err:
+            raise FrameError(f"hparams do not build {h['module']}: {err}") from None
+        module.total_steps = h["total_steps"]
+        return module
+
+    def _on_hello(self, frame: Frame, identity: str) -> Frame:
         h = frame.header
         P.check_protocol(h)
-        key = f"{h['device_id']}/{h['run_id']}"
+        owner = self.owner_of(identity, h["device_id"])
+        key = f"{owner}/{check_name('run_id', h['run_id'])}"
         try:
             spec = TapSpec.from_dict(h["tap_spec"])
         except (KeyError, TypeError, ValueError) as err:
             raise FrameError(f"bad tap_spec in hello: {err}") from None
-        if spec.num_taps < 1 or spec.hidden_size < 1 or h["num_outputs"] < 1 or h["total_steps"] < 1:
-            raise FrameError("hello needs at least one tap, a positive width, outputs and total_steps")
-        cls = _resolve_module_class(h["module"])
-        self._check_capacity(key)
-        try:
-            side = SideConfig.from_dict(h.get("side", {}))
-            module = cls.from_hparams_dict({**h["hparams"], **side.module_kwargs()})
-        except (TypeError, ValueError, KeyError) as err:
-            raise FrameError(f"hparams do not build {h['module']}: {err}") from None
+        self._check_bounds(spec, h)
         num_classes = h.get("num_classes", h["num_outputs"])
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-            raise FrameError(f"hello: num_classes must be an int >= 2, got {num_classes!r}")
-        try:
-            module.build(spec, num_classes=num_classes, num_outputs=h["num_outputs"])
-        except ValueError as err:
-            raise FrameError(f"cannot build {h['module']}: {err}") from None
-        module.total_steps = h["total_steps"]
-        resume = h.get("resume", False)
-        if not isinstance(resume, bool):
-            raise FrameError("hello: resume must be true or false")
-        backbone = h.get("backbone", {})
-        if not isinstance(backbone, dict):
-            raise FrameError("hello: backbone must be an object (arch, name, hidden_size, num_layers, digest)")
-        session = SideSession(key, spec, h["num_outputs"], label_free=bool(getattr(cls, "label_free", False)),
-                              backbone=backbone)
-        self.policy.attach(session, module, resume=resume)
-        session.store = self._open_store(h.get("cache"))
-        replaced = self._add_session(session)
-        log.info(
-            "session %s %s: %s on %s, %d taps x %d, %d outputs, %d params, %d steps planned, on %s",
-            key,
-            "restarted" if replaced else "opened",
-            h["module"],
-            backbone.get("name", "?"),
-            spec.num_taps,
-            spec.hidden_size,
-            h["num_outputs"],
-            sum(p.numel() for p in module.parameters()),
-            h["total_steps"],
-            self.device,
-        )
-        header = {"session": key, "server_pid": os.getpid(), "server_device": str(self.device),
-                  "step": session.step}
+        if num_classes < 2 or num_classes > self.config.max_outputs:
+            raise FrameError(f"hello: num_classes must be in [2, {self.config.max_outputs}], got {num_classes}")
+        backbone = _check_object("backbone", h.get("backbone", {}), _BACKBONE_KEYS)
+        cache = _check_object("cache", h["cache"], _CACHE_KEYS) if "cache" in h else None
+        live = self._open_or_reuse(key, owner)
+        if live is not None:
+            if not live.same_config(h["module"], spec, h["num_outputs"]):
+                raise FrameError(f"session {key} is open with another module or taps; use a new run_id")
+            with live.lock:
+                secret = self._admit(live, owner, identity)
+            log.info("session %s reconnected at step %d (new secret; the old one is revoked)", key, live.step)
+            return self._hello_reply(live, secret)
+        module = self._build_module(h, spec, num_classes)
+        session = SideSession(key, spec, h["num_outputs"], module_name=h["module"], backbone=backbone,
+                              label_free=bool(getattr(type(module), "label_free", False)))
+        self.policy.attach(session, module, resume=h.get("resume", False))
+        if cache is not None:
+            self._open_store(session, owner, cache)
+        secret = self._admit(session, owner, identity)
+        log.info("session %s opened: %s on %s, %d taps x %d, %d outputs, %d params, %d steps planned, on %s",
+                 key, h["module"], backbone.get("name", "?"), spec.num_taps, spec.hidden_size, h["num_outputs"],
+                 sum(p.numel() for p in module.parameters()), h["total_steps"], self.device)
+        return self._hello_reply(session, secret)
+
+    def _hello_reply(self, session: SideSession, secret: str) -> Frame:
+        header = {"session": session.key, "secret": secret, "server_pid": os.getpid(),
+                  "server_device": str(self.device), "step": session.step}
         if session.store is not None:
             header["cached_keys"] = len(session.store)
+            header["cache_token"] = session.cache_token
         return Frame(kind=P.OK, header=header)
 
-    def _open_store(self, cache: Any) -> ActivationStore | None:
-        """The activation cache a hello asks for: ``{"cache_id": str, "memory_limit_mb": float}``."""
-        if cache is None:
-            return None
-        if not isinstance(cache, dict) or not isinstance(cache.get("cache_id"), str):
-            raise FrameError("hello: cache must be an object with a string cache_id")
-        cache_id = cache["cache_id"]
-        if not cache_id or len(cache_id) > 64 or not all(c.isalnum() or c in "-_" for c in cache_id):
-            raise FrameError("hello: cache_id must be 1-64 characters of [A-Za-z0-9_-]")
-        limit = cache.get("memory_limit_mb", 512)
-        if not isinstance(limit, (int, float)) or isinstance(limit, bool) or limit < 0:
-            raise FrameError("hello: cache.memory_limit_mb must be a number >= 0")
-        folder = self.config.root() / f"activation-cache-{cache_id}"
-        store = ActivationStore(folder, memory_limit_mb=float(limit)) if not folder.exists() else None
-        if store is None:
-            store = ActivationStore.open(folder, memory_limit_mb=float(limit))
-            log.info("reopened activation cache %s with %d samples", folder, len(store))
-        return store
+    def _open_store(self, session: SideSession, owner: str, cache: dict) -> None:
+        """Open the activation cache a hello asks for: a new one, or (with ``token``) one this identity opened
+        before. The folder is named by a hash of the owner and a server-made token, so no other identity can
+        name it; a cache is open in one session at a time (a new session of its owner takes it over, e.g.
+        a resumed run); its memory and disk bounds are the server's."""
+        limit = min(float(cache.get("memory_limit_mb", self.config.cache_memory_mb)), self.config.cache_memory_mb)
+        if limit < 0:
+            raise FrameError("hello: cache.memory_limit_mb must be >= 0")
+        token = cache.get("token") or secrets.token_hex(16)
+        folder = self._cache_folder(owner, token)
+        if not folder.exists():  # new, or not this identity's: a fresh cache (the reply's token says which)
+            token = secrets.token_hex(16)
+            folder = self._cache_folder(owner, token)
+        with self._lock:
+            holder = self.sessions.get(self._caches.get(folder, ""))
+        if holder is not None:
+            with holder.lock:
+                self._close_store(holder)
+            log.info("activation cache moved from session %s to %s", holder.key, session.key)
+        store = ActivationStore.open(folder, memory_limit_mb=limit)
+        store.quota_bytes = int((limit + self.config.cache_disk_mb) * 2**20)
+        session.store, session.cache_folder, session.cache_token = store, folder, token
+        with self._lock:
+            self._caches[folder] = session.key
+
+    def _cache_folder(self, owner: str, token: str) -> Path:
+        name = hashlib.sha256(f"{owner}\0{token}".encode()).hexdigest()[:32]
+        return self.config.root() / f"activation-cache-{name}"
+
+    def _close_store(self, session: SideSession) -> None:
+        """Flush and close a session's cache (its files stay, for its owner to reopen)."""
+        if session.store is None:
+            return
+        session.store.flush()
+        session.store.close()
+        with self._lock:
+            if self._caches.get(session.cache_folder) == session.key:
+                del self._caches[session.cache_folder]
+        session.store = None
+
+    def _on_expire(self, session: SideSession) -> None:
+        self.policy.checkpoint(session, force=True)
+        self._close_store(session)
 
     def _batch(self, session: SideSession, frame: Frame, *, with_target: bool) -> dict[str, torch.Tensor]:
+        spec = session.tap_spec
+        # bounded before anything is dequantised (a packed codec's q is narrower than the taps, never wider)
+        n, layers, packed = frame.tensors["acts.q"].shape
+        if n > self.config.max_tokens_per_frame:
+            raise FrameError(f"{n} tokens in one frame; this server allows {self.config.max_tokens_per_frame} "
+                             "(max_tokens_per_frame)")
+        if layers != spec.num_taps or packed > spec.hidden_size:
+            raise FrameError(f"acts shape [{n}, {layers}, {packed}] does not match the session's taps "
+                             f"[N, {spec.num_taps}, {spec.hidden_size}]")
         acts, lengths = P.unpack_acts(frame.tensors, frame.header["codec"])
         n, layers, width = acts.shape
-        spec = session.tap_spec
-        if layers != spec.num_taps or width != spec.hidden_size:
+        if width != spec.hidden_size:
             raise FrameError(f"acts shape [{n}, {layers}, {width}] does not match the session's taps "
                              f"[N, {spec.num_taps}, {spec.hidden_size}]")
         if lengths.numel() == 0 or bool((lengths < 1).any()) or int(lengths.sum()) != n:
@@ -188,31 +271,31 @@ class SideServer(FrameServer):
             return None
         if session.store is None:
             raise FrameError("this session has no activation cache; open it with a cache in the hello")
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise FrameError("keys must be a list of strings")
+        if not isinstance(keys, list) or not all(isinstance(k, str) and 0 < len(k) <= 128 for k in keys):
+            raise FrameError("keys must be a list of strings of 1-128 characters")
+        if len(keys) > self.config.max_tokens_per_frame:
+            raise FrameError(f"{len(keys)} keys in one frame; at most max_tokens_per_frame")
         if batch_size is not None and len(keys) != batch_size:
             raise FrameError(f"{len(keys)} keys for a batch of {batch_size}")
         return keys
 
-    def _on_train(self, frame: Frame) -> bytes:
-        session = self._session(frame)
+    def _on_train(self, frame: Frame, session: SideSession) -> bytes:
         if session.label_free:
             raise FrameError("this session is label-free (PAE/Fed): send train_target frames, never labels")
         return self._train(session, frame)
 
-    def _on_train_target(self, frame: Frame) -> bytes:
-        session = self._session(frame)
+    def _on_train_target(self, frame: Frame, session: SideSession) -> bytes:
         if not session.label_free:
             raise FrameError("this session trains on labels: send train frames")
         return self._train(session, frame)
 
-    def _on_train_cached(self, frame: Frame) -> bytes:
-        return self._train(self._session(frame), frame)
+    def _on_train_cached(self, frame: Frame, session: SideSession) -> bytes:
+        return self._train(session, frame)
 
     def _train(self, session: SideSession, frame: Frame) -> bytes:
         step = frame.header["step"]
         with session.lock:
-            if (replayed := self._replayed(session, step, frame.kind)) is not None:
+            if (replayed := self._replayed(session, frame)) is not None:
                 return replayed
             cached = frame.kind == P.TRAIN_CACHED
             if cached:
@@ -235,11 +318,11 @@ class SideServer(FrameServer):
             header["step"] = step
             if keys is not None and not cached:
                 store_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(frame.header["codec"], torch.float16)
-                session.store.put_many(keys, {"acts": batch["acts"].to(store_dtype), "y": batch[session.target_key]})
-                header["cached"] = True
+                header["cached"] = session.store.put_many(
+                    keys, {"acts": batch["acts"].to(store_dtype), "y": batch[session.target_key]})
             if session.store is not None:
                 header.update(self._cache_stats(session))
-            return self._remember(session, step, Frame(kind=P.OK, header=header))
+            return self._remember(session, frame, Frame(kind=P.OK, header=header))
 
     @staticmethod
     def _cache_stats(session: SideSession) -> dict[str, int]:
@@ -247,8 +330,7 @@ class SideServer(FrameServer):
         return {"cache_hits": store.hits, "cache_misses": store.misses,
                 "cache_bytes": store.bytes_in_memory + store.bytes_on_disk, "cache_size": len(store)}
 
-    def _on_eval(self, frame: Frame) -> Frame:
-        session = self._session(frame)
+    def _on_eval(self, frame: Frame, session: SideSession) -> Frame:
         with session.lock:
             batch = self._batch(session, frame, with_target=False)
             t0 = time.perf_counter()
@@ -256,20 +338,21 @@ class SideServer(FrameServer):
             return Frame(kind=P.OK, header={"server_step_s": time.perf_counter() - t0},
                          tensors={"logits": outputs.float().cpu().contiguous()})
 
-    def _on_get_state(self, frame: Frame) -> Frame:
-        session = self._session(frame)
+    def _on_get_state(self, frame: Frame, session: SideSession) -> Frame:
         with session.lock:
             skeleton, blob = P.pack_state(self.policy.state(session))
             if session.store is not None:
                 session.store.flush()  # the cache's index and files are on disk with every checkpoint
-        with self._lock:
-            counts = {"bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+        with self._lock:  # this session's own traffic only: another device's is none of its business
+            counts = {"bytes_in": session.bytes_in, "bytes_out": session.bytes_out}
         return Frame(kind=P.OK, header={"skeleton": skeleton, "step": session.step, **counts}, tensors={"state": blob})
 
-    def _on_set_state(self, frame: Frame) -> Frame:
-        session = self._session(frame)
+    def _on_set_state(self, frame: Frame, session: SideSession) -> Frame:
         state = P.unpack_state(frame.header["skeleton"], frame.tensors["state"])
         with session.lock:
+            if not session.restorable:
+                raise FrameError("set_state is accepted only between a hello and the next training step; "
+                                 "this one is stale (say hello again to restore a checkpoint)")
             try:
                 self.policy.load_state(session, state)
             except ValueError as err:
@@ -278,13 +361,10 @@ class SideServer(FrameServer):
         log.info("session %s restored at step %d", session.key, session.step)
         return Frame(kind=P.OK, header={"step": session.step})
 
-    def _on_bye(self, frame: Frame) -> Frame:
-        session = self._pop_session(frame)
-        if session is not None:
-            with session.lock:
-                self.policy.detach(session)
-                if session.store is not None:
-                    session.store.flush()
-                    session.store.close()
-            log.info("session %s closed after %d steps", session.key, session.step)
+    def _on_bye(self, frame: Frame, session: SideSession) -> Frame:
+        with session.lock:
+            self._pop_session(session)
+            self.policy.detach(session)
+            self._close_store(session)
+        log.info("session %s closed after %d steps", session.key, session.step)
         return Frame(kind=P.OK)

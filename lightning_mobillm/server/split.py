@@ -20,7 +20,7 @@ from lightning_mobillm import protocol as P
 from lightning_mobillm.assets import PACKAGED_MODELS
 from lightning_mobillm.backbone import add_lora, load_split_part
 from lightning_mobillm.optim import adamw_warmup_cosine
-from lightning_mobillm.server.dispatch import FrameServer, SessionBase
+from lightning_mobillm.server.dispatch import FrameServer, SessionBase, check_name
 from lightning_mobillm.server.engine import TrainingEngine
 from lightning_mobillm.side.heads import LastTokenHead
 from lightning_mobillm.specs import BackboneConfig
@@ -74,16 +74,18 @@ class SplitServer(FrameServer):
     """Per device session: the upper blocks with LoRA + head, their AdamW and schedule."""
 
     schemas = P.SPLIT_REQUEST_SCHEMAS
+    hello_kinds = (P.SPLIT_HELLO,)
     sessions: dict[str, SplitSession]
 
     def _allowed(self, source: str) -> bool:
         allowed = self.config.allowed_backbones
         return source in (allowed if allowed is not None else PACKAGED_MODELS)
 
-    def _on_split_hello(self, frame: Frame) -> Frame:
+    def _on_split_hello(self, frame: Frame, identity: str) -> Frame:
         h = frame.header
         P.check_protocol(h)
-        key = f"{h['device_id']}/{h['run_id']}"
+        owner = self.owner_of(identity, h["device_id"])
+        key = f"{owner}/{check_name('run_id', h['run_id'])}"
         try:
             backbone = BackboneConfig(**h["backbone"])
         except (TypeError, ValueError) as err:
@@ -92,9 +94,14 @@ class SplitServer(FrameServer):
             raise FrameError(f"this server does not load backbone {backbone.source!r} "
                              f"(allowed: {self.config.allowed_backbones or sorted(PACKAGED_MODELS)}; no remote code)")
         hp = h["hparams"]
-        if h["num_classes"] < 2 or h["total_steps"] < 1:
-            raise FrameError("hello needs num_classes >= 2 and total_steps >= 1")
-        self._check_capacity(key)
+        if not 2 <= h["num_classes"] <= self.config.max_outputs or not 1 <= h["total_steps"] <= 10**9:
+            raise FrameError(f"hello needs num_classes in [2, {self.config.max_outputs}] and total_steps >= 1")
+        live = self._open_or_reuse(key, owner)
+        if live is not None:
+            with live.lock:
+                secret = self._admit(live, owner, identity)
+            log.info("split session %s reconnected at step %d", key, live.step)
+            return self._hello_reply(live, secret)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(hp.get("seed", 0)))
@@ -113,15 +120,24 @@ class SplitServer(FrameServer):
             raise FrameError(f"cannot build the split server's half: {err}") from None
         engine = TrainingEngine(self.fabric, half, optimizer, scheduler, grad_clip=self.config.grad_clip)
         session = SplitSession(key, engine, h["num_classes"], hidden, float(hp.get("label_smoothing", 0.0)))
-        self._add_session(session)
+        secret = self._admit(session, owner, identity)
         log.info("split session %s: %s from block %d, %d trainable parameters on %s", key, backbone.source,
                  h["split_layer"], sum(p.numel() for g in optimizer.param_groups for p in g["params"]), self.device)
-        return Frame(kind=P.OK, header={"session": key, "server_pid": os.getpid(), "server_device": str(self.device)})
+        return self._hello_reply(session, secret)
+
+    def _hello_reply(self, session: SplitSession, secret: str) -> Frame:
+        return Frame(kind=P.OK, header={"session": session.key, "secret": secret, "server_pid": os.getpid(),
+                                        "server_device": str(self.device), "step": session.step})
 
     def _inputs(self, session: SplitSession, frame: Frame) -> tuple[torch.Tensor, torch.Tensor]:
+        n, layers, packed = frame.tensors["acts.q"].shape  # bounded before anything is dequantised
+        if n > self.config.max_tokens_per_frame:
+            raise FrameError(f"{n} tokens in one frame; this server allows {self.config.max_tokens_per_frame}")
+        if layers != 1 or packed > session.hidden_size:
+            raise FrameError(f"states shape [{n}, {layers}, {packed}] != [N, 1, {session.hidden_size}]")
         acts, lengths = P.unpack_acts(frame.tensors, frame.header["codec"])
         n, layers, width = acts.shape
-        if layers != 1 or width != session.hidden_size:
+        if width != session.hidden_size:
             raise FrameError(f"states shape [{n}, {layers}, {width}] != [N, 1, {session.hidden_size}]")
         if lengths.numel() == 0 or bool((lengths < 1).any()) or int(lengths.sum()) != n:
             raise FrameError(f"lengths must be >= 1 and sum to N={n}")
@@ -129,14 +145,13 @@ class SplitServer(FrameServer):
             raise FrameError("states are not finite after decoding")
         return acts[:, 0].to(self.device), lengths.to(self.device)
 
-    def _on_split_train(self, frame: Frame) -> bytes:
-        session = self._session(frame)
+    def _on_split_train(self, frame: Frame, session: SplitSession) -> bytes:
         step = frame.header["step"]
         codec = frame.header["codec_down"]
         if codec not in codecs.CODECS:
             raise FrameError(f"codec_down {codec!r} is not one of {list(codecs.CODECS)}")
         with session.lock:
-            if (replayed := self._replayed(session, step, frame.kind)) is not None:
+            if (replayed := self._replayed(session, frame)) is not None:
                 return replayed
             states, lengths = self._inputs(session, frame)
             labels = frame.tensors["labels"].to(self.device)
@@ -152,19 +167,17 @@ class SplitServer(FrameServer):
             tensors = P.pack_acts(states.grad.float()[:, None, :].cpu(), lengths.cpu(), codec)
             header = {"step": step, "codec": codec, "loss": result.loss, "server_step_s": result.seconds,
                       "lr": result.lr, "acc": float((result.outputs.argmax(-1) == labels).float().mean())}
-            return self._remember(session, step, Frame(kind=P.OK, header=header, tensors=tensors))
+            return self._remember(session, frame, Frame(kind=P.OK, header=header, tensors=tensors))
 
     @torch.no_grad()
-    def _on_split_eval(self, frame: Frame) -> Frame:
-        session = self._session(frame)
+    def _on_split_eval(self, frame: Frame, session: SplitSession) -> Frame:
         with session.lock:
             states, lengths = self._inputs(session, frame)
             session.engine.model.eval()
             logits = session.engine.model(states, lengths)
         return Frame(kind=P.OK, tensors={"logits": logits.float().cpu().contiguous()})
 
-    def _on_bye(self, frame: Frame) -> Frame:
-        session = self._pop_session(frame)
-        if session is not None:
-            log.info("split session %s closed after %d steps", session.key, session.step)
+    def _on_bye(self, frame: Frame, session: SplitSession) -> Frame:
+        self._pop_session(session)
+        log.info("split session %s closed after %d steps", session.key, session.step)
         return Frame(kind=P.OK)

@@ -32,7 +32,7 @@ from lightning_mobillm import protocol as P
 from lightning_mobillm.backbone import BackboneOutput, FrozenBackbone
 from lightning_mobillm.callbacks.activation_cache import ActivationCache
 from lightning_mobillm.callbacks.quantized_transfer import QuantizedTransfer
-from lightning_mobillm.client import INPROCESS, ServerClient, ServerError, server_log_path
+from lightning_mobillm.client import INPROCESS, ServerClient, ServerError, read_token, server_log_path
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.stats import DeviceStats
 from lightning_mobillm.transport.frames import Frame, encode_frame
@@ -71,9 +71,12 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             an embedded server: a separate process on 127.0.0.1 at a free port, stopped with the run.
             ``inprocess`` runs the server's handler in this process (frames encoded, validated and counted
             as on the network; for tests and simulation).
-        token: the device token; if None, read from ``token_env`` (an embedded server gets a fresh
-            random token when neither is set).
-        token_env: environment variable holding the token.
+        token_env: environment variable holding the device's token (never a config key: a token must not
+            end up in a saved ``config.yaml``); an embedded server gets a fresh random one.
+        token_file: a file holding the device's token (instead of ``token_env``).
+        tls_ca_file: the CA certificate that signed the server's (PEM): the link runs over TLS.
+        tls_cert_file, tls_key_file: this device's certificate and key, for a server that asks for mutual TLS.
+        tls_server_name: the name to check the server's certificate against, when it is not the address's host.
         pipeline_depth: training frames allowed in flight while the device forwards the next batch
             (0 = synchronous).
         select: which tokens' activations are sent: ``all`` non-pad tokens (MobiLLM) or only the ``loss``
@@ -93,8 +96,12 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
     def __init__(
         self,
         server: str | None = None,
-        token: str | None = None,
         token_env: str = "MOBILLM_TOKEN",
+        token_file: str | None = None,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        tls_server_name: str | None = None,
         pipeline_depth: int = 1,
         select: Literal["all", "loss"] = "all",
         inference: Literal["server", "local"] = "server",
@@ -109,8 +116,10 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         if pipeline_depth < 0:
             raise ValueError(f"pipeline_depth must be >= 0, got {pipeline_depth}")
         self.server_address = server
-        self.token = token or os.environ.get(token_env) or (None if server else uuid.uuid4().hex)
+        self.token = read_token(token_env, token_file) or (None if server else uuid.uuid4().hex)
         self.token_env = token_env
+        self.tls = {"ca_file": tls_ca_file, "cert_file": tls_cert_file, "key_file": tls_key_file,
+                    "server_name": tls_server_name}
         self.pipeline_depth = pipeline_depth
         self.select = select
         self.inference = inference
@@ -173,7 +182,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         fitting = trainer.state.fn == TrainerFn.FITTING
         total = int(trainer.estimated_stepping_batches) if fitting else 1
         module.device_setup(self.backbone, trainer.datamodule)
-        self.client.hello(
+        reply = self.client.hello(
             P.HELLO,
             {
                     "device_id": self.device_id,
@@ -191,6 +200,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             },
         )
         self.device_stats.server_pid = self.client.server_pid
+        if self.cache is not None and fitting:
+            self.cache.on_hello_reply(reply.header)
         # The device's copy of the weights (fresh init, or restored from a checkpoint) is the truth.
         self.client.push_state({"model": module.state_dict(), "step": 0})
 
@@ -225,7 +236,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             self.cache.remember_workdir(config.workdir)
         self.client = ServerClient(self.server_address, self.token, role="side", embedded=config, log_path=log_path,
                                    connect_timeout=self.connect_timeout, call_timeout=self.call_timeout,
-                                   retries=self.retries).open()
+                                   retries=self.retries, tls=self.tls).open()
         self.device_stats.link = self.client.stats
 
     # ---- requests -----------------------------------------------------------------------------------
@@ -247,7 +258,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         activations (labels, or a device-defined target) and in which kind of frame."""
         tensors, out = self._forward(batch)
         kind, extra = self.lightning_module.training_payload(batch, out)
-        header = {"session": self.session, "step": step, "codec": self.transfer.codec}
+        header = self.client.session_header(step=step, codec=self.transfer.codec)
         if keys is not None:
             header["keys"] = keys
         return encode_frame(Frame(kind=kind, header=header, tensors={**tensors, **extra}))
@@ -281,7 +292,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
     def _train_from_cache(self, step: int, batch: dict[str, Tensor], keys: list[str], t0: float) -> None:
         """The server holds every sample of this batch: send the keys only, no device forward."""
         self._drain()  # the device is idle in cached epochs, so ordering is kept simply by waiting
-        frame = Frame(kind=P.TRAIN_CACHED, header={"session": self.session, "step": step, "keys": keys})
+        frame = Frame(kind=P.TRAIN_CACHED, header=self.client.session_header(step=step, keys=keys))
         data = encode_frame(frame)
         self._account_busy(t0, len(data))
         reply = self._train_reply(self.client.call(data))
@@ -340,9 +351,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                 side = module(acts, lengths).float()
         else:
             self._drain()
-            reply = self.client.request(
-                Frame(kind=P.EVAL, header={"session": self.session, "codec": self.transfer.codec}, tensors=tensors)
-            )
+            reply = self.client.request(Frame(kind=P.EVAL, header={"codec": self.transfer.codec}, tensors=tensors))
             side = reply.tensors["logits"]
         return module.device_scores(out, side)
 

@@ -57,15 +57,17 @@ class FrameSchema:
     """What a frame of one kind may carry.
 
     ``tensors`` lists the only tensor names allowed; ``required_header`` maps header keys to the
-    allowed python type(s) of their values. With ``allow_header_extra=False`` the header may hold
-    nothing but ``kind`` and the required keys.
+    allowed python type(s) of their values, ``optional_header`` likewise for keys that may be absent.
+    A header may hold nothing but ``kind`` and those keys, unless ``allow_header_extra`` (replies only:
+    a device reads a server's replies, a server never accepts unknown keys).
     """
 
     kind: str
     tensors: dict[str, TensorRule]
     required_tensors: tuple[str, ...] = ()
     required_header: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
-    allow_header_extra: bool = True
+    optional_header: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
+    allow_header_extra: bool = False
 
 
 def tensor_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -148,20 +150,20 @@ def _type_names(allowed: type | tuple[type, ...]) -> str:
 
 
 def _check_header(header: dict[str, Any], schema: FrameSchema) -> None:
-    """Check the required header keys and their types, and extra keys if the schema forbids them."""
-    for key, allowed in schema.required_header.items():
+    """Check the required and optional header keys and their types, and refuse keys the schema does not name."""
+    for key in schema.required_header:
         if key not in header:
             raise FrameError(f"{schema.kind!r} frame: header lacks required key {key!r}")
-        value = header[key]
-        if not _type_ok(value, allowed):
+    for key, allowed in (*schema.required_header.items(), *schema.optional_header.items()):
+        if key in header and not _type_ok(header[key], allowed):
             raise FrameError(
                 f"{schema.kind!r} frame: header key {key!r} must be {_type_names(allowed)}, "
-                f"got {type(value).__name__}"
+                f"got {type(header[key]).__name__}"
             )
     if not schema.allow_header_extra:
-        extra = sorted(set(header) - set(schema.required_header) - {"kind"})
+        extra = sorted(set(header) - set(schema.required_header) - set(schema.optional_header) - {"kind"})
         if extra:
-            raise FrameError(f"{schema.kind!r} frame: header has keys not in the schema: {extra}")
+            raise FrameError(f"{schema.kind!r} frame: header keys {extra[:8]} are not in the schema")
 
 
 def _load_tensors(body: bytes) -> dict[str, torch.Tensor]:
