@@ -1,11 +1,20 @@
 """Links between a device and a server: a :class:`Link` interface and its two implementations.
 
-* :class:`GrpcLink`, the real network link. The gRPC service has a single unary method, ``/lightning_mobillm.Link/Exchange``: the device sends a frame
-(bytes, see :mod:`lightning_mobillm.transport.frames`) and receives a frame back. The payload is passed
-through gRPC untouched, so the bytes counted here are exactly the frame bytes on the wire (gRPC adds
-its own few bytes of HTTP/2 framing, which are not part of a frame).
+* :class:`GrpcLink`, the real network link. The gRPC service has a single unary method,
+  ``/lightning_mobillm.Link/Exchange``: the device sends a frame (bytes, see
+  :mod:`lightning_mobillm.transport.frames`) and receives a frame back. The payload is passed through gRPC
+  untouched, so the bytes counted here are exactly the frame bytes on the wire (gRPC adds its own few
+  bytes of HTTP/2 framing, and TLS its records, which are not part of a frame). With a
+  :class:`~lightning_mobillm.transport.security.TlsClientConfig` the link runs over TLS (mutual TLS with
+  a client certificate).
 
-The device's token travels as per-call metadata and is checked before the request bytes are looked at.
+  The device's token travels as per-call metadata (``x-mobillm-token``). :func:`serve_link` checks it
+  in a server interceptor, on the call's headers, *before the request message is read*: a refused call
+  gets UNAUTHENTICATED without its body being received, decoded or size-checked, and without holding a
+  worker thread while a slow body trickles in (why this holds in grpcio: :class:`_Authenticator`). An
+  accepted call reaches the handler with the identity its token names
+  (:class:`~lightning_mobillm.transport.security.Credentials`). The server also bounds message size,
+  concurrent calls, and pings and idle connections (keepalive).
 
 * :class:`InProcessLink` hands the encoded frame bytes to a server's handler in the same process: frames
   are still encoded, validated and counted exactly as on the network; only the network is skipped. For
@@ -16,23 +25,28 @@ Both send queued frames from one background thread, in submission order (:meth:`
 
 from __future__ import annotations
 
-import hmac
+import functools
 import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+
+from lightning_mobillm.transport.security import Credentials, TlsClientConfig, TlsServerConfig
 
 log = logging.getLogger(__name__)
 
 SERVICE = "lightning_mobillm.Link"
 METHOD = f"/{SERVICE}/Exchange"
 TOKEN_KEY = "x-mobillm-token"
-DEFAULT_MAX_MESSAGE_BYTES = 512 * 2**20
+#: room for a frame's JSON header and safetensors table beyond its ``max_frame_mb`` of tensors
+FRAME_SLACK_BYTES = 2**20
+#: ``ServerConfig().max_frame_mb`` (128 MiB) plus the slack: the largest message either end accepts by default
+DEFAULT_MAX_MESSAGE_BYTES = 128 * 2**20 + FRAME_SLACK_BYTES
 
 
 class LinkError(RuntimeError):
@@ -66,46 +80,127 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def _server_options(max_message_bytes: int, keepalive_s: float, max_connection_idle_s: float) -> list[tuple[str, int]]:
+    """Message limits and connection hygiene for a server that untrusted devices reach."""
+    keepalive_ms = max(1000, int(keepalive_s * 1000))
+    return [
+        *_channel_options(max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on the same port fails to bind instead of sharing it
+        # ping a connection every keepalive_s (with or without calls) and drop it if the ping is not
+        # answered within 20 s: dead peers do not hold connections
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # a client may ping no more often than keepalive_s; after 2 pings too many it is disconnected
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms),
+        ("grpc.http2.max_ping_strikes", 2),
+        # connections without a call for this long are closed (a device reconnects transparently)
+        ("grpc.max_connection_idle_ms", max(1000, int(max_connection_idle_s * 1000))),
+    ]
+
+
+def _token_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == TOKEN_KEY:
+            return value.decode(errors="replace") if isinstance(value, bytes) else value
+    return None
+
+
+def _refuse(_request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    """The handler of a refused call. Registered as *stream*-unary so that gRPC hands it a request
+    iterator it never advances: the request message is never asked for (see :class:`_Authenticator`)."""
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing device token")
+    raise AssertionError("unreachable")  # abort raises
+
+
+_REFUSAL = grpc.stream_unary_rpc_method_handler(_refuse)
+
+
+class _Authenticator(grpc.ServerInterceptor):
+    """Checks a call's token (metadata only) before its request message is read.
+
+    grpcio's sync server (``grpc/_server.py``) runs interceptors in ``_find_method_handler``, on its
+    serving thread, as soon as a call's headers arrive: no worker thread is taken and nothing of the
+    request message has been asked for. Only the returned handler decides when the message is read: for
+    a unary-request handler, ``_handle_unary_unary`` gives the worker a thunk (``_unary_request``) that
+    starts a receive and blocks until the whole message is in, so a refusal made in the handler would come
+    after the body (and a slow body would hold the worker). A refused call therefore gets :data:`_REFUSAL`,
+    a stream-unary handler: ``_handle_stream_unary`` gives it a lazy ``_RequestIterator``, which it aborts
+    without advancing, so no receive is ever started and the worker is free at once. An accepted call gets
+    the registered handler with the identity bound to it.
+    """
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    def intercept_service(self, continuation, handler_call_details):
+        try:
+            identity = self._credentials.authenticate(_token_of(handler_call_details.invocation_metadata))
+        except PermissionError as err:
+            log.warning("refused a call: %s", err)
+            return _REFUSAL
+        method_handler = continuation(handler_call_details)
+        if method_handler is None or method_handler.unary_unary is None:
+            return method_handler
+        return method_handler._replace(unary_unary=functools.partial(method_handler.unary_unary, identity=identity))
+
+
 def serve_link(
-    handler: Callable[[bytes], bytes],
+    handler: Callable[[bytes, str], bytes],
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    token: str | None = None,
+    credentials: Credentials | None = None,
+    tls: TlsServerConfig | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_workers: int = 8,
+    max_concurrent_rpcs: int = 64,
+    keepalive_s: float = 60.0,
+    max_connection_idle_s: float = 900.0,
 ) -> tuple[grpc.Server, int]:
     """Start a gRPC server whose single method passes request bytes to ``handler``.
 
     Args:
-        handler: maps request frame bytes to reply frame bytes. It must not raise for bad input (it
-            should reply with an error frame); an exception becomes an INTERNAL status for that call only.
+        handler: ``handler(request, identity) -> reply`` maps request frame bytes to reply frame bytes;
+            ``identity`` is who the call's token names (``""`` for open or shared-token credentials). It
+            must not raise for bad input (it should reply with an error frame); an exception becomes an
+            INTERNAL status for that call only.
         host, port: where to listen; ``port=0`` picks a free port.
-        token: when set, calls without this token in their metadata are refused (UNAUTHENTICATED)
-            before the request is decoded.
+        credentials: who may call (None: anyone). A call whose token they refuse gets UNAUTHENTICATED
+            before its request message is read (see :class:`_Authenticator`).
+        tls: serve over TLS (mutual TLS when it names a client CA); None serves plain text.
+        max_message_bytes: larger messages are refused (RESOURCE_EXHAUSTED) before they are decoded.
+        max_workers: worker threads running calls.
+        max_concurrent_rpcs: calls running at once; more are refused (RESOURCE_EXHAUSTED).
+        keepalive_s: the server pings connections this often and allows client pings no more often.
+        max_connection_idle_s: connections without a call for this long are closed.
 
     Returns:
         The started server and the port it is bound to.
     """
-    expected = token.encode() if token else None
+    credentials = credentials if credentials is not None else Credentials.open()
 
-    def exchange(request: bytes, context: grpc.ServicerContext) -> bytes:
-        if expected is not None:
-            given = dict(context.invocation_metadata()).get(TOKEN_KEY, "")
-            if not hmac.compare_digest(given.encode(), expected):
-                log.warning("refused a call from %s: wrong or missing token", context.peer())
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing device token")
-        return handler(request)
+    def exchange(request: bytes, context: grpc.ServicerContext, identity: str | None = None) -> bytes:
+        if identity is None:  # never reached through the authenticator; refuse rather than trust
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "call was not authenticated")
+        return handler(request, identity)
 
     rpc = grpc.unary_unary_rpc_method_handler(exchange)  # no (de)serializers: raw bytes both ways
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mobillm-link"),
         handlers=[grpc.method_handlers_generic_handler(SERVICE, {"Exchange": rpc})],
-        options=_channel_options(max_message_bytes),
+        interceptors=[_Authenticator(credentials)],
+        options=_server_options(max_message_bytes, keepalive_s, max_connection_idle_s),
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError as err:  # grpcio raises when the port cannot be bound
+        raise LinkError(f"could not listen on {address}: {err}") from None
     if bound == 0:
-        raise LinkError(f"could not listen on {host}:{port}")
+        raise LinkError(f"could not listen on {address}")
     server.start()
     return server, bound
 
@@ -143,18 +238,21 @@ class Link(ABC):
 
 
 class InProcessLink(Link):
-    """A link to a server handler (``bytes -> bytes``) living in this process; no network, same frames.
+    """A link to a server handler living in this process; no network, same frames.
 
     Args:
-        handler: the server's entry point (e.g. ``SideServer.handle``), which never raises for bad input.
+        handler: the server's entry point, ``handler(request, identity) -> reply`` (e.g.
+            ``FrameServer.handle``), which never raises for bad input.
+        identity: the identity every call presents, as a tokens file would name it (``""``: none).
         max_message_bytes: requests larger than this are refused, as the gRPC link refuses them.
     """
 
-    def __init__(self, handler: Callable[[bytes], bytes], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 address: str = "inprocess") -> None:
+    def __init__(self, handler: Callable[[bytes, str], bytes], *, identity: str = "",
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, address: str = "inprocess") -> None:
         super().__init__()
         self.address = address
         self._handler = handler
+        self._identity = identity
         self._max = max_message_bytes
 
     def _exchange_bytes(self, request: bytes) -> bytes:
@@ -162,17 +260,28 @@ class InProcessLink(Link):
             raise LinkError(f"call to {self.address} failed: RESOURCE_EXHAUSTED: request of {len(request)} bytes "
                             f"exceeds {self._max}")
         # bytes(...) so the handler never holds a view of the caller's buffer, as with a real network
-        return bytes(self._handler(bytes(request)))
+        return bytes(self._handler(bytes(request), self._identity))
 
 
 class GrpcLink(Link):
-    """The gRPC link (see the module docstring); waits up to ``connect_timeout`` for the server."""
+    """The gRPC link (see the module docstring); waits up to ``connect_timeout`` for the server.
+
+    Args:
+        address: ``host:port`` of the server.
+        token: the device's token, sent with every call (None: none).
+        tls: connect over TLS with these settings (None: plain text).
+        connect_timeout: how long to wait for the server to accept a connection.
+        call_timeout: the deadline of each call.
+        retries: how many times a call that failed with UNAVAILABLE is retried.
+        max_message_bytes: the largest request or reply either way.
+    """
 
     def __init__(
         self,
         address: str,
         token: str | None = None,
         *,
+        tls: TlsClientConfig | None = None,
         connect_timeout: float = 30.0,
         call_timeout: float = 600.0,
         retries: int = 3,
@@ -183,7 +292,12 @@ class GrpcLink(Link):
         self._metadata = ((TOKEN_KEY, token),) if token else ()
         self._call_timeout = call_timeout
         self._retries = retries
-        self._channel = grpc.insecure_channel(address, options=_channel_options(max_message_bytes))
+        self._tls = tls
+        options = _channel_options(max_message_bytes)
+        if tls is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, tls.credentials(), options=options + tls.channel_options())
         self._exchange = self._channel.unary_unary(METHOD)
         self._wait_ready(connect_timeout)
 
@@ -198,8 +312,9 @@ class GrpcLink(Link):
             except grpc.FutureTimeoutError:
                 if time.monotonic() >= deadline:
                     self.close()
+                    hint = " (over TLS: is its certificate trusted, and for this name?)" if self._tls else ""
                     raise LinkError(
-                        f"server at {self.address} is unreachable (tried for {timeout:.0f} s, {attempt} attempts)"
+                        f"server at {self.address} is unreachable (tried for {timeout:.0f} s, {attempt} attempts){hint}"
                     ) from None
 
     def _exchange_bytes(self, request: bytes) -> bytes:
