@@ -358,3 +358,61 @@ def test_every_piece_is_tested_and_commented():
             stripped = line.strip()
             if stripped and not stripped.startswith("#") and not stripped.endswith(":"):
                 assert "#" in line, f"{piece}: a key without a comment: {line!r}"
+
+
+#: blocks and width of the packaged backbones (their published configurations); the side server never loads
+#: them, so a recipe's frames and hello are sized from these
+PACKAGED_SHAPES = {"smollm2-135m": (30, 576), "qwen2.5-coder-0.5b": (24, 896), "qwen2.5-coder-1.5b": (28, 1536),
+                   "minilm-l6": (6, 384)}
+BBC_NEWS_CLASSES = 5
+
+
+def _frame_bytes(tokens: int, taps: int, width: int, codec: str, outlier_channels: int) -> int:
+    """The encoded size of a training frame of ``tokens`` token rows, extrapolated from two small real frames
+    (every tensor of a frame grows linearly with its token rows)."""
+    import torch
+
+    from lightning_mobillm import protocol as P
+    from lightning_mobillm.transport.frames import Frame, encode_frame
+
+    def size(n: int) -> int:
+        acts = torch.randn(n, taps, width)
+        tensors = P.pack_acts(acts, torch.tensor([n]), codec, outlier_channels=outlier_channels)
+        header = {"session": "x" * 80, "secret": "0" * 32, "step": 10**6, "codec": codec}
+        return len(encode_frame(Frame(kind=P.TRAIN, header=header, tensors={**tensors, "labels": torch.zeros(1, dtype=torch.int64)})))
+
+    small, large = size(4), size(8)
+    return small + (large - small) * (tokens - 4) // 4
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if METHODS[r].strategy is ServerAssistedStrategy])
+def test_every_shipped_recipe_fits_the_servers_default_limits(recipe, cli_in, tiny_overrides):
+    """What a recipe's device sends (its largest frame, its token rows) and asks for at hello (taps, width,
+    outputs, the side network's training memory) fits a default ``serve``, sized from the real backbone."""
+    import torch
+
+    from lightning_mobillm.server_config import ServerConfig
+    from lightning_mobillm.specs import TapSpec
+
+    limits = ServerConfig()
+    cfg = _yaml(recipe)
+    backbone = _init_args(cfg["model"])["backbone"]
+    blocks, width = PACKAGED_SHAPES[backbone["source"]]
+    taps = blocks if backbone.get("layers", "all") == "all" else len(backbone["layers"])
+    cli = cli_in([recipe], tiny_overrides)
+    model, data, strategy = cli.model, cli.datamodule, cli.trainer.strategy
+    (transfer,) = [c for c in cli.trainer.callbacks if isinstance(c, QuantizedTransfer)]
+    per_sample = data.hparams["max_length"] if strategy.select == "all" else 1
+    tokens = max(data.hparams["batch_size"], data.hparams["eval_batch_size"]) * per_sample
+    frame_mb = _frame_bytes(tokens, taps, width, transfer.codec, transfer.outlier_channels) / 2**20
+    assert tokens <= limits.max_tokens_per_frame
+    assert frame_mb <= limits.max_frame_mb, f"{recipe}: largest frame {frame_mb:.0f} MB"
+    assert taps <= limits.max_taps and width <= limits.max_width
+    # the hello: the server builds this module from the hello's hparams and side config (sized on meta)
+    spec = TapSpec(layers=list(range(taps)), hidden_size=width, arch="llama", is_decoder=True)
+    outputs = model.default_num_outputs(BBC_NEWS_CLASSES)
+    with torch.device("meta"):
+        side = type(model).from_hparams_dict({**model.server_hparams(), **model.side_config.module_kwargs()})
+        side.build(spec, num_classes=BBC_NEWS_CLASSES, num_outputs=outputs)
+    assert outputs <= limits.max_outputs
+    assert sum(p.numel() for p in side.parameters()) * 16 / 2**20 <= limits.max_session_mb
