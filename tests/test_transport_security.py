@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from lightning_mobillm import cli
 from lightning_mobillm.server.app import InsecureServerError, check_exposure, is_loopback
 from lightning_mobillm.server.logs import LogLimiter, install_log_limits
 from lightning_mobillm.server_config import ServerConfig
@@ -483,6 +484,57 @@ def test_serve_with_tls_and_per_device_tokens(pki, tmp_path):
     text = log.read_text()
     assert "per-device tokens" in text and "TLS: on" in text and "refused a call" in text
     assert "t1-secret-token" not in text and hash_token("t1-secret-token") not in text
+
+
+def test_serve_takes_no_token_on_the_command_line(capsys):
+    for argv in (["serve", "--server.token", "s3cret"], ["serve", "--server.token=s3cret"],
+                 ["serve", "--server", '{"token": "s3cret"}']):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "token" in err and "--server.tokens_file" in err and "MOBILLM_TOKEN" in err, err
+    # an abbreviation is never taken for a longer option
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--server.tokens", "file"])
+    assert "unrecognized arguments: --server.tokens" in capsys.readouterr().err
+
+
+# -- the token subcommand ---------------------------------------------------------------------------------
+
+
+def test_token_subcommand_round_trip(tmp_path, capsys, served):
+    path = tmp_path / "tokens"
+    cli.main(["token", "--identity", "phone-1", "--file", str(path)])
+    token = capsys.readouterr().out.strip()
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert token not in path.read_text() and hash_token(token) in path.read_text()
+    cli.main(["token", "--identity", "phone-2", "--file", str(path)])
+    other = capsys.readouterr().out.strip()
+    assert other != token and len(token) >= 40
+
+    credentials = Credentials.from_tokens_file(path)
+    port = served(echo, credentials=credentials)
+    device = link(port, token)
+    try:
+        assert device.call(b"hi") == b"phone-1:hi"
+        with pytest.raises(SystemExit):  # one identity, one line
+            cli.main(["token", "--identity", "phone-1", "--file", str(path)])
+        assert "already in" in capsys.readouterr().err
+
+        cli.main(["token", "--identity", "phone-1", "--file", str(path), "--revoke"])
+        assert capsys.readouterr().out == ""
+        with pytest.raises(LinkError, match="UNAUTHENTICATED"):
+            device.call(b"hi")
+        assert credentials.authenticate(other) == "phone-2"
+        assert (path.stat().st_mode & 0o777) == 0o600
+        with pytest.raises(SystemExit):
+            cli.main(["token", "--identity", "phone-1", "--file", str(path), "--revoke"])
+        assert "not in" in capsys.readouterr().err
+    finally:
+        device.close()
+    with pytest.raises(SystemExit):
+        cli.main(["token", "--identity", "bad name", "--file", str(path)])
 
 
 def test_new_tokens_are_fresh():
