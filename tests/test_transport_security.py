@@ -577,3 +577,29 @@ def test_log_lines_are_truncated_and_rate_limited():
     assert lines[-1] == "refused a call: 11 [8 similar lines suppressed]"
     logger.warning("refused a call: %s", 12)
     assert lines[-1] == "refused a call: 12"
+
+
+def test_the_devices_strategy_settings_reach_the_link(pki, served, tmp_path):
+    """The strategy's ``token_file`` and ``tls_*`` settings, as a recipe gives them, make a mutual-TLS call."""
+    from lightning_mobillm.client import ServerClient, read_token
+    from lightning_mobillm.strategies import ServerAssistedStrategy
+
+    port = served(echo, credentials=Credentials.shared("s3cret"),
+                  tls=TlsServerConfig(cert_file=pki["server_cert"], key_file=pki["server_key"],
+                                      client_ca_file=pki["ca_cert"]))
+    (tmp_path / "token").write_text("s3cret\n")
+    strategy = ServerAssistedStrategy(server=f"localhost:{port}", token_file=str(tmp_path / "token"),
+                                      tls_ca_file=pki["ca_cert"], tls_cert_file=pki["client_cert"],
+                                      tls_key_file=pki["client_key"])
+    assert strategy.token == read_token("UNSET_VARIABLE", str(tmp_path / "token")) == "s3cret"
+    client = ServerClient(strategy.server_address, strategy.token, tls=strategy.tls, connect_timeout=DEADLINE,
+                          call_timeout=DEADLINE, retries=0).open()
+    try:
+        assert client.call(b"device") == b":device"
+    finally:
+        client.close()
+    plain = ServerClient(strategy.server_address, strategy.token, connect_timeout=2, call_timeout=DEADLINE,
+                         retries=0)
+    with pytest.raises(LinkError):
+        plain.open().call(b"x")
+    plain.close()
