@@ -19,6 +19,7 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor
 
+from lightning_mobillm.faults import fault_point
 from lightning_mobillm.server.engine import TrainingEngine
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.transport.frames import FrameError
@@ -60,6 +61,9 @@ class ServerPolicy(ABC):
     def load_state(self, session: Any, state: dict[str, Any]) -> None:
         """Replace the session's state (all or nothing; ValueError when it does not fit)."""
 
+    def step_end(self, session: Any) -> None:  # noqa: B027 - optional hook
+        """A training step and what it stored (activation cache entries) are done (e.g. checkpoint now)."""
+
     def detach(self, session: Any) -> None:  # noqa: B027 - optional hook
         """The session ends (bye)."""
 
@@ -85,6 +89,7 @@ class PerDevicePolicy(ServerPolicy):
                 session.model.load(path)
             except ValueError as err:
                 raise FrameError(f"the server checkpoint of session {session.key!r} does not fit: {err}") from None
+            session.checkpoint_step = session.step
             log.info("session %s resumed from the server's checkpoint at step %d", session.key, session.step)
 
     def train(self, session: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
@@ -95,10 +100,13 @@ class PerDevicePolicy(ServerPolicy):
                   "server_step_s": result.seconds, "server_steps": engine.step}
         if not session.label_free:
             header["acc"] = float((result.outputs.argmax(-1) == batch["labels"]).float().mean())
-        every = self.config.checkpoint_every_n_steps
-        if every and engine.step % every == 0:
-            self.checkpoint(session)
         return header
+
+    def step_end(self, session: Any) -> None:
+        """Every ``checkpoint_every_n_steps``: a checkpoint that holds the step's cache entries too."""
+        every = self.config.checkpoint_every_n_steps
+        if every and session.step % every == 0:
+            self.checkpoint(session)
 
     @torch.no_grad()
     def evaluate(self, session: Any, acts: Tensor, lengths: Tensor) -> Tensor:
@@ -120,6 +128,8 @@ class PerDevicePolicy(ServerPolicy):
         if session.store is not None:
             session.store.flush()
         session.model.save(self.checkpoint_path(session), extra={"session": session.key})
+        session.checkpoint_step = session.step  # told to the device in every training reply
+        fault_point("server:after_checkpoint", step=session.step, session=session.key)
 
     def detach(self, session: Any) -> None:
         """A session that said bye ended cleanly: its device holds what it needs, so its server

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lightning_mobillm import protocol as P
+from lightning_mobillm.faults import fault_point
 from lightning_mobillm.server.cache import ActivationStore
 from lightning_mobillm.server.dispatch import FrameServer, SessionBase, check_name
 from lightning_mobillm.server.policies import PerDevicePolicy, ServerPolicy
@@ -64,6 +65,7 @@ class SideSession(SessionBase):
     cache_folder: Path | None = None
     cache_token: str | None = None  # server-made; only the owner learns it (hello reply) and can reopen with it
     model: Any = None  # set by the policy (a TrainingEngine for the per-device policy)
+    checkpoint_step: int = 0  # the step of the session's last checkpoint (what a restarted server resumes)
     backbone: dict = field(default_factory=dict)  # the device's backbone identity (type, name, digest)
 
     @property
@@ -179,7 +181,8 @@ class SideServer(FrameServer):
 
     def _hello_reply(self, session: SideSession, secret: str) -> Frame:
         header = {"session": session.key, "secret": secret, "server_pid": os.getpid(),
-                  "server_device": str(self.device), "step": session.step}
+                  "server_device": str(self.device), "step": session.step,
+                  "checkpoint_step": session.checkpoint_step}
         if session.store is not None:
             header["cached_keys"] = len(session.store)
             header["cache_token"] = session.cache_token
@@ -320,8 +323,11 @@ class SideServer(FrameServer):
                 store_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(frame.header["codec"], torch.float16)
                 header["cached"] = session.store.put_many(
                     keys, {"acts": batch["acts"].to(store_dtype), "y": batch[session.target_key]})
+            self.policy.step_end(session)  # after the cache entries: a checkpoint holds them too
+            header["checkpoint_step"] = session.checkpoint_step
             if session.store is not None:
                 header.update(self._cache_stats(session))
+            fault_point("server:after_train_step", step=session.step, session=session.key)
             return self._remember(session, frame, Frame(kind=P.OK, header=header))
 
     @staticmethod
@@ -358,6 +364,7 @@ class SideServer(FrameServer):
             except ValueError as err:
                 raise FrameError(f"state does not fit this session: {err}") from None
             session.last_reply = None
+            self.policy.checkpoint(session)  # what a restarted server resumes is the restored state
         log.info("session %s restored at step %d", session.key, session.step)
         return Frame(kind=P.OK, header={"step": session.step})
 
