@@ -4,18 +4,22 @@ Each example becomes ``prompt.replace("{text}", text)`` tokenized once per ``set
 truncated so that the prompt's suffix (e.g. ``"\\nTopic:"``) always survives. Batches are dicts of
 ``input_ids`` [B, T], ``attention_mask`` [B, T], ``labels`` [B] and ``index`` [B] (position of the sample
 in its split, a stable key for per-sample caches), padded to the longest sequence in the batch.
+
+The training loader is resumable mid-epoch (:class:`ResumableDataLoader`): its epoch and position are part
+of a Lightning checkpoint, so a run resumed with ``--ckpt_path`` sees exactly the batches an uninterrupted
+run would have seen.
 """
 
 import math
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_mobillm.data.sources import OFFLINE_SOURCES, offline_class_names
 
@@ -185,6 +189,117 @@ class PadCollator:
         }
 
 
+# --------------------------------------------------------------------------- a resumable training loader
+
+
+class EpochSampler(Sampler[int]):
+    """The sample order of each epoch, from the epoch's number alone (seeded), starting at a given place.
+
+    Shuffled, epoch ``e`` is the order ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``
+    gives in its epoch ``e`` (one process, whole epochs): that loader's generator draws, per epoch, a worker
+    seed, the epoch's permutation and one more permutation its sampler discards; the same draws are replayed
+    here, so the order is a function of ``(seed, epoch)`` and needs no state but the epoch to be resumed.
+    Lightning calls :meth:`set_epoch` before each epoch; without it the next iteration is the next epoch.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.epoch = 0  # the epoch the next iteration yields
+        self.start = 0  # how many of its samples to skip (a resumed epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def order(self, epoch: int) -> list[int]:
+        n = self.num_samples
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch):
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            torch.randperm(n, generator=g)
+            torch.randperm(n, generator=g)
+        torch.empty((), dtype=torch.int64).random_(generator=g)
+        return torch.randperm(n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self.epoch, self.start
+        self.epoch, self.start = epoch + 1, 0
+        yield from self.order(epoch)[start:]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose place in the epoch is saved in a checkpoint: Lightning's ``_Stateful`` interface
+    (``state_dict`` / ``load_state_dict``), which its fit loop stores with the loops' progress and loads back
+    on a resume, mid-epoch included.
+
+    The position counts batches this loader has handed out in the current epoch. Lightning asks a loader
+    that has a length for a batch only when it trains on it (it prefetches only loaders without one), so at
+    a checkpoint the count is exactly the batches trained on; a resumed epoch starts after them. The epoch
+    is chosen when its first batch is asked for (after Lightning's ``set_epoch``), not at ``iter()``.
+
+    Args:
+        dataset: a map-style dataset.
+        batch_size: samples per batch (the last one may be smaller).
+        shuffle: a seeded permutation per epoch (:class:`EpochSampler`), else split order.
+        seed: the permutations' seed.
+        **kwargs: other ``DataLoader`` arguments (``collate_fn``, ``num_workers``, ...). A ``sampler`` given
+            here replaces the epoch sampler (the loader is then not resumable: its state is empty).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int = 1, shuffle: bool = False, seed: int = 0,
+                 **kwargs: Any) -> None:
+        if kwargs.get("sampler") is None and kwargs.get("batch_sampler") is None:
+            kwargs["sampler"] = EpochSampler(len(dataset), seed, shuffle)
+        super().__init__(dataset, batch_size=batch_size, **kwargs)
+        self._epoch: int | None = None  # the epoch being handed out
+        self._handed_out = 0  # its batches handed out so far
+
+    @property
+    def _epochs(self) -> EpochSampler | None:
+        return self.sampler if isinstance(self.sampler, EpochSampler) else None
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
+        sampler = self._epochs
+        if sampler is not None:
+            self._epoch, self._handed_out = sampler.epoch, sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self._epochs
+        if sampler is None:
+            return {}
+        if self._epoch is None:
+            epoch, batches = sampler.epoch, sampler.start // self.batch_size
+        elif self._handed_out >= len(self):  # the epoch is over: the next one starts from its beginning
+            epoch, batches = self._epoch + 1, 0
+        else:
+            epoch, batches = self._epoch, self._handed_out
+        return {"epoch": epoch, "batches": batches, "num_samples": sampler.num_samples, "seed": sampler.seed,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sampler = self._epochs
+        if sampler is None or not state_dict:
+            return
+        saved = (state_dict["num_samples"], state_dict["seed"], state_dict["batch_size"])
+        if saved != (sampler.num_samples, sampler.seed, self.batch_size):
+            raise ValueError(f"the checkpoint's training loader had (samples, seed, batch_size) = {saved}, this "
+                             f"one has {(sampler.num_samples, sampler.seed, self.batch_size)}: cannot resume its "
+                             "position")
+        sampler.epoch, sampler.start = int(state_dict["epoch"]), int(state_dict["batches"]) * self.batch_size
+        self._epoch, self._handed_out = None, 0
+
+
 # --------------------------------------------------------------------------- the data module
 
 
@@ -325,9 +440,17 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self._encoded[split]
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) training batches."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader("train", self.batch_size, shuffle=True, generator=generator)
+        """Shuffled (seeded) training batches, resumable mid-epoch (:class:`ResumableDataLoader`)."""
+        return ResumableDataLoader(
+            self.split_dataset("train"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            collate_fn=PadCollator(self._pad_token_id(), self.padding_side),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds, as before
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in split order."""
