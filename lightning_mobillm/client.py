@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
@@ -123,17 +124,26 @@ class EmbeddedServer:
     def _ready_line(self, timeout: float) -> str:
         assert self.proc is not None
         result: list[str] = []
+        ready = threading.Event()
+        stdout = self.proc.stdout
 
         def reader() -> None:
-            for raw in self.proc.stdout:
-                text = raw.decode(errors="replace").strip()
-                if text.startswith(P.READY_PREFIX):
-                    result.append(text)
-                    return
+            # after the READY line it goes on reading, so that whatever the server prints later (e.g. a fault
+            # point's marker) never fills a pipe nobody reads
+            try:
+                for raw in stdout:
+                    text = raw.decode(errors="replace").strip()
+                    if not ready.is_set() and text.startswith(P.READY_PREFIX):
+                        result.append(text)
+                        ready.set()
+                    elif text:
+                        log.debug("embedded server: %s", text)
+            except (OSError, ValueError):  # the pipe was closed by stop()
+                pass
+            ready.set()
 
-        thread = threading.Thread(target=reader, daemon=True)
-        thread.start()
-        thread.join(timeout)
+        threading.Thread(target=reader, daemon=True, name="mobillm-embedded-stdout").start()
+        ready.wait(timeout)
         if not result:
             code = self.proc.poll()
             self.proc.kill()
@@ -144,19 +154,30 @@ class EmbeddedServer:
             )
         return result[0]
 
-    def stop(self, timeout: float = 15.0) -> None:
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; idempotent. Returns once the process is reaped."""
         if self.proc is None:
             return
-        self.proc.terminate()
+        proc, self.proc = self.proc, None
         try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.proc = None
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("embedded server pid %s did not stop within %.0f s of SIGTERM; killing it", proc.pid,
+                            timeout)
+                proc.kill()
+                proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted while waiting: never leave it running
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _in_process_handler(role: str, config: ServerConfig):
@@ -229,44 +250,85 @@ class ServerClient:
                                       max_message_bytes=self.embedded.max_frame_mb * 2**20 + 2**20)
             return self
         address = self.address
-        if address is None:
-            self._embedded = EmbeddedServer(self.embedded, self.token, role=self.role, log_path=self.log_path)
-            address = self._embedded.start(timeout=self.connect_timeout)
-        kwargs: dict[str, Any] = {}
-        if self.tls and address == self.address:  # an embedded server is on loopback: no TLS
-            from lightning_mobillm.transport.security import TlsClientConfig
+        try:  # an interrupt (Ctrl-C) while the server starts must not leave it running
+            if address is None:
+                self._embedded = EmbeddedServer(self.embedded, self.token, role=self.role, log_path=self.log_path)
+                address = self._embedded.start(timeout=self.connect_timeout)
+            kwargs: dict[str, Any] = {}
+            if self.tls and address == self.address:  # an embedded server is on loopback: no TLS
+                from lightning_mobillm.transport.security import TlsClientConfig
 
-            kwargs["tls"] = TlsClientConfig(**self.tls)
-        try:
+                kwargs["tls"] = TlsClientConfig(**self.tls)
             self.link = GrpcLink(address, self.token, connect_timeout=self.connect_timeout,
                                  call_timeout=self.call_timeout, retries=self.retries, **kwargs)
-        except Exception:
+        except BaseException:
             self._stop_embedded()
             raise
         return self
 
-    def close(self) -> None:
-        """Wait for frames in flight (best effort), say goodbye, close the link, stop an embedded server."""
+    def close(self, *, drain_timeout: float = 5.0, bye_timeout: float = 2.0) -> None:
+        """Bounded in time: wait up to ``drain_timeout`` s for frames in flight (their replies are dropped),
+        say goodbye with a deadline of ``bye_timeout`` s and no retry, close the link (which ends a call
+        still in flight), and stop an embedded server (SIGTERM, then SIGKILL)."""
+        deadline = time.monotonic() + drain_timeout
         try:
-            self.drain()
-        except Exception:  # noqa: BLE001 - closing after a failure must still stop the server
-            log.debug("frames in flight failed while closing", exc_info=True)
-        self._pending.clear()
+            while self._pending:
+                _, future = self._pending.popleft()
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - closing after a failure (or past the deadline) must still stop
+            log.debug("frames in flight failed or were abandoned while closing", exc_info=True)
+        self._abandon_pending()
+        try:
+            if self.link is not None:
+                if self.session is not None:
+                    self.link.limit_calls(bye_timeout)
+                    try:
+                        self.link.call(encode_frame(Frame(kind=P.BYE, header=self.session_header())))
+                    except Exception:  # noqa: BLE001 - a closed or unreachable server needs no goodbye
+                        log.debug("no goodbye: the server did not answer", exc_info=True)
+                self.link.close()
+        finally:
+            self.link = None
+            self.session = self.secret = None
+            self._stop_embedded()
+
+    def reconnect(self, timeout: float) -> None:
+        """After the server became unreachable: drop the frames in flight, close the link without a goodbye,
+        and reach the server again, for up to ``timeout`` seconds: an embedded server is restarted on the
+        same workdir (where its checkpoints are), a remote one is tried until it answers. The session is
+        then resumed with a hello (``resume: true``); byte counts go on adding up."""
+        stats = self.stats
+        self._abandon_pending()
         if self.link is not None:
-            if self.session is not None:
-                try:
-                    self.link.call(encode_frame(Frame(kind=P.BYE, header=self.session_header())))
-                except Exception:  # noqa: BLE001 - a closed or unreachable server needs no goodbye
-                    pass
             self.link.close()
             self.link = None
         self.session = self.secret = None
         self._stop_embedded()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.open()
+                break
+            except LinkError:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("server at %s not reachable yet; trying again", self.address or "(embedded)")
+        self.link.stats = stats
+
+    @property
+    def embedded_server_alive(self) -> bool | None:
+        """Whether an embedded server process is still running (None: the server is not embedded)."""
+        return None if self._embedded is None else self._embedded.alive
+
+    def _abandon_pending(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
 
     def _stop_embedded(self) -> None:
         if self._embedded is not None:
-            self._embedded.stop()
-            self._embedded = None
+            embedded, self._embedded = self._embedded, None
+            embedded.stop()
 
     # ---- requests ---------------------------------------------------------------------------------
     def _require_link(self) -> Link:

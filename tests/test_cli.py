@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
-from support.ready_callback import READY
 
+from lightning_mobillm import faults
 from lightning_mobillm.callbacks import DeviceMonitor
 from lightning_mobillm.client import ServerError
 from lightning_mobillm.data import TextClassificationDataModule
@@ -169,37 +170,54 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_stops_the_embedded_server(tmp_path, tiny_llama_dir, tiny_data_file):
+#: how long a device may take from its Ctrl-C to its exit, its embedded server stopped and reaped
+CTRL_C_BOUND_S = 30.0
+
+
+@pytest.mark.parametrize("point", [
+    "device:after_hello",  # the session is open, nothing trained yet
+    "device:frame_in_flight@3",  # a training frame is on its way to the server, its reply not read
+    "device:during_validation",  # a validation batch was forwarded and scored by the server
+    "device:during_checkpoint",  # inside the strategy's checkpoint save (the server's state fetched)
+], ids=["after-hello", "frames-in-flight", "during-validation", "during-checkpoint"])
+def test_ctrl_c_stops_the_run_and_its_embedded_server(tmp_path, tiny_llama_dir, tiny_data_file, point):
+    """Ctrl-C (SIGINT, sent by the device to itself at a named fault point: no timing) stops the run within a
+    bound, and the device stops its embedded server (its own process group, so the Ctrl-C does not reach it)
+    and reaps it before it exits."""
     recipe = tmp_path / "recipe.yaml"
-    ready_cb = "    - class_path: ready_callback.ReadyAfterSteps\n      init_args: {after_steps: 2}\n"
+    checkpoint = ("    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                  f"      init_args: {{dirpath: {tmp_path / 'ckpt'}, every_n_train_steps: 2}}\n")
     recipe.write_text(RECIPE.format(model=tiny_llama_dir, data=tiny_data_file, out=tmp_path / "runs")
-                      .replace("max_epochs: 1", "max_epochs: 1000")
+                      .replace("max_epochs: 1", "max_epochs: 1000\n  val_check_interval: 3")
+                      .replace("enable_checkpointing: false", "enable_checkpointing: true")
                       .replace("    - class_path: lightning_mobillm.callbacks.DeviceMonitor\n",
-                               "    - class_path: lightning_mobillm.callbacks.DeviceMonitor\n" + ready_cb))
-    support = str(Path(__file__).parent / "support")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-           "PYTHONPATH": os.pathsep.join(filter(None, [support, os.environ.get("PYTHONPATH")]))}
+                               "    - class_path: lightning_mobillm.callbacks.DeviceMonitor\n" + checkpoint))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", faults.ENV: f"{point}=sigint"}
     stderr_path = tmp_path / "device.stderr"
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "fit", "--config", str(recipe)],
                                 cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=stderr, text=True, preexec_fn=_default_sigint)
     try:
-        ready = ""
-        for line in proc.stdout:  # blocks until the child says it is training (the suite's timeout bounds it)
-            if line.startswith(READY):
-                ready = line
+        reached = ""
+        for line in proc.stdout:  # blocks until the fault point is reached (the suite's timeout bounds it)
+            if line.startswith(faults.MARKER):
+                reached = line
                 break
-        assert ready, f"the run ended before it was ready: {stderr_path.read_text()[-2000:]}"
-        server_pid = int(ready.split("server_pid=", 1)[1])
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=120)  # drains stdout; the device stops its server before it exits
+        assert reached, f"the run ended before {point}: {stderr_path.read_text()[-2000:]}"
+        t0 = time.monotonic()
+        proc.communicate(timeout=CTRL_C_BOUND_S)  # drains stdout; raises if the device outlives the bound
+        stopped_in = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    assert proc.returncode == 1, stderr_path.read_text()[-2000:]  # Lightning's exit after a KeyboardInterrupt
+    assert "Detected KeyboardInterrupt" in stderr_path.read_text()
     # the device waited for its server (its child) to exit, so the server is gone now, not eventually
+    server_pid = int(reached.split("server_pid=", 1)[1].split()[0])
     with pytest.raises(ProcessLookupError):
         os.kill(server_pid, 0)
     log = (tmp_path / "runs" / "cli" / "version_0" / "server.log").read_text()
-    assert "stopped" in log  # it shut down through its own handler, not killed
+    assert "stopped" in log  # it shut down through its own handler (SIGTERM), not killed
+    print(f"{point}: the device exited {stopped_in:.1f} s after its Ctrl-C")

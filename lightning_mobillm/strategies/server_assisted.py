@@ -9,6 +9,14 @@ the server for checkpoints and at the end of ``fit``) so a trained module can al
 Overlap: training frames go through an ordered queue; the device forwards batch ``k+1`` while the
 server trains on batch ``k``. ``pipeline_depth`` bounds how many frames may be in flight (0 = wait for
 every reply).
+
+Faults: when the server becomes unreachable (a call fails with UNAVAILABLE after the link's retries), the
+device reconnects (an embedded server is restarted on the same workdir; a remote one is tried for up to
+``reconnect_timeout`` seconds), resumes the same run's session from the server's last checkpoint (a hello
+with ``resume: true``) and replays, from a device-side buffer of the raw batches, exactly the steps after
+that checkpoint, frames in flight included: every batch enters the server's optimizer history once. Ctrl-C
+and teardown are bounded in time (:meth:`ServerClient.close`). See ``docs/architecture.md``, "Faults and
+recovery".
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import os
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -33,9 +42,11 @@ from lightning_mobillm.backbone import BackboneOutput, FrozenBackbone
 from lightning_mobillm.callbacks.activation_cache import ActivationCache
 from lightning_mobillm.callbacks.quantized_transfer import QuantizedTransfer
 from lightning_mobillm.client import INPROCESS, ServerClient, ServerError, read_token, server_log_path
+from lightning_mobillm.faults import fault_point
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.stats import DeviceStats
 from lightning_mobillm.transport.frames import Frame, encode_frame
+from lightning_mobillm.transport.link import LinkError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,36 @@ class ServerOptimizer(torch.optim.Optimizer):
         pass
 
 
+class ReplayBuffer:
+    """The raw training batches (token ids, masks, labels, cache keys: copies on the CPU) of the steps the
+    server has not made durable yet, kept on the device to be sent again after a server crash. Never sent
+    anywhere but to the same session, as the frames they were."""
+
+    def __init__(self) -> None:
+        self._steps: OrderedDict[int, tuple[dict[str, Tensor], list[str] | None]] = OrderedDict()
+
+    def add(self, step: int, batch: dict[str, Tensor], keys: list[str] | None) -> None:
+        kept = {k: v.detach().to("cpu", copy=True) for k, v in batch.items() if isinstance(v, Tensor)}
+        self._steps[step] = (kept, keys)
+
+    def get(self, step: int) -> tuple[dict[str, Tensor], list[str] | None]:
+        return self._steps[step]
+
+    def drop_before(self, step: int) -> None:
+        while self._steps and next(iter(self._steps)) < step:
+            self._steps.popitem(last=False)
+
+    def clear(self) -> None:
+        self._steps.clear()
+
+    @property
+    def first_step(self) -> int | None:
+        return next(iter(self._steps), None)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+
 class ServerAssistedStrategy(SingleDeviceStrategy):
     """Split a fine-tuning run between this (device) process and a side-network server process.
 
@@ -88,6 +129,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         connect_timeout: seconds to keep trying to reach the server before failing.
         call_timeout: deadline of one call, seconds.
         retries: retries of a call that failed with UNAVAILABLE.
+        reconnect_timeout: how long to keep trying to reach a server that became unreachable (a restarted
+            embedded server, or a remote one coming back) before the run fails; 0 fails at once.
         backbone_device: where the backbone runs on the device (``cpu`` on a phone-class device).
     """
 
@@ -110,6 +153,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         connect_timeout: float = 60.0,
         call_timeout: float = 600.0,
         retries: int = 3,
+        reconnect_timeout: float = 300.0,
         backbone_device: str = "cpu",
     ) -> None:
         super().__init__(device=backbone_device)
@@ -128,12 +172,28 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.connect_timeout = connect_timeout
         self.call_timeout = call_timeout
         self.retries = retries
+        self.reconnect_timeout = reconnect_timeout
 
         self.backbone: FrozenBackbone | None = None
         self.transfer: QuantizedTransfer | None = None
         self.cache: ActivationCache | None = None
         self.client: ServerClient | None = None
         self._server_state: dict | None = None
+        # ---- recovery: one run id for the whole fit, what the session was given, the batches to replay ----
+        self.run_id: str | None = None
+        self._hello_header: dict[str, Any] | None = None
+        self._with_cache = False  # the session asked for an activation cache (PAE, while fitting)
+        self._resumed_run: dict[str, Any] = {}  # from a --ckpt_path checkpoint (load_checkpoint)
+        self._base: dict[str, Any] | None = None  # the last state the device knows the server had (and its step)
+        self._replay = ReplayBuffer()
+        self._next_step = 0  # training steps sent so far (the next step's number)
+        self._replied = 0  # the next step whose reply the device has not processed yet
+        self._server_checkpoint_step = 0
+        self._ack_step: dict[str, int] = {}  # cache key -> the step whose reply acknowledged it
+        self._interrupted = False
+        #: server crashes recovered from, and training steps sent again after them
+        self.recoveries = 0
+        self.replayed_steps = 0
         #: what this device spends (read by DeviceMonitor); outlives the connection, for summaries
         self.device_stats = DeviceStats(overlaps_server=pipeline_depth > 0,
                                         run={"select": select, "pipeline_depth": pipeline_depth})
@@ -180,44 +240,85 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         module = self.lightning_module
         module.requires_grad_(False)  # the device never holds side-network gradients
         fitting = trainer.state.fn == TrainerFn.FITTING
-        total = int(trainer.estimated_stepping_batches) if fitting else 1
+        total = max(1, int(trainer.estimated_stepping_batches) if fitting else 1)
         module.device_setup(self.backbone, trainer.datamodule)
-        reply = self.client.hello(
-            P.HELLO,
-            {
-                    "device_id": self.device_id,
-                    "run_id": uuid.uuid4().hex[:12],
-                    "module": module.server_module_name,
-                    "side": module.side_config.to_dict(),
-                    "hparams": P.json_safe(module.server_hparams()),
-                    "backbone": self.backbone.identity(),
-                    "tap_spec": module.tap_spec.to_dict(),
-                    "num_classes": int(module.num_classes),
-                    "num_outputs": int(module.num_outputs),
-                    "total_steps": max(1, total),
-                    "codec": self.transfer.codec,
-                    **({"cache": self.cache.hello()} if self.cache is not None and fitting else {}),
-            },
-        )
+        if self.run_id is None:
+            # a run resumed with --ckpt_path goes on as the same run (its session, if the server still holds
+            # it), unless it now plans another number of steps (a longer schedule is another session's)
+            prev = self._resumed_run
+            same = fitting and prev.get("total_steps") == total and prev.get("run_id")
+            self.run_id = prev["run_id"] if same else uuid.uuid4().hex[:12]
+        self._hello_header = {
+            "device_id": self.device_id,
+            "run_id": self.run_id,
+            "module": module.server_module_name,
+            "side": module.side_config.to_dict(),
+            "hparams": P.json_safe(module.server_hparams()),
+            "backbone": self.backbone.identity(),
+            "tap_spec": module.tap_spec.to_dict(),
+            "num_classes": int(module.num_classes),
+            "num_outputs": int(module.num_outputs),
+            "total_steps": total,
+            "codec": self.transfer.codec,
+        }
+        self._with_cache = self.cache is not None and fitting
+        self._hello()
+        fault_point("device:after_hello", server_pid=self.server_pid)
+        # The device's copy of the weights (fresh init, or restored from a checkpoint) is the truth; a checkpoint
+        # with the server's state pushes all of it later (load_optimizer_state_dict)
+        self._base = {"model": module.state_dict(), "step": 0}
+        if not (fitting and self._resumed_run.get("server_state")):
+            self.client.push_state(self._base)
+
+    def _hello(self, *, resume: bool = False) -> Frame:
+        header = dict(self._hello_header)
+        if self._with_cache:
+            header["cache"] = self.cache.hello()  # with the token of the cache opened before, if any
+        if resume:
+            header["resume"] = True
+        reply = self.client.hello(P.HELLO, header)
         self.device_stats.server_pid = self.client.server_pid
-        if self.cache is not None and fitting:
+        if self._with_cache:
             self.cache.on_hello_reply(reply.header)
-        # The device's copy of the weights (fresh init, or restored from a checkpoint) is the truth.
-        self.client.push_state({"model": module.state_dict(), "step": 0})
+        return reply
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        step = self.lightning_module.trainer.global_step
+        self._next_step = self._replied = step
+        self._replay.clear()
+        if self._base is not None and self._base["step"] != step:
+            # started at a step the device cannot rebuild by itself: replays need the server's checkpoints
+            self._base = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        # the previous step and its batch-end hooks (a ModelCheckpoint at that step) are done
+        fault_point("device:after_train_step", step=self.lightning_module.trainer.global_step,
+                    server_pid=self.server_pid)
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        self._interrupted = True  # teardown does not wait for replies nobody will read
 
     def setup_optimizers(self, trainer) -> None:
         self.optimizers = [ServerOptimizer()]
         self.lr_scheduler_configs = []
 
     def teardown(self) -> None:
+        # bounded in time: replies in flight are waited for a few seconds at most (none after an exception
+        # or Ctrl-C), the bye gets a short deadline, an embedded server is stopped (SIGTERM, then SIGKILL)
+        client, self.client = self.client, None
         try:
-            self._drain()
-        except Exception:  # noqa: BLE001 - tearing down after a failure must still stop the server
-            log.debug("pending frames failed during teardown", exc_info=True)
-        if self.client is not None:
-            self.client.close()  # bye, close the link, stop an embedded server
-            self.client = None
-        super().teardown()
+            if client is not None:
+                client.close(drain_timeout=0.0 if self._interrupted else 5.0)
+        finally:
+            self.run_id = self._hello_header = self._base = None
+            self._resumed_run = {}
+            self._replay.clear()
+            self._ack_step.clear()
+            self._interrupted = False
+            super().teardown()
 
     # ---- connection ---------------------------------------------------------------------------------
     @property
@@ -243,7 +344,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
     def fetch_server_state(self) -> dict:
         """Wait for in-flight steps, then download the side network, optimizer, scheduler and step."""
         self._drain()
-        return self.client.pull_state()
+        return self._resilient(lambda: self.client.pull_state())
 
     def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], BackboneOutput]:
         """Run the backbone (with the LM-head logits the module composes with, if any) and quantise its
@@ -256,6 +357,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
     def _train_frame(self, step: int, batch: dict[str, Tensor], keys: list[str] | None) -> bytes:
         """Forward a training batch and build its frame; the module says what it carries besides the
         activations (labels, or a device-defined target) and in which kind of frame."""
+        batch = {k: v.to(self.root_device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         tensors, out = self._forward(batch)
         kind, extra = self.lightning_module.training_payload(batch, out)
         header = self.client.session_header(step=step, codec=self.transfer.codec)
@@ -270,53 +372,70 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         t0 = time.perf_counter()
         self.device_stats.train_samples += int(batch["labels"].numel())
         keys = self.cache.sample_keys(batch["input_ids"], batch["attention_mask"]) if self.cache else None
-        if keys is not None and self.cache.all_cached(keys):
-            self._train_from_cache(step, batch, keys, t0)
-        else:
-            data = self._train_frame(step, batch, keys)
-            self._account_busy(t0, len(data))
-            self.client.submit(data, tag=(step, keys))
-            while self.client.in_flight > self.pipeline_depth or self.client.oldest_done():
-                self._complete_oldest()
+        self._replay.add(step, batch, keys)  # before anything is sent: a crash from here on replays it
+        self._next_step = step + 1
+        try:
+            if keys is not None and self.cache.all_cached(keys):
+                self._train_from_cache(step, batch, keys, t0)
+            else:
+                data = self._train_frame(step, batch, keys)
+                self._account_busy(t0, len(data))
+                self.client.submit(data, tag=(step, keys))
+                fault_point("device:frame_in_flight", step=step, server_pid=self.server_pid)
+                while self.client.in_flight > self.pipeline_depth or self.client.oldest_done():
+                    self._complete_oldest()
+        except LinkError as err:
+            self._recover(err)  # replays this step too
         return torch.tensor(self.device_stats.last_train_reply.get("loss", float("nan")))
 
     def _account_busy(self, t0: float, frame_bytes: int) -> None:
         epoch = self.lightning_module.trainer.current_epoch
         self.device_stats.add_device_step(epoch, time.perf_counter() - t0, frame_bytes)
 
-    def _train_reply(self, data: bytes) -> dict[str, Any]:
-        reply = self.client.decode_reply(data).header
-        self.device_stats.add_server_reply(reply, len(data))
-        return reply
-
     def _train_from_cache(self, step: int, batch: dict[str, Tensor], keys: list[str], t0: float) -> None:
         """The server holds every sample of this batch: send the keys only, no device forward."""
         self._drain()  # the device is idle in cached epochs, so ordering is kept simply by waiting
+        if self._replied > step:
+            return  # the server crashed meanwhile and this step was replayed with the others
+        self._send_cached(step, batch, keys, t0)
+
+    def _send_cached(self, step: int, batch: dict[str, Tensor], keys: list[str], t0: float) -> None:
         frame = Frame(kind=P.TRAIN_CACHED, header=self.client.session_header(step=step, keys=keys))
         data = encode_frame(frame)
         self._account_busy(t0, len(data))
-        reply = self._train_reply(self.client.call(data))
-        if "missing" in reply:
+        reply = self.client.call(data)
+        header = self.client.decode_reply(reply).header
+        if "missing" in header:
             # lost or corrupt on the server: forward this batch again and resend the same step
-            log.warning("server lost %d cached samples; forwarding the batch again", len(reply["missing"]))
-            self.cache.on_missing(reply["missing"])
+            self.device_stats.add_server_reply(header, len(reply))
+            log.warning("server lost %d cached samples; forwarding the batch again", len(header["missing"]))
+            self.cache.on_missing(header["missing"])
             t1 = time.perf_counter()
             data = self._train_frame(step, batch, keys)
             self._account_busy(t1, len(data))
-            reply = self._train_reply(self.client.call(data))
+            reply = self.client.call(data)
         else:
             self.cache.on_hits(keys)
         self._on_train_reply(step, reply, keys)
 
     def _complete_oldest(self) -> None:
         (step, keys), data = self.client.complete_oldest()
-        self._on_train_reply(step, self._train_reply(data), keys)
+        self._on_train_reply(step, data, keys)
 
-    def _on_train_reply(self, step: int, reply: dict[str, Any], keys: list[str] | None) -> None:
+    def _on_train_reply(self, step: int, data: bytes, keys: list[str] | None) -> None:
+        reply = self.client.decode_reply(data).header
         if reply.get("step") != step:
             raise ServerError(f"server answered step {reply.get('step')} for step {step}")
         if self.cache is not None:
             self.cache.on_server_reply(reply, keys)
+            if reply.get("cached") and keys is not None:
+                self._ack_step.update(dict.fromkeys(keys, step))
+        self._server_checkpoint_step = max(self._server_checkpoint_step, int(reply.get("checkpoint_step", 0)))
+        self._trim_replay()
+        self.device_stats.add_server_reply(reply, len(data))  # replayed steps' bytes are on the link too
+        if step < self._replied:
+            return  # a step replayed after a crash, whose first reply was logged already
+        self._replied = step + 1
         module = self.lightning_module
         if module is not None and module._current_fx_name == "training_step":
             module.log("train/loss", reply["loss"], prog_bar=True, on_step=True, on_epoch=True)
@@ -325,8 +444,90 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             module.log("train/lr", reply["lr"], on_step=True)
 
     def _drain(self) -> None:
-        while self.client is not None and self.client.in_flight:
-            self._complete_oldest()
+        try:
+            while self.client is not None and self.client.in_flight:
+                self._complete_oldest()
+        except LinkError as err:
+            self._recover(err)  # replays every step in flight, so nothing is left to wait for
+
+    # ---- recovery from a server crash ---------------------------------------------------------------
+    def _trim_replay(self) -> None:
+        """Batches before the server's last checkpoint (or the last state the device holds) are not needed."""
+        base_step = self._base["step"] if self._base is not None else 0
+        self._replay.drop_before(max(self._server_checkpoint_step, base_step))
+
+    def _recoverable(self, err: Exception) -> bool:
+        if not isinstance(err, LinkError) or self.client is None or self._hello_header is None:
+            return False
+        if self.reconnect_timeout <= 0:
+            return False
+        return err.code == "UNAVAILABLE" or self.client.embedded_server_alive is False
+
+    def _resilient(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``; when the server is unreachable, recover (reconnect, resume, replay) and call it again."""
+        while True:
+            try:
+                return fn()
+            except LinkError as err:
+                self._recover(err)
+
+    def _recover(self, err: LinkError) -> None:
+        """Reach the server again, resume this run's session and replay the steps it lost; raises ``err`` when
+        it is not a lost server or when the server cannot be reached within ``reconnect_timeout``."""
+        if not self._recoverable(err):
+            raise err
+        deadline = time.monotonic() + self.reconnect_timeout
+        log.warning("the server is unreachable (%s); reconnecting to resume session %s", err, self.run_id)
+        while True:
+            try:
+                self.client.reconnect(max(0.0, deadline - time.monotonic()))
+                self._resume_and_replay()
+                self.recoveries += 1
+                return
+            except LinkError as again:
+                if not self._recoverable(again) or time.monotonic() >= deadline:
+                    raise
+                log.warning("recovery failed (%s); trying again", again)
+
+    def _resume_and_replay(self) -> None:
+        """Resume the session from the server's checkpoint (or give a fresh session the last state the device
+        holds), forget the cache entries the server lost, and send every step after it again, in order."""
+        try:
+            reply, resumed = self._hello(resume=True), True
+        except ServerError as err:
+            if "no server checkpoint" not in str(err):
+                raise
+            reply, resumed = self._hello(), False  # a fresh session of the same run
+        step = int(reply.header["step"]) if resumed else 0
+        if self.cache is not None and self._with_cache:
+            # the server's cache holds what its checkpoint flushed: entries acknowledged from `step` on are gone
+            lost = [k for k, s in self._ack_step.items() if s >= step and self.cache.all_cached([k])]
+            if lost:
+                self.cache.on_missing(lost)
+            for k in lost:
+                del self._ack_step[k]
+        first = self._replay.first_step if len(self._replay) else self._next_step
+        if not resumed or step < first or step > self._next_step:
+            if self._base is None or self._base["step"] < first or self._base["step"] > self._next_step:
+                raise RuntimeError(
+                    f"cannot recover: the server {'resumed at step ' + str(step) if resumed else 'lost the session'}"
+                    f", the device holds the batches of steps {first}..{self._next_step - 1}"
+                    + ("" if self._base is None else f" and the server state at step {self._base['step']}"))
+            self.client.push_state(self._base)
+            step = self._base["step"]
+        self._server_checkpoint_step = step
+        log.warning("session %s resumed at step %d; replaying %d step(s) to step %d", self.run_id, step,
+                    self._next_step - step, self._next_step - 1)
+        for s in range(step, self._next_step):
+            batch, keys = self._replay.get(s)
+            t0 = time.perf_counter()
+            if keys is not None and self.cache.all_cached(keys):
+                self._send_cached(s, batch, keys, t0)
+            else:
+                data = self._train_frame(s, batch, keys)
+                self._account_busy(t0, len(data))
+                self._on_train_reply(s, self.client.call(data), keys)
+            self.replayed_steps += 1
 
     def backward(self, closure_loss: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return closure_loss  # backpropagation happens on the server
@@ -351,7 +552,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                 side = module(acts, lengths).float()
         else:
             self._drain()
-            reply = self.client.request(Frame(kind=P.EVAL, header={"codec": self.transfer.codec}, tensors=tensors))
+            reply = self._resilient(lambda: self.client.request(
+                Frame(kind=P.EVAL, header={"codec": self.transfer.codec}, tensors=tensors)))
             side = reply.tensors["logits"]
         return module.device_scores(out, side)
 
@@ -363,7 +565,9 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         return {"logits": scores}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, *args: Any) -> Any:
-        return self._eval_step("val", batch)
+        result = self._eval_step("val", batch)
+        fault_point("device:during_validation", batch_idx=batch_idx, server_pid=self.server_pid)
+        return result
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, *args: Any) -> Any:
         return self._eval_step("test", batch)
@@ -377,20 +581,33 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         if self.session is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             self._server_state = self.fetch_server_state()
             self.lightning_module.load_state_dict(self._server_state["model"])
+            # the server's whole state at this step: what a server that lost the session is given back
+            self._base = self._server_state
+            self._trim_replay()
         return super().lightning_module_state_dict()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if self._server_state is not None:
             checkpoint["mobillm_server"] = {k: v for k, v in self._server_state.items() if k != "model"}
             self._server_state = None
+        if self.run_id is not None and self._hello_header is not None:
+            checkpoint["mobillm_run"] = {"run_id": self.run_id, "total_steps": self._hello_header["total_steps"]}
+        fault_point("device:during_checkpoint", step=checkpoint.get("global_step"), server_pid=self.server_pid)
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        self._resumed_run = {**(checkpoint.get("mobillm_run") or {}),
+                             "server_state": checkpoint.get("mobillm_server") is not None}
+        return checkpoint
 
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
         server = checkpoint.get("mobillm_server")
         if server is None:
             log.warning("checkpoint has no server state; the side network's optimizer starts afresh")
             return
-        self.client.push_state({"model": self.lightning_module.state_dict(), **server})
+        self._base = {"model": self.lightning_module.state_dict(), **server}
+        self.client.push_state(self._base)
         log.info("server state restored at step %d", server["step"])
 
     @classmethod

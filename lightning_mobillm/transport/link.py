@@ -50,7 +50,12 @@ DEFAULT_MAX_MESSAGE_BYTES = 128 * 2**20 + FRAME_SLACK_BYTES
 
 
 class LinkError(RuntimeError):
-    """The link could not deliver a frame (server unreachable, refused, or failing)."""
+    """The link could not deliver a frame (server unreachable, refused, or failing); ``code`` names the gRPC
+    status when there was one (``UNAVAILABLE``: the server could not be reached, retries included)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -233,6 +238,9 @@ class Link(ABC):
         """Queue a frame; frames are sent in submission order. The future holds the reply bytes."""
         return self._sender.submit(self.call, request)
 
+    def limit_calls(self, timeout: float) -> None:  # noqa: B027 - a link without deadlines has nothing to do
+        """From now on a call waits at most ``timeout`` seconds and is not retried (a link being closed)."""
+
     def close(self) -> None:
         self._sender.shutdown(wait=True, cancel_futures=True)
 
@@ -327,9 +335,13 @@ class GrpcLink(Link):
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < self._retries:
                     time.sleep(0.5 * 2**attempt)
                     continue
-                raise LinkError(f"call to {self.address} failed: {code.name}: {err.details()}") from None
+                raise LinkError(f"call to {self.address} failed: {code.name}: {err.details()}", code=code.name) from None
         raise AssertionError("unreachable")
 
+    def limit_calls(self, timeout: float) -> None:
+        self._call_timeout = min(self._call_timeout, timeout)
+        self._retries = 0
+
     def close(self) -> None:
+        self._channel.close()  # ends a call in flight at once, so the sender thread is free to stop
         super().close()
-        self._channel.close()
