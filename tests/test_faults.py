@@ -251,3 +251,18 @@ def test_pae_with_its_activation_cache_survives_two_server_kills(tmp_path, tiny_
     # the second restarted server still held the whole first epoch's cache
     assert result["cache_misses"] == 8 and ref["cache_misses"] == 0
     assert result["cache_hits"] >= ref["cache_hits"] > 0
+
+
+def test_split_learning_survives_a_server_kill(tmp_path, tiny_llama_dir, tiny_data_file, references):
+    steps = 6
+    ref, ref_weights = references("split", steps, server_every=1)
+    config = _config(tmp_path, tiny_llama_dir, tiny_data_file, "run", method="split", max_steps=steps,
+                     server_every=1)
+    # killed after applying (and checkpointing) step 3, before its gradient reached the device: the restarted
+    # server answers the device's retry of that step with the stored reply
+    proc = _child(config, _env(tmp_path, "server:after_train_step@3=kill"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result, weights = _result(tmp_path / "run")
+    assert result["recoveries"] == 1 and result["steps"] == steps
+    assert result["server_losses"] == ref["server_losses"]
+    _assert_equal_weights(weights, ref_weights)  # the device's half (LoRA on its blocks) too

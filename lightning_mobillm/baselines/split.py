@@ -12,8 +12,14 @@ Positions are explicit (``0..n-1`` over each sample's real tokens) on both sides
 computes exactly what the whole model computes for left- or right-padded batches. Decoder backbones
 (Llama, Qwen2, Gemma3, SmolLM2) only: the server feeds the received states as ``inputs_embeds``.
 
-A resumed run cannot restore the server's half (the baseline has no server checkpoint), so resuming
-from a checkpoint is refused with an error rather than silently training a mismatched model.
+Faults: the split server checkpoints each session (by default after every step, since only the adapters,
+the head and their optimizer are saved, with the last step's reply). When it becomes unreachable mid-run,
+the device reconnects (restarting an embedded server on the same workdir), resumes the session and sends
+the step in flight again: a server that had applied it answers with the stored gradient, one that had not
+applies it now. That is exact only if the server's checkpoint is at the device's step (or one past it): the
+device's half trains too and is not rolled back, so a server that lost more steps fails the run with an error
+naming both steps rather than training a mismatched model. For the same reason a device checkpoint cannot
+resume a run (``--ckpt_path``): it holds no server half, and resuming is refused with an error.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.stats import DeviceStats
 from lightning_mobillm.transport.frames import Frame, encode_frame
+from lightning_mobillm.transport.link import LinkError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +60,10 @@ class SplitLearningClassifier(OnDeviceClassifier):
         token_env: environment variable with the shared token (for an embedded server a fresh one is drawn).
         codec_up: codec of the activations sent up (``fp32``/``fp16``/``bf16``/``int8``/...).
         codec_down: codec of the gradients sent down (``bf16`` keeps fp32's range).
-        embedded: settings of an embedded server (its ``allowed_backbones`` is set to this backbone).
+        embedded: settings of an embedded server (its ``allowed_backbones`` is set to this backbone; by default
+            it checkpoints every step, so that it can be restarted exactly).
         connect_timeout, call_timeout: link timeouts in seconds.
+        reconnect_timeout: how long to try to reach a server that became unreachable (0: fail at once).
         **kwargs: see :class:`~lightning_mobillm.baselines.common.OnDeviceClassifier` (``lr`` etc. apply
             to both halves; the server gets them in the hello).
     """
@@ -76,16 +85,19 @@ class SplitLearningClassifier(OnDeviceClassifier):
         embedded: ServerConfig | None = None,
         connect_timeout: float = 120.0,
         call_timeout: float = 600.0,
+        reconnect_timeout: float = 120.0,
         **kwargs,
     ) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, lr=lr, **kwargs)
         self.lower: nn.Module | None = None
-        self.embedded = embedded or ServerConfig(threads=1)
+        self.embedded = embedded or ServerConfig(threads=1, checkpoint_every_n_steps=1)
         self.client: ServerClient | None = None
         # what DeviceMonitor reads: the device is busy for each batch less its waits for the server
         self.device_stats = DeviceStats(device_busy_s=None, device_forwards=None, run={"codec": codec_up})
         self.server_losses: list[float] = []
         self._step = 0
+        self._hello: dict[str, Any] | None = None  # one run id for the whole fit (a reconnect resumes it)
+        self.recoveries = 0
 
     # ---- networks -----------------------------------------------------------------------------
     def build(self) -> None:
@@ -129,15 +141,26 @@ class SplitLearningClassifier(OnDeviceClassifier):
             token = secrets.token_hex(16)
             config = dataclasses.replace(self.embedded, token_env=hp["token_env"],
                                          allowed_backbones=[self.backbone_config.source])
-        self.client = ServerClient(address, token, role="split", embedded=config,
-                                   log_path=server_log_path(self.trainer),
+        log_path = server_log_path(self.trainer)
+        if address is None and config.workdir is None and log_path is not None:
+            config = dataclasses.replace(config, workdir=str(log_path.parent))  # its checkpoints, in the run's folder
+        self.client = ServerClient(address, token, role="split", embedded=config, log_path=log_path,
                                    connect_timeout=float(hp["connect_timeout"]),
                                    call_timeout=float(hp["call_timeout"])).open()
         self.device_stats.link = self.client.stats
-        self.client.hello(P.SPLIT_HELLO, self._hello_header())
+        self._hello = self._hello_header()
+        self.client.hello(P.SPLIT_HELLO, self._hello)
         self.device_stats.server_pid = self.client.server_pid
 
     def _request(self, frame: Frame) -> Frame:
+        while True:
+            try:
+                return self._send(frame)
+            except LinkError as err:
+                self._recover(err)
+                frame.header.update(self.client.session_header())  # the same frame, the new secret
+
+    def _send(self, frame: Frame) -> Frame:
         if frame.kind != P.SPLIT_TRAIN:
             return self.client.request(frame)
         t0 = time.perf_counter()
@@ -148,6 +171,25 @@ class SplitLearningClassifier(OnDeviceClassifier):
         reply = self.client.decode_reply(data)
         self.device_stats.add_server_reply(reply.header, len(data))
         return reply
+
+    def _recover(self, err: LinkError) -> None:
+        """The server is unreachable: reach it again (an embedded one is restarted) and resume the session from
+        its checkpoint, which must be at this device's step (or one past it: the step in flight was applied)."""
+        timeout = float(self.hparams.get("reconnect_timeout", 0.0))
+        if timeout <= 0 or self._hello is None or not (
+                err.code == "UNAVAILABLE" or self.client.embedded_server_alive is False):
+            raise err
+        log.warning("the split server is unreachable (%s); reconnecting to resume the session", err)
+        self.client.reconnect(timeout)
+        reply = self.client.hello(P.SPLIT_HELLO, {**self._hello, "resume": True})
+        self.device_stats.server_pid = self.client.server_pid
+        server_step = int(reply.header["step"])
+        if server_step not in (self._step, self._step + 1):
+            raise RuntimeError(
+                f"the split server resumed its half at step {server_step}, but the device's half is at step "
+                f"{self._step}: the device's adapters cannot be rolled back, so the run cannot continue exactly "
+                "(let the split server checkpoint every step: server.checkpoint_every_n_steps: 1)")
+        self.recoveries += 1
 
     def _frame(self, kind: str, states: Tensor, lengths: Tensor, **extra_tensors: Tensor) -> Frame:
         codec = self.hparams["codec_up"]

@@ -4,13 +4,21 @@ Unlike the MobiLLM side server it loads a backbone: blocks ``k..L-1``, the final
 a classification head, for each device session. It only loads backbones its config allows
 (``ServerConfig.allowed_backbones``; by default the packaged offline models), never remote code. Frames
 are validated like every other frame of the framework; a refused frame changes nothing.
+
+Like the side server, it checkpoints each session in its workdir every ``checkpoint_every_n_steps`` (only
+what trains: the LoRA adapters and the head, their optimizer and schedule, the step, and the stored reply of
+the last step, so that a device's retry of that step after a restart gets the same gradient back), and a
+hello with ``resume: true`` continues a session from it on a restarted server.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +27,7 @@ from torch import nn
 from lightning_mobillm import protocol as P
 from lightning_mobillm.assets import PACKAGED_MODELS
 from lightning_mobillm.backbone import add_lora, load_split_part
+from lightning_mobillm.faults import fault_point
 from lightning_mobillm.optim import adamw_warmup_cosine
 from lightning_mobillm.server.dispatch import FrameServer, SessionBase, check_name
 from lightning_mobillm.server.engine import TrainingEngine
@@ -60,6 +69,7 @@ class SplitSession(SessionBase):
     num_classes: int
     hidden_size: int
     label_smoothing: float
+    checkpoint_step: int = 0
 
     @property
     def step(self) -> int:
@@ -102,6 +112,9 @@ class SplitServer(FrameServer):
                 secret = self._admit(live, owner, identity)
             log.info("split session %s reconnected at step %d", key, live.step)
             return self._hello_reply(live, secret)
+        path = self.checkpoint_path(key)
+        if h.get("resume", False) and not path.exists():
+            raise FrameError(f"no server checkpoint of split session {key!r} to resume from")
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(hp.get("seed", 0)))
@@ -120,6 +133,9 @@ class SplitServer(FrameServer):
             raise FrameError(f"cannot build the split server's half: {err}") from None
         engine = TrainingEngine(self.fabric, half, optimizer, scheduler, grad_clip=self.config.grad_clip)
         session = SplitSession(key, engine, h["num_classes"], hidden, float(hp.get("label_smoothing", 0.0)))
+        if h.get("resume", False):
+            self._load(session, path)
+            log.info("split session %s resumed from the server's checkpoint at step %d", key, session.step)
         secret = self._admit(session, owner, identity)
         log.info("split session %s: %s from block %d, %d trainable parameters on %s", key, backbone.source,
                  h["split_layer"], sum(p.numel() for g in optimizer.param_groups for p in g["params"]), self.device)
@@ -127,7 +143,53 @@ class SplitServer(FrameServer):
 
     def _hello_reply(self, session: SplitSession, secret: str) -> Frame:
         return Frame(kind=P.OK, header={"session": session.key, "secret": secret, "server_pid": os.getpid(),
-                                        "server_device": str(self.device), "step": session.step})
+                                        "server_device": str(self.device), "step": session.step,
+                                        "checkpoint_step": session.checkpoint_step})
+
+    # ---- checkpoints of the server's own ----------------------------------------------------------
+    def checkpoint_path(self, key: str) -> Path:
+        name = hashlib.sha256(key.encode()).hexdigest()[:32]  # the key holds device-chosen names
+        return self.config.root() / "server-checkpoints" / f"split-{name}.ckpt"
+
+    def checkpoint(self, session: SplitSession, *, force: bool = False) -> None:
+        """Write what trains (adapters, head, optimizer, schedule, step) and the last step's stored reply,
+        atomically (temp file, fsync, rename)."""
+        if not (self.config.checkpoint_every_n_steps or force):
+            return
+        engine = session.engine
+        state: dict[str, Any] = {**engine.state_dict(), "model": _trainable(session.half)}
+        if session.last_reply is not None:
+            step, digest, reply = session.last_reply
+            state["last_reply"] = {"step": step, "digest": _as_tensor(digest), "reply": _as_tensor(reply)}
+        path = self.checkpoint_path(session.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        engine.fabric.save(tmp, state)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        session.checkpoint_step = session.step
+        fault_point("server:after_checkpoint", step=session.step, session=session.key)
+
+    def _load(self, session: SplitSession, path: Path) -> None:
+        """Restore a checkpoint of :meth:`checkpoint` (``weights_only``); all or nothing."""
+        try:
+            state = session.engine.fabric.load(path, weights_only=True)
+            trainable = _trainable(session.half)
+            if not isinstance(state, dict) or set(state.get("model", {})) != set(trainable):
+                raise ValueError("it does not hold this session's adapters and head")
+            full = {**session.half.state_dict(), **state["model"]}
+            session.engine.load_state_dict({**state, "model": full})
+            last = state.get("last_reply")
+            if last is not None:
+                session.last_reply = (int(last["step"]), last["digest"].numpy().tobytes(),
+                                      last["reply"].numpy().tobytes())
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise FrameError(f"the server checkpoint of split session {session.key!r} does not fit: {err}") from None
+        session.checkpoint_step = session.step
+
+    def _on_expire(self, session: SplitSession) -> None:
+        self.checkpoint(session, force=True)
 
     def _inputs(self, session: SplitSession, frame: Frame) -> tuple[torch.Tensor, torch.Tensor]:
         n, layers, packed = frame.tensors["acts.q"].shape  # bounded before anything is dequantised
@@ -167,7 +229,12 @@ class SplitServer(FrameServer):
             tensors = P.pack_acts(states.grad.float()[:, None, :].cpu(), lengths.cpu(), codec)
             header = {"step": step, "codec": codec, "loss": result.loss, "server_step_s": result.seconds,
                       "lr": result.lr, "acc": float((result.outputs.argmax(-1) == labels).float().mean())}
-            return self._remember(session, frame, Frame(kind=P.OK, header=header, tensors=tensors))
+            reply = self._remember(session, frame, Frame(kind=P.OK, header=header, tensors=tensors))
+            every = self.config.checkpoint_every_n_steps
+            if every and session.step % every == 0:
+                self.checkpoint(session)  # with the stored reply: a retry after a restart gets it back
+            fault_point("server:after_train_step", step=session.step, session=session.key)
+            return reply
 
     @torch.no_grad()
     def _on_split_eval(self, frame: Frame, session: SplitSession) -> Frame:
@@ -179,5 +246,15 @@ class SplitServer(FrameServer):
 
     def _on_bye(self, frame: Frame, session: SplitSession) -> Frame:
         self._pop_session(session)
+        self.checkpoint_path(session.key).unlink(missing_ok=True)  # it ended cleanly
         log.info("split session %s closed after %d steps", session.key, session.step)
         return Frame(kind=P.OK)
+
+
+def _trainable(half: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (LoRA adapters and the head): what a split checkpoint holds."""
+    return {name: p.detach() for name, p in half.named_parameters() if p.requires_grad}
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)

@@ -22,6 +22,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from lightning_mobillm.baselines import SplitLearningClassifier
     from lightning_mobillm.callbacks import ActivationCache, QuantizedTransfer
     from lightning_mobillm.data import TextClassificationDataModule
     from lightning_mobillm.modules import AdditiveAdapterModule, SideTuningModule
@@ -35,19 +36,26 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     model_dir = config["model"]
     data = TextClassificationDataModule(dataset="json", data_files=config["data"], prompt="Article : {text} Topic :",
                                         max_length=20, batch_size=8, tokenizer=model_dir)
-    pae = config.get("method") == "pae"
+    method = config.get("method", "mobillm")
+    pae, split = method == "pae", method == "split"
     backbone = BackboneConfig(source=model_dir)
     embedded = ServerConfig(device="cpu", threads=1, checkpoint_every_n_steps=config.get("server_every", 4),
                             workdir=config.get("workdir"))
-    if pae:
-        model = AdditiveAdapterModule(backbone=backbone, num_classes=data.num_classes, lr=1e-2, dropout=0.0)
+    strategy: Any = "auto"
+    if split:  # the module talks to its own (split) server; Lightning's default strategy trains its half
+        model = SplitLearningClassifier(backbone, data.num_classes, lr=1e-2, dropout=0.0, r=4, lora_dropout=0.0,
+                                        server=config.get("server"), embedded=embedded, codec_up="fp32",
+                                        codec_down="fp32", reconnect_timeout=120)
     else:
-        model = SideTuningModule(backbone=backbone, num_classes=data.num_classes, lr=1e-2, dropout=0.0,
-                                 pool="mean")
-    strategy = ServerAssistedStrategy(
-        server=config.get("server"), token_file=config.get("token_file"), device_id=config.get("device_id"),
-        pipeline_depth=config.get("depth", 1), select="loss" if pae else "all",
-        retries=config.get("retries", 1), connect_timeout=60, reconnect_timeout=120, embedded=embedded)
+        if pae:
+            model = AdditiveAdapterModule(backbone=backbone, num_classes=data.num_classes, lr=1e-2, dropout=0.0)
+        else:
+            model = SideTuningModule(backbone=backbone, num_classes=data.num_classes, lr=1e-2, dropout=0.0,
+                                     pool="mean")
+        strategy = ServerAssistedStrategy(
+            server=config.get("server"), token_file=config.get("token_file"), device_id=config.get("device_id"),
+            pipeline_depth=config.get("depth", 1), select="loss" if pae else "all",
+            retries=config.get("retries", 1), connect_timeout=60, reconnect_timeout=120, embedded=embedded)
 
     class Record(L.Callback):
         def __init__(self) -> None:
@@ -57,7 +65,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             self.batches.append((trainer.global_step - 1, batch["index"].tolist()))
 
     record = Record()
-    callbacks: list[L.Callback] = [QuantizedTransfer(config.get("codec", "int8")), record]
+    callbacks: list[L.Callback] = [record] if split else [QuantizedTransfer(config.get("codec", "int8")), record]
     if pae:
         callbacks.append(ActivationCache())
     if config.get("device_every"):
@@ -70,10 +78,11 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
                         limit_val_batches=0, default_root_dir=out)
     trainer.fit(model, data, ckpt_path=config.get("ckpt_path"))
     cache = next((c for c in callbacks if isinstance(c, ActivationCache)), None)
-    stats = strategy.device_stats
+    stats = model.device_stats if split else strategy.device_stats
     result = {"steps": trainer.global_step, "server_steps": stats.last_train_reply.get("server_steps"),
-              "recoveries": strategy.recoveries, "replayed_steps": strategy.replayed_steps,
-              "batches": record.batches, "server_pid": stats.server_pid,
+              "recoveries": (model if split else strategy).recoveries,
+              "replayed_steps": None if split else strategy.replayed_steps, "batches": record.batches,
+              "server_pid": stats.server_pid, "server_losses": model.server_losses if split else None,
               "cache_hits": cache.hits if cache else None, "cache_misses": cache.misses if cache else None}
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "weights.pt")
     (out / "result.json").write_text(json.dumps(result))
