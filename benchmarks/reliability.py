@@ -2762,23 +2762,200 @@ def run_load(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 # ============================================================================================ faults
-def run_faults() -> dict:
-    """Measured only once the fault hook is on main (committed); this benchmark has no driver for it yet."""
+#: a tiny run's data: three topics learnable from their words (as tests/conftest.py's tiny data set)
+TINY_TOPICS = {
+    "sport": "match goal team coach player league score win season cup",
+    "tech": "software chip phone network data computer internet code robot cloud",
+    "money": "bank market price shares profit economy trade tax growth stocks",
+}
+TINY_FILLER = "the a of and to in on with for said today new year people".split()
+
+
+def write_tiny_run_assets(folder: Path, n: int = 180) -> tuple[Path, Path]:
+    """A tiny random Llama with a word-level tokenizer over the topic words, and a JSON-lines data set."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    model_dir, data = folder / "tiny-llama", folder / "tiny.jsonl"
+    words = sorted({w for ws in TINY_TOPICS.values() for w in ws.split()} | set(TINY_FILLER) | {"Article", "Topic", ":"})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[EOS]", *words, *TINY_TOPICS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                                 intermediate_size=64, num_key_value_heads=2, pad_token_id=0)
+                                     ).save_pretrained(model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                            eos_token="[EOS]").save_pretrained(model_dir)
+    rng = random.Random(0)
+    names = sorted(TINY_TOPICS)
+    with data.open("w") as f:
+        for i in range(n):
+            label = names[i % len(names)]
+            ws = [rng.choice(TINY_TOPICS[label].split()) for _ in range(rng.randint(3, 8))]
+            ws += [rng.choice(TINY_FILLER) for _ in range(rng.randint(2, 10))]
+            rng.shuffle(ws)
+            f.write(json.dumps({"text": " ".join(ws), "label": label}) + "\n")
+    return model_dir, data
+
+
+def child_fit(cfg: dict) -> dict:
+    """One MobiLLM fit of the tiny model (faults placed by the caller through MOBILLM_FAULTS); every trained batch's
+    sample indices appended to ``batches.jsonl`` as it ends (a killed run leaves what it trained), then the trained
+    side network's validation accuracy, computed on the device the same way for every run."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_mobillm.callbacks import QuantizedTransfer
+    from lightning_mobillm.data import TextClassificationDataModule
+    from lightning_mobillm.modules import SideTuningModule
+    from lightning_mobillm.server_config import ServerConfig
+    from lightning_mobillm.specs import BackboneConfig
+    from lightning_mobillm.strategies import ServerAssistedStrategy
+
+    torch.set_num_threads(1)
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    data = TextClassificationDataModule(dataset="json", data_files=cfg["data"], prompt="Article : {text} Topic :",
+                                        max_length=20, batch_size=8, tokenizer=cfg["model"])
+    model = SideTuningModule(backbone=BackboneConfig(source=cfg["model"]), num_classes=3, lr=1e-2, dropout=0.0,
+                             pool="mean")
+    embedded = ServerConfig(device="cpu", threads=1, checkpoint_every_n_steps=cfg["server_every"],
+                            workdir=cfg["workdir"])
+    strategy = ServerAssistedStrategy(server=cfg.get("server"), token_file=cfg.get("token_file"), pipeline_depth=1,
+                                      retries=1, connect_timeout=60, reconnect_timeout=120, embedded=embedded)
+    log = (out / "batches.jsonl").open("a")
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            log.write(json.dumps({"step": trainer.global_step - 1, "indices": batch["index"].tolist()}) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+
+    callbacks: list = [QuantizedTransfer("int8"), Record()]
+    if cfg.get("device_every"):
+        callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=cfg["device_every"], save_top_k=-1,
+                                         save_last=True))
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", max_steps=cfg["steps"], callbacks=callbacks, logger=False,
+                        enable_checkpointing=bool(cfg.get("device_every")), enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=out)
+    trainer.fit(model, data, ckpt_path=cfg.get("ckpt_path"))
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "weights.pt")
+    result = {"steps": trainer.global_step, "server_steps": strategy.device_stats.last_train_reply.get("server_steps"),
+              "recoveries": strategy.recoveries, "replayed_steps": strategy.replayed_steps}
+    val = L.Trainer(strategy=ServerAssistedStrategy(server="inprocess", inference="local",
+                                                    embedded=ServerConfig(device="cpu", workdir=str(out / "val"))),
+                    accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+                    ).validate(model, data, verbose=False)
+    result["val_acc"] = float(val[0]["val/acc"])
+    return result
+
+
+def _fit(name: str, cfg: dict, work: Path, fault: str | None, timeout: float = 900) -> tuple[int, dict, str]:
+    from lightning_mobillm import faults
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", faults.ENV_DIR: str(work / "fired")}
+    env.pop(faults.ENV, None)
+    env.pop("MOBILLM_TOKEN", None)
+    if fault:
+        env[faults.ENV] = fault
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "fit", "--child-config", str(path)],
+                          env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO, stdin=subprocess.DEVNULL)
+    (work / f"{name}.log").write_text(proc.stderr)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    reached = [ln for ln in proc.stdout.splitlines() if ln.startswith(faults.MARKER)]
+    return proc.returncode, (json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else {}), "\n".join(reached)
+
+
+def _batches(out: Path) -> list[list[int]]:
+    rows = [json.loads(ln) for ln in (out / "batches.jsonl").read_text().splitlines() if ln.strip()]
+    return [r["indices"] for r in rows]
+
+
+def _accounting(history: list[list[int]], reference: list[list[int]]) -> dict[str, int]:
+    got, want = Counter(i for b in history for i in b), Counter(i for b in reference for i in b)
+    return {"samples_lost": sum((want - got).values()), "samples_twice": sum((got - want).values()),
+            "same_batches_in_the_same_order": history == reference}
+
+
+def _weights_equal(a: Path, b: Path) -> bool:
+    wa, wb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def run_faults(args: argparse.Namespace, work: Path) -> dict:
+    """Kills at random (seeded) steps of a tiny real run: the embedded server SIGKILLed twice mid-fit (restarted by
+    the device, the lost steps replayed), and the device SIGKILLed once against a standalone serve (resumed from its
+    last checkpoint on the session the server kept); each compared with an uninterrupted run of the same seed."""
     hook = "lightning_mobillm/faults.py"
-    git = subprocess.run(["git", "ls-files", "--error-unmatch", hook], cwd=REPO, capture_output=True, text=True)
-    if git.returncode in (0, 1) and (REPO / ".git").exists():
-        committed = git.returncode == 0
-        where = "committed" if committed else ("in the working tree but not committed" if (REPO / hook).exists()
-                                               else "absent")
-    else:  # a clean export of a commit (no .git): what is there is what the commit holds
-        committed = (REPO / hook).exists()
-        where = "in this export of the commit" if committed else "absent from this export of the commit"
-    if not committed:
-        return {"status": "not measured",
-                "why": f"the fault hook {hook} (named kill points, built by another engineer) has not landed on main "
-                       f"({where}); server_kills, device_kills, samples_lost, samples_twice, final_val_acc and "
-                       "reference_val_acc need it"}
-    return {"status": "not measured", "why": f"{hook} is on main, but this benchmark has no driver for it yet"}
+    if not (REPO / hook).exists():
+        return {"status": "not measured", "why": f"the fault hook {hook} (named kill points) is not in this code"}
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, data = write_tiny_run_assets(work)
+    steps, every = args.faults_steps, args.faults_checkpoint_every
+    rng = random.Random(args.seed)
+    server_kill_steps = sorted(rng.sample(range(2, steps - 1), 2))
+    device_kill_step = rng.randrange(every + 1, steps - 1)
+    base = {"model": str(model_dir), "data": str(data), "steps": steps, "server_every": every}
+    t0 = time.perf_counter()
+    # the uninterrupted reference: the same run, over the in-process link
+    code, ref, _ = _fit("reference", {**base, "out": str(work / "reference"), "server": "inprocess",
+                                      "workdir": str(work / "reference" / "server")}, work, None)
+    if code != 0:
+        return {"status": "failed", "why": f"the reference run failed: {(work / 'reference.log').read_text()[-1500:]}"}
+    reference = _batches(work / "reference")
+    rows = {}
+    # 1. the embedded server killed after applying steps a and b (before replying)
+    fault = ",".join(f"server:after_train_step@{k}=kill" for k in server_kill_steps)
+    code, res, _ = _fit("server-kills", {**base, "out": str(work / "server-kills"),
+                                         "workdir": str(work / "server-kills" / "server")}, work, fault)
+    fired = work / "fired"  # MOBILLM_FAULTS_DIR: one file per fault that fired (in whichever process)
+    rows["server_kills"] = {"fault": fault, "exit_code": code, "kills_fired": len(list(fired.glob("server-*.fired"))),
+                            **res,
+                            **_accounting(_batches(work / "server-kills"), reference),
+                            "weights_equal_to_reference": code == 0 and _weights_equal(
+                                work / "server-kills" / "weights.pt", work / "reference" / "weights.pt")}
+    # 2. the device killed after step c against a standalone serve; resumed from its last checkpoint
+    tokens = write_tokens(work / "tokens", ["phone"])
+    (work / "phone.token").write_text(tokens["phone"])
+    serve = ServeProcess({"device": "cpu", "threads": 1, "workdir": str(work / "standalone"), "host": "127.0.0.1",
+                          "port": 0, "tokens_file": str(work / "tokens"), "checkpoint_every_n_steps": every},
+                         work / "standalone.log")
+    try:
+        remote = {**base, "server": serve.address, "token_file": str(work / "phone.token"), "device_every": every}
+        fault = f"device:after_train_step@{device_kill_step}=kill"
+        code1, _, _ = _fit("device-kill-1", {**remote, "out": str(work / "device-kill-1"),
+                                                   "workdir": str(work / "unused")}, work, fault)
+        ckpt = work / "device-kill-1" / "ckpt" / "last.ckpt"
+        resumed_at = int(torch.load(ckpt, weights_only=True)["global_step"]) if ckpt.exists() else None
+        code2, res, _ = _fit("device-kill-2", {**remote, "out": str(work / "device-kill-2"), "ckpt_path": str(ckpt),
+                                               "workdir": str(work / "unused")}, work, None)
+    finally:
+        serve.stop()
+    first = _batches(work / "device-kill-1")
+    history = first[:resumed_at or 0] + (_batches(work / "device-kill-2") if code2 == 0 else [])
+    rows["device_kill"] = {"fault": fault, "first_exit_code": code1, "kills_fired": len(list(fired.glob("device-*.fired"))),
+                           "resumed_from_step": resumed_at, "steps_trained_before_the_kill": len(first),
+                           "second_exit_code": code2, **res, **_accounting(history, reference),
+                           "weights_equal_to_reference": code2 == 0 and _weights_equal(
+                               work / "device-kill-2" / "weights.pt", work / "reference" / "weights.pt"),
+                           "note": "the server's history after the resume: the first run's steps before its "
+                                   "checkpoint, then the second run's (the steps after the checkpoint are rolled back "
+                                   "by the resume's set_state)"}
+    kill_rows = list(rows.values())
+    return {
+        "status": "measured", "run": f"tiny random Llama (4 x 32), 180 texts of 3 topics, batch 8, {steps} steps, "
+                                      f"server checkpoint every {every} steps, one torch thread, seed 0",
+        "server_kills": rows["server_kills"]["kills_fired"], "device_kills": rows["device_kill"]["kills_fired"],
+        "samples_lost": sum(r["samples_lost"] for r in kill_rows),
+        "samples_twice": sum(r["samples_twice"] for r in kill_rows),
+        "final_val_acc": {"after_server_kills": rows["server_kills"].get("val_acc"),
+                          "after_device_kill": rows["device_kill"].get("val_acc")},
+        "reference_val_acc": ref.get("val_acc"), "reference_steps": ref.get("steps"), "runs": rows,
+        "seconds": round(time.perf_counter() - t0, 1)}
 
 
 # ============================================================================================ main
@@ -2845,8 +3022,20 @@ def targets(out: dict) -> tuple[dict, list[str]]:
         met["auth: victim state unchanged after every attempt"] = a["state_unchanged"] == a["attempts"]
         met["auth: a replayed same-identity hello revokes the old secret"] = all(
             r.get("old_secret_revoked", True) for r in a["allowed_legitimate"])
-    if out.get("faults", {}).get("status") == "not measured":
-        notes.append("faults: not measured: " + out["faults"]["why"])
+    faults = out.get("faults", {})
+    if faults.get("status") == "measured":
+        runs = faults["runs"].values()
+        met["faults: zero samples lost or trained twice"] = faults["samples_lost"] == faults["samples_twice"] == 0
+        met["faults: final accuracy within 1 point of the uninterrupted run"] = all(
+            r.get("val_acc") is not None and abs(r["val_acc"] - faults["reference_val_acc"]) <= 0.01 for r in runs)
+        met["faults (informational): final side network bit-identical to the uninterrupted run's"] = all(
+            r["weights_equal_to_reference"] for r in runs)
+        for name, r in faults["runs"].items():
+            if r.get("val_acc") is None or r["samples_lost"] or r["samples_twice"]:
+                notes.append(f"faults: {name} ({r['fault']}): exit {r.get('exit_code', r.get('second_exit_code'))}, "
+                             f"{r['samples_lost']} samples lost, {r['samples_twice']} trained twice")
+    elif faults:
+        notes.append(f"faults: {faults['status']}: " + faults["why"])
     if out.get("load"):
         ld = out["load"]
         met["load: >= 16 device processes"] = ld["device_processes"] >= 16
@@ -2870,7 +3059,22 @@ def targets(out: dict) -> tuple[dict, list[str]]:
                          f"{transient or float('nan'):.0f} MB in a fresh process (decoded float32 taps and autograd "
                          f"activations), and up to max_workers = {ld['server']['max_workers']} steps run at once")
         if ld["legit_failures"]:
-            notes.append(f"load: {ld['legit_failures']} legitimate call(s) failed: {ld['legit_failure_examples'][:3]}")
+            notes.append(f"load: {ld['legit_failures']} of {ld['legit_calls']} legitimate calls failed: "
+                         f"{sorted(set(ld['legit_failure_examples']))[:3]}")
+            slow = ld["slow_clients"]
+            if any("Concurrent RPC limit" in e for e in ld["legit_failure_examples"]):
+                notes.append(
+                    f"load: max_concurrent_rpcs ({ld['server']['max_concurrent_rpcs']}) counts unauthenticated calls "
+                    "too: gRPC refuses a call over the limit before the interceptor runs, so the stalled "
+                    f"unauthenticated calls ({slow['stalled_connections']} connections, each re-issued "
+                    "after its refusal) and the devices' calls compete for the same slots; with the CPU saturated, "
+                    f"a refusal took {slow['refusal_s_p50']:.2f} s (p50) / {slow['refusal_s_p95']:.2f} s (p95), the "
+                    f"slow clients' own calls got {slow['codes']}")
+        cpus = out.get("machine", {}).get("cpus") or 1
+        if (ld.get("load1_mean") or 0) > 2 * cpus:
+            notes.append(f"load: the machine was busy (1-minute load {ld['load1_mean']:.1f} mean, {ld['load1_max']:.1f} "
+                         f"max on {cpus} cpus): the devices, the server and the slow clients share the cores, and "
+                         "any other job on the machine adds to it; latencies and refusal times are inflated")
     return met, notes
 
 
@@ -2883,6 +3087,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fuzz-frames", type=int, default=3000, help="mutated frames against the in-process server")
     p.add_argument("--fuzz-grpc-frames", type=int, default=500,
                    help="mutated frames through a real serve process over gRPC (0: skip)")
+    p.add_argument("--faults-steps", type=int, default=16, help="training steps of the tiny faulted runs")
+    p.add_argument("--faults-checkpoint-every", type=int, default=4,
+                   help="the server's (and the device's) checkpoint interval in the faulted runs")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other sections of an existing --out file; replace only the sections run now")
     p.add_argument("--load-devices", type=int, default=16, help="device processes (>= 16 for the target)")
     p.add_argument("--load-seconds", type=float, default=600.0, help="how long every device sends (>= 600)")
     p.add_argument("--load-slow", type=int, default=64, help="stalled unauthenticated connections")
@@ -2905,7 +3114,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.child:
         cfg = json.loads(Path(args.child_config).read_text())
-        result = {"device": child_device, "slow": child_slow, "step": child_step}[args.child](cfg)
+        result = {"device": child_device, "slow": child_slow, "step": child_step, "fit": child_fit}[args.child](cfg)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
     if args.out is None:
@@ -2934,12 +3143,24 @@ def main(argv: list[str] | None = None) -> None:
         print("auth", flush=True)
         out["auth"] = run_auth(work / "auth")
     if "faults" in sections:
-        out["faults"] = run_faults()
+        print(f"faults: a tiny run of {args.faults_steps} steps, killed at random steps", flush=True)
+        out["faults"] = run_faults(args, work / "faults")
     if "load" in sections:
         quiet = wait_for_quiet_machine(args.load_wait_for_tests_s)
         print(f"load: {args.load_devices} devices for {args.load_seconds:.0f} s ({quiet})", flush=True)
         out["load"] = run_load(args, work / "load")
         out["load"]["machine_before"] = quiet
+    command = out["command"]
+    out["section_commands"] = {s: command for s in sections}
+    if args.update and args.out.exists():  # keep the sections not run now (and the command that made them)
+        old = json.loads(args.out.read_text())
+        kept = {k: v for k, v in old.items() if k in ("fuzz", "fuzz_grpc", "auth", "faults", "load")
+                and k not in out and not (k == "fuzz_grpc" and "fuzz" in sections)}
+        out = {**old, **kept, **{k: v for k, v in out.items() if k in (*SECTIONS, "fuzz_grpc")},
+               "section_commands": {**old.get("section_commands", {s: old["command"] for s in SECTIONS
+                                                                   if s in old}), **out["section_commands"]},
+               "updated_by": old.get("updated_by", []) + [{"command": command, "sections": sections,
+                                                           "code": out["code"], "machine": out["machine"]}]}
     out["targets_met"], out["notes"] = targets(out)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
