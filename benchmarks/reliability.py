@@ -1990,11 +1990,17 @@ def op_state_skeleton(fz, ctx, draw):
         ctx.header["skeleton"] = {"roots": sk.get("root")}
     elif how == "not_a_dict":
         ctx.header["skeleton"] = []
-    elif how == "deep":
-        obj: Any = 0
-        for _ in range(draw.pick(([100, 900, 5000]), label="depth")):
-            obj = [obj]
-        sk["root"] = obj
+    elif how == "deep":  # nested lists past the JSON encoder's recursion limit: written into the bytes directly
+        depth = draw.pick([100, 900, 5000], label="depth")
+        sk["root"] = "__DEEP__"
+        nested = b"[" * depth + b"0" + b"]" * depth
+
+        def deepen(d: bytes) -> bytes:
+            (hl,) = struct.unpack_from(">I", d, 5)
+            header = d[PREAMBLE.size:PREAMBLE.size + hl].replace(b'"__DEEP__"', nested)
+            return PREAMBLE.pack(MAGIC, VERSION, len(header)) + header + d[PREAMBLE.size + hl:]
+
+        ctx.byte_ops.insert(0, deepen)
     elif how == "extra_root_key":
         sk["extra"] = {"__tensor__": "t0"}
     else:
