@@ -439,8 +439,9 @@ ORACLE_RULES = [
     "session frames: an open session of this transport identity with its current secret; training frames at the "
     "next step, or the very same frame as the last applied step (a retry); keys of [A-Za-z0-9_-]{1,128}, one per "
     "sample, only with a cache; set_state only between a hello and the next step",
-    "set_state: the current state's structure, keys, tensor dtypes and shapes, value types; finite; step an int in "
-    "[0, 2**63); optimizer and scheduler may be left out; eps > 0, betas in [0, 1), exp_avg_sq >= 0, numbers >= 0",
+    "set_state: the current state's structure, keys, tensor dtypes and shapes, value types; finite, weights within "
+    "1e6; step an int in [0, 2**63); optimizer and scheduler may be left out; lr and weight_decay in [0, 10], eps in "
+    "(0, 1], betas in [0, 1), Adam's step and exp_avg_sq >= 0, other numbers >= 0",
     "hello: protocol 3; names of [A-Za-z0-9_.@-]{1,64}; tap_spec exactly layers/hidden_size/arch/is_decoder with "
     "their types; within max_taps, max_width, max_outputs, max_session_mb and the session quotas; backbone and "
     "cache objects with known keys and types; hparams/side with the original keys, types and sane ranges (a deleted "
@@ -711,8 +712,8 @@ def check_state(state: Any, ref: dict) -> None:
         r = ref["model"][k]
         if not isinstance(t, torch.Tensor) or t.dtype != r.dtype or t.shape != r.shape:
             raise Invalid(f"model tensor {k} of another dtype or shape")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise Invalid(f"model tensor {k} not finite")
+        if t.is_floating_point() and t.numel() and not (bool(torch.isfinite(t).all()) and float(t.abs().max()) <= 1e6):
+            raise Invalid(f"model tensor {k} not finite or beyond 1e6")
     if state.get("optimizer") is not None:
         _check_optimizer(state["optimizer"], ref["optimizer"], ref["model"])
     if state.get("scheduler") is not None:
@@ -749,16 +750,17 @@ def _check_optimizer(opt: Any, ref: dict, model: dict) -> None:
     for g, r in zip(opt["param_groups"], ref["param_groups"]):
         if g["params"] != r["params"]:
             raise Invalid("param_groups params differ")
-        if any(not 0 <= b < 1 for b in g.get("betas", [])) or g.get("eps", 1) <= 0:
-            raise Invalid("param_groups betas or eps out of range")
+        if (any(not 0 <= b < 1 for b in g.get("betas", [])) or not 0 < g.get("eps", 1e-8) <= 1
+                or not 0 <= g.get("lr", 0) <= 10 or not 0 <= g.get("weight_decay", 0) <= 10):
+            raise Invalid("param_groups lr, weight_decay, betas or eps out of range")
     if not isinstance(opt["state"], dict):
         raise Invalid("optimizer state is not a map")
     for p, s in opt["state"].items():
         if p not in ref["state"]:  # a subset of the session's parameters may carry moments, nothing else
             raise Invalid("optimizer state of an unknown parameter")
         _check_like(s, ref["state"][p], f"optimizer.state.{p}")
-        if bool((s["exp_avg_sq"] < 0).any()):
-            raise Invalid("negative exp_avg_sq in the optimizer state")
+        if bool((s["exp_avg_sq"] < 0).any()) or float(s["step"]) < 0:
+            raise Invalid("negative exp_avg_sq or step in the optimizer state")
 
 
 # ============================================================================================ targets
@@ -963,6 +965,8 @@ class Fuzzer:
         self._ref: dict[str, Any] = {}
         self._seq = 0
         self.last_ops: list[str] = []
+        self.last_drawn: list[str] = []
+        self._touched = False  # a session was (re)opened since the last snapshot
         self._ref_before: Any = None
         self.finding_counts: Counter = Counter()
         self.only_kinds: tuple[str, ...] = REQUEST_KINDS
@@ -996,6 +1000,7 @@ class Fuzzer:
         return h, t, raw
 
     def open(self, sess: Sess) -> None:
+        self._touched = True
         h, _, _ = self.setup_call(hello_header(sess.spec), None, sess.spec.identity, "hello")
         if sess.secret:
             sess.stale.append(sess.secret)
@@ -1008,6 +1013,7 @@ class Fuzzer:
     def repair(self, sess: Sess, count: bool = True) -> None:
         """A session that no longer trains (e.g. a state it accepted): close it and open it afresh."""
         self.counts["sessions_reopened"] += count
+        self._touched = True
         with contextlib.suppress(Exception):
             self.send(raw_encode({"kind": "bye", "session": sess.key, "secret": sess.secret}), sess.identity)
         sess.open = False
@@ -1035,14 +1041,23 @@ class Fuzzer:
         snap["_extras"] = self.target.extras(self.sessions)
         return snap
 
-    def train_valid(self, sess: Sess) -> bool:
+    def train_valid(self, sess: Sess, before: dict | None = None) -> bool:
+        """The session's next valid training frame; ``before``: the world right before it (if known), to check that
+        a refusal changed nothing."""
         ctx = self.build(sess, sess.spec.natural, codec="int8", seed=(10_000 + sess.step) % 2**62)
         data = ctx.encode()
         kind, h, _, raw = self.send(data, sess.identity)
         if kind != "ok" or h.get("step") != sess.step:
             self.counts["next_valid_failed"] += 1
+            changed = self.changes(before, self.snapshot(), set()) if before is not None else None
+            if changed:
+                self.counts["state_changed"] += 1
+                self._finding("a refused training frame changed state", {
+                    "session": sess.key, "server": str(h.get("message"))[:160], "after": self.last_ops,
+                    "after_drawn": self.last_drawn, "changed": changed})
             self._finding("a valid training frame failed after fuzzing",
-                          {"session": sess.key, "server": str(h.get("message"))[:160], "after": self.last_ops})
+                          {"session": sess.key, "server": str(h.get("message"))[:160], "after": self.last_ops,
+                           "after_drawn": self.last_drawn})
             self.resync(sess)
             self.repair(sess)
             return False
@@ -1151,7 +1166,7 @@ class Fuzzer:
         except Exception as err:  # noqa: BLE001 - a bug of the harness, not of the server: counted, not fatal
             self.harness_errors.append(f"build: {type(err).__name__}: {err}"[:300])
             return
-        self.last_ops = [ctx.kind, *ctx.ops]
+        self.last_ops, self.last_drawn = [ctx.kind, *ctx.ops], ctx.drawn[:6]
         self.judge_and_send(ctx, data_bytes, before)
 
     def controls(self) -> dict[str, int]:
@@ -1192,6 +1207,7 @@ class Fuzzer:
             verdict = self.oracle.judge(data, ctx.identity)
             before = before or self.snapshot()
             self._ref_before = before.get(sess.spec.name)
+            self._touched = False
             kind, h, t, raw = self.send(data, ctx.identity)
             if kind == "ok" and "secret" in h:  # a hello the server took: it revoked the old secret, whoever judged
                 mine = next((s for s in self.sessions if s.open and s.key == h.get("session")), None)
@@ -1220,7 +1236,7 @@ class Fuzzer:
         for s in self.sessions:
             if not s.open:
                 self.open(s)
-        if self.train_valid(sess):
+        if self.train_valid(sess, before=None if self._touched else after):
             self.counts["next_valid_trained"] += 1
 
     def classify(self, ctx, verdict: Verdict, accepted: bool, h: dict, raw, before, after, data) -> str:
@@ -1354,6 +1370,7 @@ class Fuzzer:
             self.repair(ctx.sess, count=False)  # start again from a state the oracle understands
 
     def close_foreign(self, h: dict, identity: str) -> None:
+        self._touched = True
         kind, rh, _, _ = self.send(raw_encode({"kind": "bye", "session": h["session"], "secret": h["secret"]}), identity)
         if kind != "ok":
             self.harness_errors.append(f"could not close {h['session']}: {rh.get('message')}")

@@ -53,11 +53,13 @@ KNOWN: list[tuple[str, object, str]] = [
     (r"^a refused frame changed state \| a cache key that is not", None,
      "test_known_a_cache_key_outside_the_alphabet_trains_and_then_is_refused"),
     (r"^accepted an invalid frame \| model tensor \S+ not finite", None, "test_known_set_state_takes_non_finite_weights"),
+    (r"^a refused training frame changed state", _after_set_state,
+     "test_known_a_failing_optimizer_step_is_not_rolled_back"),
     (r"^a valid training frame failed after fuzzing", _after_set_state, "test_known_set_state_takes_non_finite_weights"),
     (r"^accepted an invalid frame \| state step is not an int", None,
      "test_known_set_state_takes_a_step_that_is_not_an_int"),
-    (r"^accepted an invalid frame \| (optimizer keys are not|negative exp_avg_sq|param_groups|scheduler\.last_epoch "
-     r"negative)", None, "test_known_set_state_does_not_check_the_optimizer_state"),
+    (r"^accepted an invalid frame \| (optimizer|negative exp_avg_sq|param_groups|scheduler\.last_epoch negative)",
+     None, "test_known_set_state_does_not_check_the_optimizer_state"),
     (r"^accepted an invalid frame \| tap_spec (keys are not|value of another type)", None,
      "test_known_hello_tap_spec_takes_unknown_keys_and_other_types"),
     (r"^accepted an invalid frame \| hello (hparams|side)", _reconnects, "test_known_a_reconnect_hello_is_not_validated"),
@@ -148,14 +150,31 @@ def test_known_a_cache_key_outside_the_alphabet_trains_and_then_is_refused(fz, k
 
 
 @pytest.mark.xfail(strict=True, reason="server bug: set_state does not check that weights and Adam moments are "
-                   "finite; the session then never trains again (non-finite loss)")
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+                   "finite (or sane: 1e30); the session then never trains again (non-finite loss)")
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
 def test_known_set_state_takes_non_finite_weights(fz, value):
     lab = _session(fz, "lab")
     state = fz.get_state(lab)
     name = sorted(state["model"])[0]
     state["model"][name] = torch.full_like(state["model"][name], value)
     _refused_and_unchanged(fz, _set_state(fz, lab, state))
+
+
+@pytest.mark.xfail(strict=True, reason="server bug: TrainingEngine.train_step does not undo a step that raises inside "
+                   "optimizer.step: AdamW updates the first parameter and its moments, then fails ('server error: "
+                   "RuntimeError'), and the refused frame has changed state. Reached from the network by a set_state "
+                   "with a negative Adam step count (taken, see the optimizer finding)")
+def test_known_a_failing_optimizer_step_is_not_rolled_back(fz):
+    bobc = _session(fz, "bobc")
+    engine = fz.target.server.sessions[bobc.key].model  # the in-process session's engine, put in that state directly
+    first = next(p for g in engine.optimizer.param_groups for p in g["params"])
+    engine.optimizer.state[first]["step"] = torch.tensor(-5.0)
+
+    def train():
+        ctx = fz.build(bobc, "train", seed=5)
+        return _send(fz, bobc, ctx.header, ctx.tensors)
+
+    _refused_and_unchanged(fz, train)
 
 
 @pytest.mark.xfail(strict=True, reason="server bug: set_state takes int(step), so '3' (a string) and 2**70 pass")
@@ -169,8 +188,8 @@ def test_known_set_state_takes_a_step_that_is_not_an_int(fz, step):
 @pytest.mark.xfail(strict=True, reason="server bug: set_state checks the optimizer's moment shapes and the "
                    "scheduler's structure only: foreign keys, negative exp_avg_sq, a zero eps, lr true (a bool), a "
                    "non-bool 'maximize' or a negative last_epoch are taken")
-@pytest.mark.parametrize("mutation", ["foreign_key", "negative_exp_avg_sq", "eps_zero", "lr_true", "maximize_string",
-                                      "negative_last_epoch"])
+@pytest.mark.parametrize("mutation", ["foreign_key", "negative_exp_avg_sq", "negative_adam_step", "eps_zero", "lr_true",
+                                      "lr_huge", "maximize_string", "negative_last_epoch"])
 def test_known_set_state_does_not_check_the_optimizer_state(fz, mutation):
     lab = _session(fz, "lab")
     state = fz.get_state(lab)
@@ -184,6 +203,10 @@ def test_known_set_state_does_not_check_the_optimizer_state(fz, mutation):
         opt["param_groups"][0]["eps"] = 0.0
     elif mutation == "lr_true":
         opt["param_groups"][0]["lr"] = True
+    elif mutation == "lr_huge":
+        opt["param_groups"][0]["lr"] = 1e308
+    elif mutation == "negative_adam_step":
+        next(iter(opt["state"].values()))["step"] = torch.tensor(-5.0)
     elif mutation == "negative_last_epoch":
         state["scheduler"]["last_epoch"] = -5
     else:
