@@ -3183,7 +3183,8 @@ def main(argv: list[str] | None = None) -> None:
                "section_commands": {**old.get("section_commands", {s: old["command"] for s in SECTIONS
                                                                    if s in old}), **out["section_commands"]},
                "updated_by": old.get("updated_by", []) + [{"command": command, "sections": sections,
-                                                           "code": out["code"], "machine": out["machine"]}]}
+                                                           "code": out["code"], "machine": out["machine"],
+                                                           "seconds": round(time.perf_counter() - t0, 1)}]}
     out["targets_met"], out["notes"] = targets(out)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
