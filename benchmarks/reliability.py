@@ -140,6 +140,10 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 # ============================================================== the wire, parsed independently (oracle)
+
+class NoChoice(Exception):
+    """A mutation drew from an empty set of options (nothing of that kind in this frame)."""
+
 class Invalid(Exception):
     """The reference checker's verdict on a frame that breaks the contract (with the reason)."""
 
@@ -1163,6 +1167,8 @@ class Fuzzer:
                 OP_FUNCS[name](self, ctx, draw)
             ctx.drawn = draw.log
             data_bytes = ctx.encode()
+        except NoChoice:  # the drawn mutation has nothing to act on in this frame: draw the next frame
+            return
         except Exception as err:  # noqa: BLE001 - a bug of the harness, not of the server: counted, not fatal
             self.harness_errors.append(f"build: {type(err).__name__}: {err}"[:300])
             return
@@ -1472,6 +1478,8 @@ class Draws:
 
     def pick(self, options, label: str = "") -> Any:
         options = list(options)
+        if not options:
+            raise NoChoice(label)
         return self._logged(label, options[self._next() % len(options)])
 
     def int(self, bounds: tuple[int, int], label: str = "") -> int:

@@ -64,9 +64,15 @@ class TapSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> TapSpec:
-        return cls(
-            layers=[int(i) for i in d["layers"]],
-            hidden_size=int(d["hidden_size"]),
-            arch=str(d.get("arch", "")),
-            is_decoder=bool(d.get("is_decoder", True)),
-        )
+        """The inverse of :meth:`to_dict`, strict (it reads hellos): exactly its keys, no coerced types."""
+        keys = {"layers", "hidden_size", "arch", "is_decoder"}
+        if set(d) != keys:
+            raise ValueError(f"keys must be {sorted(keys)}, got {sorted(d)}")
+        layers, hidden = d["layers"], d["hidden_size"]
+        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError("layers must be a list of ints")
+        if not isinstance(hidden, int) or isinstance(hidden, bool):
+            raise ValueError("hidden_size must be an int")
+        if not isinstance(d["arch"], str) or not isinstance(d["is_decoder"], bool):
+            raise ValueError("arch must be a string and is_decoder a boolean")
+        return cls(layers=list(layers), hidden_size=hidden, arch=d["arch"], is_decoder=d["is_decoder"])

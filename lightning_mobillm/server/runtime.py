@@ -24,7 +24,7 @@ import torch
 
 from lightning_mobillm import protocol as P
 from lightning_mobillm.faults import fault_point
-from lightning_mobillm.server.cache import ActivationStore
+from lightning_mobillm.server.cache import _KEY_RE, ActivationStore
 from lightning_mobillm.server.dispatch import FrameServer, SessionBase, check_name
 from lightning_mobillm.server.policies import PerDevicePolicy, ServerPolicy
 from lightning_mobillm.server_config import ServerConfig
@@ -123,9 +123,10 @@ class SideServer(FrameServer):
         if h["total_steps"] > 10**9:
             raise FrameError("hello: total_steps is beyond any real run")
 
-    def _build_module(self, h: dict, spec: TapSpec, num_classes: int) -> torch.nn.Module:
+    def _build_module(self, h: dict, spec: TapSpec, num_classes: int, *, sizing_only: bool = False) -> Any:
         """Build the module a hello asks for, after sizing it on the meta device (nothing allocated) against
-        ``max_session_mb``: weights, gradients and two AdamW moments, 4 bytes each."""
+        ``max_session_mb``: weights, gradients and two AdamW moments, 4 bytes each. ``sizing_only`` stops
+        after the checks."""
         cls = _resolve_module_class(h["module"])
         try:
             side = SideConfig.from_dict(h["side"])
@@ -137,6 +138,8 @@ class SideServer(FrameServer):
             if mb > self.config.max_session_mb:
                 raise FrameError(f"the side network asked for needs {mb:.0f} MB to train; this server allows "
                                  f"{self.config.max_session_mb:.0f} MB per session (max_session_mb)")
+            if sizing_only:
+                return None
             module = cls.from_hparams_dict(kwargs)
             module.build(spec, num_classes=num_classes, num_outputs=h["num_outputs"])
         except (TypeError, ValueError, KeyError) as err:
@@ -159,8 +162,11 @@ class SideServer(FrameServer):
             raise FrameError(f"hello: num_classes must be in [2, {self.config.max_outputs}], got {num_classes}")
         backbone = _check_object("backbone", h.get("backbone", {}), _BACKBONE_KEYS)
         cache = _check_object("cache", h["cache"], _CACHE_KEYS) if "cache" in h else None
+        if cache is not None and cache.get("memory_limit_mb", 0) < 0:
+            raise FrameError("hello: cache.memory_limit_mb must be >= 0")
         live = self._open_or_reuse(key, owner)
         if live is not None:
+            self._build_module(h, spec, num_classes, sizing_only=True)  # a reconnect is checked like a new hello
             if not live.same_config(h["module"], spec, h["num_outputs"]):
                 raise FrameError(f"session {key} is open with another module or taps; use a new run_id")
             with live.lock:
@@ -194,8 +200,6 @@ class SideServer(FrameServer):
         name it; a cache is open in one session at a time (a new session of its owner takes it over, e.g.
         a resumed run); its memory and disk bounds are the server's."""
         limit = min(float(cache.get("memory_limit_mb", self.config.cache_memory_mb)), self.config.cache_memory_mb)
-        if limit < 0:
-            raise FrameError("hello: cache.memory_limit_mb must be >= 0")
         token = cache.get("token") or secrets.token_hex(16)
         folder = self._cache_folder(owner, token)
         if not folder.exists():  # new, or not this identity's: a fresh cache (the reply's token says which)
@@ -274,8 +278,8 @@ class SideServer(FrameServer):
             return None
         if session.store is None:
             raise FrameError("this session has no activation cache; open it with a cache in the hello")
-        if not isinstance(keys, list) or not all(isinstance(k, str) and 0 < len(k) <= 128 for k in keys):
-            raise FrameError("keys must be a list of strings of 1-128 characters")
+        if not isinstance(keys, list) or not all(isinstance(k, str) and _KEY_RE.fullmatch(k) for k in keys):
+            raise FrameError("keys must be a list of strings of 1-128 characters of [A-Za-z0-9_-]")
         if len(keys) > self.config.max_tokens_per_frame:
             raise FrameError(f"{len(keys)} keys in one frame; at most max_tokens_per_frame")
         if batch_size is not None and len(keys) != batch_size:

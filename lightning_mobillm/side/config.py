@@ -70,6 +70,18 @@ class SideConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown side config keys {unknown}; known: {sorted(known)}")
+        for f in dataclasses.fields(cls):  # each value of its default's type (a config crosses the network)
+            if f.name not in d:
+                continue
+            value, default = d[f.name], f.default
+            ok = (isinstance(value, bool) if isinstance(default, bool)
+                  else isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int)
+                  else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
+                  else isinstance(value, str) if isinstance(default, str) else True)
+            if not ok:
+                raise ValueError(f"side config {f.name} must be a {type(default).__name__}, got {value!r}")
+        if d.get("reduction", 1) < 1 or not 0 <= d.get("dropout", 0.0) < 1:
+            raise ValueError("side config: reduction must be >= 1 and dropout in [0, 1)")
         return cls(**d)
 
     def module_kwargs(self) -> dict[str, Any]:
