@@ -63,7 +63,7 @@ class ServerConfig:
             of sessions that ask for one; None uses ``<cache_dir>/server``. An embedded server uses the run's
             log folder.
         checkpoint_every_n_steps: a session's model, optimizer, scheduler and step are written to the
-            workdir every n training steps (and whenever a device fetches the state), so a restarted server
+            workdir every n training steps (and at each set_state and idle expiry), so a restarted server
             continues a session that says hello with ``resume: true``; 0 disables.
         allowed_backbones: backbones (``BackboneConfig.source`` values) a split-learning server may load
             when a device asks; None allows the packaged offline models only. The side server never
