@@ -1167,7 +1167,7 @@ class Fuzzer:
                 OP_FUNCS[name](self, ctx, draw)
             ctx.drawn = draw.log
             data_bytes = ctx.encode()
-        except NoChoice:  # the drawn mutation has nothing to act on in this frame: draw the next frame
+        except (NoChoice, ZeroDivisionError):  # a mutation drew from nothing in this frame: draw the next frame
             return
         except Exception as err:  # noqa: BLE001 - a bug of the harness, not of the server: counted, not fatal
             self.harness_errors.append(f"build: {type(err).__name__}: {err}"[:300])

@@ -87,6 +87,22 @@ _BACKBONE_KEYS = {"arch": str, "name": str, "hidden_size": int, "num_layers": in
 _CACHE_KEYS = {"token": str, "memory_limit_mb": (int, float)}
 
 
+#: ranges of the optimiser's hyperparameters a hello may ask for (an lr of 1e308 builds, then never trains)
+_HPARAM_RANGES = {"lr": (0.0, 10.0), "weight_decay": (0.0, 10.0), "warmup_ratio": (0.0, 1.0),
+                  "min_lr_ratio": (0.0, 1.0), "label_smoothing": (0.0, 0.999)}
+
+
+def _check_hparams(hparams: dict) -> None:
+    for key, (low, high) in _HPARAM_RANGES.items():
+        value = hparams.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise FrameError(f"hello: hparams.{key} must be a number in [{low}, {high}]")
+    betas = hparams.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise FrameError("hello: hparams.betas must be two numbers in [0, 1)")
+
+
 def _check_object(what: str, obj: dict, allowed: dict[str, Any]) -> dict:
     for key, value in obj.items():
         if key not in allowed:
@@ -128,6 +144,7 @@ class SideServer(FrameServer):
         ``max_session_mb``: weights, gradients and two AdamW moments, 4 bytes each. ``sizing_only`` stops
         after the checks."""
         cls = _resolve_module_class(h["module"])
+        _check_hparams(h["hparams"])
         try:
             side = SideConfig.from_dict(h["side"])
             kwargs = {**h["hparams"], **side.module_kwargs()}

@@ -80,8 +80,8 @@ class SideConfig:
                   else isinstance(value, str) if isinstance(default, str) else True)
             if not ok:
                 raise ValueError(f"side config {f.name} must be a {type(default).__name__}, got {value!r}")
-        if d.get("reduction", 1) < 1 or not 0 <= d.get("dropout", 0.0) < 1:
-            raise ValueError("side config: reduction must be >= 1 and dropout in [0, 1)")
+        if not 1 <= d.get("reduction", 1) <= 4096 or not 0 <= d.get("dropout", 0.0) < 1:
+            raise ValueError("side config: reduction must be in [1, 4096] and dropout in [0, 1)")
         return cls(**d)
 
     def module_kwargs(self) -> dict[str, Any]:
