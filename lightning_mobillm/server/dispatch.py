@@ -174,6 +174,12 @@ class FrameServer:
         """Who owns a session: the transport's identity, or the hello's device id when it names nobody."""
         return identity if identity else "device:" + check_name("device_id", device_id)
 
+    def hello_key(self, frame: Frame, identity: str) -> tuple[str, str]:
+        """A hello's owner and session key (``<owner>/<run_id>``), after checking its protocol version."""
+        P.check_protocol(frame.header)
+        owner = self.owner_of(identity, frame.header["device_id"])
+        return owner, f"{owner}/{check_name('run_id', frame.header['run_id'])}"
+
     def _open_or_reuse(self, key: str, owner: str) -> Any | None:
         """Before building a session: the open session under ``key`` (a reconnect), or None after checking
         that a new one fits the caps."""

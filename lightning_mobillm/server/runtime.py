@@ -25,7 +25,7 @@ import torch
 from lightning_mobillm import protocol as P
 from lightning_mobillm.faults import fault_point
 from lightning_mobillm.server.cache import _KEY_RE, ActivationStore
-from lightning_mobillm.server.dispatch import FrameServer, SessionBase, check_name
+from lightning_mobillm.server.dispatch import FrameServer, SessionBase
 from lightning_mobillm.server.policies import PerDevicePolicy, ServerPolicy
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.side.config import SideConfig
@@ -166,9 +166,7 @@ class SideServer(FrameServer):
 
     def _on_hello(self, frame: Frame, identity: str) -> Frame:
         h = frame.header
-        P.check_protocol(h)
-        owner = self.owner_of(identity, h["device_id"])
-        key = f"{owner}/{check_name('run_id', h['run_id'])}"
+        owner, key = self.hello_key(frame, identity)
         try:
             spec = TapSpec.from_dict(h["tap_spec"])
         except (KeyError, TypeError, ValueError) as err:

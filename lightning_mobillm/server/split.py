@@ -29,7 +29,7 @@ from lightning_mobillm.assets import PACKAGED_MODELS
 from lightning_mobillm.backbone import add_lora, load_split_part
 from lightning_mobillm.faults import fault_point
 from lightning_mobillm.optim import adamw_warmup_cosine
-from lightning_mobillm.server.dispatch import FrameServer, SessionBase, check_name
+from lightning_mobillm.server.dispatch import FrameServer, SessionBase
 from lightning_mobillm.server.engine import TrainingEngine
 from lightning_mobillm.side.heads import LastTokenHead
 from lightning_mobillm.specs import BackboneConfig
@@ -93,9 +93,7 @@ class SplitServer(FrameServer):
 
     def _on_split_hello(self, frame: Frame, identity: str) -> Frame:
         h = frame.header
-        P.check_protocol(h)
-        owner = self.owner_of(identity, h["device_id"])
-        key = f"{owner}/{check_name('run_id', h['run_id'])}"
+        owner, key = self.hello_key(frame, identity)
         try:
             backbone = BackboneConfig(**h["backbone"])
         except (TypeError, ValueError) as err:
