@@ -658,7 +658,9 @@ class Oracle:
 
 
 def side_network_mb(h: dict, layers: list[int], width: int) -> float:
-    """The documented budget of a session's model: weights, gradients and two AdamW moments, 4 bytes each."""
+    """The documented budget of a session's model: ``BYTES_PER_PARAMETER`` a parameter (weights, gradients, two
+    AdamW moments and the step's undo copy)."""
+    from lightning_mobillm.server.engine import BYTES_PER_PARAMETER
     from lightning_mobillm.server.runtime import _resolve_module_class
     from lightning_mobillm.side.config import SideConfig
     from lightning_mobillm.specs import TapSpec
@@ -669,7 +671,7 @@ def side_network_mb(h: dict, layers: list[int], width: int) -> float:
             m = cls.from_hparams_dict({**h["hparams"], **SideConfig.from_dict(h["side"]).module_kwargs()})
             m.build(TapSpec(layers=layers, hidden_size=width), num_classes=h.get("num_classes", h["num_outputs"]),
                     num_outputs=h["num_outputs"])
-        return sum(p.numel() for p in m.parameters()) * 16 / 2**20
+        return sum(p.numel() for p in m.parameters()) * BYTES_PER_PARAMETER / 2**20
     except Exception:  # noqa: BLE001 - what does not build is judged elsewhere
         return 0.0
 
@@ -2773,7 +2775,7 @@ def run_load(args: argparse.Namespace, workdir: Path) -> dict:
         "server_rss_mb_idle": idle_mb, "server_rss_mb_max": rss_max,
         "server_rss_mb_mean": sum(during) / len(during) if during else None, "rss_samples": len(samples),
         "per_session_budget_mb": budget,
-        "per_session_budget_parts": {"side_network_training_mb (weights, grads, 2 AdamW moments; as the server "
+        "per_session_budget_parts": {"side_network_training_mb (weights, grads, 2 AdamW moments, undo copy; as the server "
                                      "sizes it)": budget_model, "activation_cache_mb": 0.0},
         "config_max_per_session_mb": config.max_session_mb + config.cache_memory_mb,
         "target_rss_mb": idle_mb + sessions * budget if idle_mb is not None else None,

@@ -50,8 +50,9 @@ class ServerConfig:
         session_idle_s: a session without a frame for this long is checkpointed and closed to free its
             memory; its device resumes it with a hello that says ``resume: true``.
         max_taps, max_width, max_outputs: bounds on what a hello may ask for.
-        max_session_mb: bound on a session's model at hello (weights, gradients and AdamW moments,
-            counted before anything is allocated).
+        max_session_mb: bound on a session's model at hello (weights, gradients, AdamW moments and the
+            step's undo copy: ``engine.BYTES_PER_PARAMETER`` bytes a parameter, counted before anything is
+            allocated).
         max_tokens_per_frame: bound on the token rows of one frame, checked before it is dequantised.
         cache_memory_mb: memory an activation cache may use before it spills to disk (per session; a
             device may ask for less, never more).

@@ -103,6 +103,54 @@ def test_a_non_finite_step_changes_nothing(engine):
     assert _equal(engine.state_dict(), before) and engine.step == 1
 
 
+def _fail_after_first_param(engine, monkeypatch):
+    """Make the optimizer's step update one parameter and its moments, then raise (as torch's single-tensor
+    AdamW does on a bad state)."""
+    raw = engine.optimizer.optimizer
+    step = type(raw).step
+
+    def half_step(self, closure=None):
+        params = self.param_groups[0]["params"]
+        with torch.no_grad():
+            params[0].add_(1.0)
+        self.state[params[0]]["exp_avg"] = torch.full_like(params[0], 7.0)  # replaced, not in place
+        raise RuntimeError("boom half-way")
+
+    monkeypatch.setattr(raw, "step", half_step.__get__(raw))
+    return step
+
+
+@pytest.mark.parametrize("trained_before", [True, False])
+def test_an_optimizer_step_that_fails_half_way_is_undone(engine, monkeypatch, trained_before):
+    if trained_before:
+        engine.train_step(lambda: engine.model.compute_loss(_batch(0)))
+    before = _copy(engine.state_dict())
+    _fail_after_first_param(engine, monkeypatch)
+    with pytest.raises(FrameError, match="optimizer step failed and was undone.*boom"):
+        engine.train_step(lambda: engine.model.compute_loss(_batch(1)))
+    assert _equal(engine.state_dict(), before) and engine.step == int(trained_before)
+    monkeypatch.undo()
+    engine.train_step(lambda: engine.model.compute_loss(_batch(1)))  # and it trains on
+    assert engine.step == int(trained_before) + 1
+
+
+def test_a_step_that_makes_a_weight_non_finite_is_undone(engine):
+    engine.train_step(lambda: engine.model.compute_loss(_batch(0)))
+    before = _copy(engine.state_dict())
+    first = engine.optimizer.param_groups[0]["params"][0]
+    engine.optimizer.state[first]["exp_avg"].fill_(3e38)  # finite, but the update overflows
+    engine.optimizer.state[first]["exp_avg_sq"].zero_()
+    before["optimizer"] = _copy(engine.optimizer.state_dict())
+    with pytest.raises(FrameError, match="non-finite"):
+        engine.train_step(lambda: engine.model.compute_loss(_batch(1)))
+    assert _equal(engine.state_dict(), before)
+
+
+def test_the_state_check_knows_adamw_from_a_probe(engine):
+    probe, nonnegative = engine._probe_state()
+    assert set(probe) == {"step", "exp_avg", "exp_avg_sq"} and nonnegative == {"step", "exp_avg_sq"}
+
+
 def test_steps_change_weights_and_follow_the_schedule(engine):
     before = _copy(engine.state_dict())
     lrs = [engine.train_step(lambda s=s: engine.model.compute_loss(_batch(s))).lr for s in range(3)]

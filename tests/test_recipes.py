@@ -33,6 +33,7 @@ from lightning_mobillm.baselines import (
 from lightning_mobillm.callbacks import ActivationCache, DeviceMonitor, QuantizedTransfer
 from lightning_mobillm.data import TextClassificationDataModule
 from lightning_mobillm.modules import AdditiveAdapterModule, SideTuningModule
+from lightning_mobillm.server.engine import BYTES_PER_PARAMETER
 from lightning_mobillm.strategies import ServerAssistedStrategy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -415,4 +416,4 @@ def test_every_shipped_recipe_fits_the_servers_default_limits(recipe, cli_in, ti
         side = type(model).from_hparams_dict({**model.server_hparams(), **model.side_config.module_kwargs()})
         side.build(spec, num_classes=BBC_NEWS_CLASSES, num_outputs=outputs)
     assert outputs <= limits.max_outputs
-    assert sum(p.numel() for p in side.parameters()) * 16 / 2**20 <= limits.max_session_mb
+    assert sum(p.numel() for p in side.parameters()) * BYTES_PER_PARAMETER / 2**20 <= limits.max_session_mb

@@ -26,6 +26,7 @@ from lightning_mobillm import protocol as P
 from lightning_mobillm.faults import fault_point
 from lightning_mobillm.server.cache import _KEY_RE, ActivationStore
 from lightning_mobillm.server.dispatch import FrameServer, SessionBase
+from lightning_mobillm.server.engine import BYTES_PER_PARAMETER
 from lightning_mobillm.server.policies import PerDevicePolicy, ServerPolicy
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.side.config import SideConfig
@@ -141,8 +142,8 @@ class SideServer(FrameServer):
 
     def _build_module(self, h: dict, spec: TapSpec, num_classes: int, *, sizing_only: bool = False) -> Any:
         """Build the module a hello asks for, after sizing it on the meta device (nothing allocated) against
-        ``max_session_mb``: weights, gradients and two AdamW moments, 4 bytes each. ``sizing_only`` stops
-        after the checks."""
+        ``max_session_mb`` at :data:`~lightning_mobillm.server.engine.BYTES_PER_PARAMETER` bytes per
+        parameter. ``sizing_only`` stops after the checks."""
         cls = _resolve_module_class(h["module"])
         _check_hparams(h["hparams"])
         try:
@@ -151,7 +152,7 @@ class SideServer(FrameServer):
             with torch.device("meta"):
                 sizing = cls.from_hparams_dict(kwargs)
                 sizing.build(spec, num_classes=num_classes, num_outputs=h["num_outputs"])
-            mb = sum(p.numel() for p in sizing.parameters()) * 16 / 2**20
+            mb = sum(p.numel() for p in sizing.parameters()) * BYTES_PER_PARAMETER / 2**20
             if mb > self.config.max_session_mb:
                 raise FrameError(f"the side network asked for needs {mb:.0f} MB to train; this server allows "
                                  f"{self.config.max_session_mb:.0f} MB per session (max_session_mb)")
