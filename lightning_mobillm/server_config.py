@@ -40,8 +40,17 @@ class ServerConfig:
         grad_clip: max global gradient norm per step (None disables clipping).
         max_frame_mb: frames larger than this are refused by the transport before they are decoded
             (sized to the largest shipped recipe's training frame with headroom).
-        max_concurrent_rpcs: calls the gRPC server runs at once; more are refused (RESOURCE_EXHAUSTED).
+        max_concurrent_rpcs: authenticated calls in the gRPC server at once (running or waiting for a
+            worker); more are refused with RESOURCE_EXHAUSTED before their body is read.
+        max_calls_per_identity: the same bound for one identity of ``tokens_file`` (two calls for each of
+            ``max_sessions_per_identity`` sessions by default), so that one device cannot take every place.
         max_workers: gRPC worker threads.
+        max_concurrent_steps: frames decoded and computed at once (training and evaluation steps, every
+            session together); the others wait their turn. Each step's transient memory (the dequantised
+            activations, the side network's forward and backward) counts once per place, so this bounds the
+            server's memory beyond its sessions; one step already uses every intra-op thread.
+        release_memory: a ``serve`` process caps glibc's malloc arenas at 2 and returns freed memory to the
+            system after every step (see ``lightning_mobillm/server/memory.py`` for why and what it saves).
         keepalive_s: how often the server pings an idle connection (and the least ping interval it allows
             a client).
         max_connection_idle_s: connections idle this long are closed.
@@ -87,7 +96,10 @@ class ServerConfig:
     grad_clip: float | None = 1.0
     max_frame_mb: int = 128
     max_concurrent_rpcs: int = 64
+    max_calls_per_identity: int = 8
     max_workers: int = 8
+    max_concurrent_steps: int = 1
+    release_memory: bool = True
     keepalive_s: float = 60.0
     max_connection_idle_s: float = 900.0
     max_sessions: int = 64
@@ -104,6 +116,22 @@ class ServerConfig:
     workdir: str | None = None
     checkpoint_every_n_steps: int = 50
     allowed_backbones: list[str] | None = None
+
+    #: limits that must be positive (a zero or negative one would refuse everything or nothing)
+    _POSITIVE = ("max_frame_mb", "max_concurrent_rpcs", "max_calls_per_identity", "max_workers",
+                 "max_concurrent_steps", "keepalive_s", "max_connection_idle_s", "max_sessions",
+                 "max_sessions_per_identity", "session_idle_s", "max_taps", "max_width", "max_outputs",
+                 "max_session_mb", "max_tokens_per_frame", "devices")
+
+    def __post_init__(self) -> None:
+        for key in self._POSITIVE:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"server.{key} must be a positive number, got {value!r}")
+        for key in ("cache_memory_mb", "cache_disk_mb", "checkpoint_every_n_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"server.{key} must be a number >= 0, got {value!r}")
 
     def resolved_token(self) -> str | None:
         """The shared token: from ``token_file`` if set, else the ``token_env`` variable; None if neither."""

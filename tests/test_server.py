@@ -8,6 +8,7 @@ retries is what re-sending the last training frame returns.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -371,3 +372,67 @@ def test_label_free_session_refuses_labels():
     _assert_same_state(before, _get_state(server, session))
     reply = _call(server, _target_frame(session, 0))
     assert reply.kind == P.OK and "acc" not in reply.header  # the server cannot score what it cannot see
+
+
+class _WatchedGate(threading.BoundedSemaphore):
+    """The server's compute gate, telling when a thread has started waiting for it."""
+
+    def __init__(self, value: int) -> None:
+        super().__init__(value)
+        self.waiting = threading.Event()
+
+    def acquire(self, *args, **kwargs):
+        if not super().acquire(blocking=False):
+            self.waiting.set()
+            return super().acquire(*args, **kwargs)
+        return True
+
+    __enter__ = acquire
+
+
+def test_steps_of_different_sessions_take_turns_at_the_compute_gate(monkeypatch):
+    """``max_concurrent_steps=1``: while one session's training step computes, another session's frame waits
+    at the gate (it does not compute alongside, which would hold two steps' transient memory), and runs
+    when the first is done. Frames that do not compute (get_state) pass the gate by."""
+    server = SideServer(ServerConfig(device="cpu", checkpoint_every_n_steps=0, max_concurrent_steps=1))
+    gate = server._compute = _WatchedGate(1)
+    alice = _new_session(server)
+    bob = _new_session(server, Frame(kind=P.HELLO, header={**_hello().header, "run_id": "r2"}))
+    inside, release, peak, lock = [0], threading.Event(), [0], threading.Lock()
+    step = server.policy.train
+
+    def watched(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        if not release.is_set():
+            release.wait(timeout=60)  # the first step holds the gate until the second is seen waiting
+        try:
+            return step(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(server.policy, "train", watched)
+    replies: dict[str, Frame] = {}
+    first = threading.Thread(target=lambda: replies.__setitem__("alice", _call(server, _train_frame(alice, 0, 1))))
+    second = threading.Thread(target=lambda: replies.__setitem__("bob", _call(server, _train_frame(bob, 0, 2))))
+    first.start()
+    try:
+        assert _call(server, Frame(kind=P.GET_STATE, header={**bob})).kind == P.OK  # not behind the gate
+        second.start()
+        assert gate.waiting.wait(timeout=60)
+        assert inside[0] == 1
+    finally:
+        release.set()
+        first.join(timeout=60)
+        second.join(timeout=60)
+    assert replies["alice"].kind == replies["bob"].kind == P.OK, (replies["alice"].header, replies["bob"].header)
+    assert peak[0] == 1
+
+
+@pytest.mark.parametrize("key,value", [("max_workers", 0), ("max_concurrent_steps", -1), ("max_frame_mb", "big"),
+                                       ("max_calls_per_identity", True), ("cache_disk_mb", -5)])
+def test_a_server_limit_out_of_range_names_its_key(key, value):
+    with pytest.raises(ValueError, match=f"server.{key} must be"):
+        ServerConfig(**{key: value})

@@ -290,6 +290,41 @@ def test_too_many_concurrent_calls_are_refused(served):
         assert first.result(timeout=DEADLINE) == b"first"
 
 
+def test_one_identity_cannot_take_every_place(served, tmp_path):
+    """``max_calls_per_identity``: while alice has a call in progress (her limit is 1 here), her next call
+    is refused with RESOURCE_EXHAUSTED before its body is read; bob's call goes through, and alice's
+    place comes back when her call ends. Calls refused for their token never take a place."""
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, {"alice": "a-token", "bob": "b-token"})
+    entered, release = threading.Event(), threading.Event()
+    handler = Recorder()
+
+    def blocking(data: bytes, identity: str) -> bytes:
+        if data == b"hold":
+            entered.set()
+            release.wait(timeout=60)
+        return handler(data, identity)
+
+    port = served(blocking, credentials=Credentials.from_tokens_file(tokens), max_concurrent_rpcs=3,
+                  max_calls_per_identity=1)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        held = channel.unary_unary(METHOD).future(b"hold", metadata=((TOKEN_KEY, "a-token"),), timeout=DEADLINE)
+        try:
+            assert entered.wait(timeout=DEADLINE)
+            err = raw_call(channel, b"second", token="a-token")
+            assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_calls_per_identity" in err.details()
+            for _ in range(8):  # more than max_concurrent_rpcs, none of them counted
+                err = raw_call(channel, b"x", token="wrong")
+                assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert raw_call(channel, b"from bob", token="b-token") == b"bob:from bob"
+        finally:
+            release.set()
+        assert held.result(timeout=DEADLINE) == b"alice:hold"
+        assert raw_call(channel, b"again", token="a-token") == b"alice:again"
+    assert [who for _, who in handler.calls] == ["bob", "alice", "alice"]
+
+
 # -- TLS -------------------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import torch
 
 from lightning_mobillm.protocol import READY_PREFIX
 from lightning_mobillm.server.logs import install_log_limits
+from lightning_mobillm.server.memory import limit_arenas
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.transport.link import FRAME_SLACK_BYTES, serve_link
 from lightning_mobillm.transport.security import Credentials, TlsServerConfig
@@ -99,6 +100,8 @@ def serve(config: ServerConfig, *, parent_pid: int | None = None, role: str = "s
         logging.basicConfig(level=logging.INFO, format="[server %(process)d] %(levelname)s %(message)s")
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.release_memory:
+        limit_arenas(2)
     install_log_limits()
     try:
         credentials = Credentials.from_config(config)
@@ -125,6 +128,7 @@ def serve(config: ServerConfig, *, parent_pid: int | None = None, role: str = "s
         max_message_bytes=config.max_frame_bytes + FRAME_SLACK_BYTES,
         max_workers=config.max_workers,
         max_concurrent_rpcs=config.max_concurrent_rpcs,
+        max_calls_per_identity=config.max_calls_per_identity,
         keepalive_s=config.keepalive_s,
         max_connection_idle_s=config.max_connection_idle_s,
     )

@@ -41,6 +41,7 @@ from lightning.fabric import Fabric
 
 from lightning_mobillm import protocol as P
 from lightning_mobillm.server.engine import make_fabric
+from lightning_mobillm.server.memory import release_free_memory
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.transport.frames import PREAMBLE_BYTES, Frame, FrameError, decode_frame, encode_frame
 
@@ -96,6 +97,8 @@ class FrameServer:
     schemas: dict = P.REQUEST_SCHEMAS
     #: the kinds that open a session (everything else must present a session and its secret)
     hello_kinds: tuple[str, ...] = (P.HELLO,)
+    #: the kinds that decode activations and compute (at most ``max_concurrent_steps`` at once)
+    compute_kinds: tuple[str, ...] = ()
 
     def __init__(self, config: ServerConfig | None = None, fabric: Fabric | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -105,6 +108,7 @@ class FrameServer:
         self.clock = clock
         self.sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._compute = threading.BoundedSemaphore(self.config.max_concurrent_steps)
         self.frames_refused = 0
         self.sessions_expired = 0
         self.bytes_in = 0  # counted where frames are read and written, to cross-check the device's count
@@ -144,7 +148,15 @@ class FrameServer:
                 session.bytes_in += len(data)
                 if "step" in frame.header:
                     frame.header["_digest"] = _frame_digest(data)
-                reply = handler(frame, session)
+                if frame.kind in self.compute_kinds:
+                    with self._compute:
+                        try:
+                            reply = handler(frame, session)
+                        finally:
+                            if self.config.release_memory:
+                                release_free_memory()
+                else:
+                    reply = handler(frame, session)
             if isinstance(reply, bytes):
                 return reply, session
         except FrameError as err:

@@ -121,6 +121,7 @@ class SideServer(FrameServer):
     model per device session, stepped on arrival)."""
 
     sessions: dict[str, SideSession]
+    compute_kinds = (P.TRAIN, P.TRAIN_TARGET, P.TRAIN_CACHED, P.EVAL)
 
     def __init__(self, config: ServerConfig | None = None, policy: ServerPolicy | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -85,6 +85,7 @@ class SplitServer(FrameServer):
 
     schemas = P.SPLIT_REQUEST_SCHEMAS
     hello_kinds = (P.SPLIT_HELLO,)
+    compute_kinds = (P.SPLIT_TRAIN, P.SPLIT_EVAL)
     sessions: dict[str, SplitSession]
 
     def _allowed(self, source: str) -> bool:
@@ -177,7 +178,8 @@ class SplitServer(FrameServer):
             if not isinstance(state, dict) or set(state.get("model", {})) != set(trainable):
                 raise ValueError("it does not hold this session's adapters and head")
             full = {**session.half.state_dict(), **state["model"]}
-            session.engine.load_state_dict({**state, "model": full})
+            session.engine.load_state_dict({**{k: state[k] for k in ("optimizer", "scheduler", "step") if k in state},
+                                            "model": full})
             last = state.get("last_reply")
             if last is not None:
                 session.last_reply = (int(last["step"]), last["digest"].numpy().tobytes(),

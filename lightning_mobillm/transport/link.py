@@ -112,43 +112,97 @@ def _token_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
     return None
 
 
-def _refuse(_request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+def _refusal(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
     """The handler of a refused call. Registered as *stream*-unary so that gRPC hands it a request
     iterator it never advances: the request message is never asked for (see :class:`_Authenticator`)."""
-    context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing device token")
-    raise AssertionError("unreachable")  # abort raises
+
+    def refuse(_request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        context.abort(code, details)
+        raise AssertionError("unreachable")  # abort raises
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
-_REFUSAL = grpc.stream_unary_rpc_method_handler(_refuse)
+_UNAUTHENTICATED = _refusal(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing device token")
+
+
+class _Admission:
+    """How many accepted calls are in the server (running, or waiting for a worker), in all and per
+    identity; a call that would pass either bound is refused before its body is read."""
+
+    def __init__(self, max_calls: int, max_calls_per_identity: int) -> None:
+        self.max_calls, self.max_calls_per_identity = max_calls, max_calls_per_identity
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._per_identity: dict[str, int] = {}
+
+    def enter(self, identity: str) -> str | None:
+        """Count a call in; returns why it is refused instead (None: admitted)."""
+        with self._lock:
+            mine = self._per_identity.get(identity, 0)
+            if self._calls >= self.max_calls:
+                return f"the server has {self._calls} calls in progress (max_concurrent_rpcs)"
+            if identity and mine >= self.max_calls_per_identity:  # "": open or shared token, one pool for all
+                return f"{identity} has {mine} calls in progress (max_calls_per_identity)"
+            self._calls += 1
+            self._per_identity[identity] = mine + 1
+            return None
+
+    def leave(self, identity: str) -> None:
+        with self._lock:
+            self._calls -= 1
+            left = self._per_identity[identity] - 1
+            if left:
+                self._per_identity[identity] = left
+            else:
+                del self._per_identity[identity]
 
 
 class _Authenticator(grpc.ServerInterceptor):
-    """Checks a call's token (metadata only) before its request message is read.
+    """Checks a call's token (metadata only) and admits it, before its request message is read.
 
     grpcio's sync server (``grpc/_server.py``) runs interceptors in ``_find_method_handler``, on its
     serving thread, as soon as a call's headers arrive: no worker thread is taken and nothing of the
     request message has been asked for. Only the returned handler decides when the message is read: for
     a unary-request handler, ``_handle_unary_unary`` gives the worker a thunk (``_unary_request``) that
     starts a receive and blocks until the whole message is in, so a refusal made in the handler would come
-    after the body (and a slow body would hold the worker). A refused call therefore gets :data:`_REFUSAL`,
-    a stream-unary handler: ``_handle_stream_unary`` gives it a lazy ``_RequestIterator``, which it aborts
-    without advancing, so no receive is ever started and the worker is free at once. An accepted call gets
-    the registered handler with the identity bound to it.
+    after the body (and a slow body would hold the worker). Every call therefore gets a stream-unary
+    handler: ``_handle_stream_unary`` gives it a lazy ``_RequestIterator`` and always calls it. A refused
+    call (a wrong token: UNAUTHENTICATED; too many calls in progress: RESOURCE_EXHAUSTED) aborts without
+    advancing it, so no receive is ever started and the worker is free at once. An accepted call reads its
+    one message itself and runs the handler with its identity; its admission is counted from here to the
+    end of that handler, whatever happens (this is why the server does not use gRPC's
+    ``maximum_concurrent_rpcs``, which counts calls before this check, so that unauthenticated calls
+    would crowd out devices).
     """
 
-    def __init__(self, credentials: Credentials) -> None:
+    def __init__(self, credentials: Credentials, admission: _Admission,
+                 handler: Callable[[bytes, str], bytes]) -> None:
         self._credentials = credentials
+        self._admission = admission
+        self._handler = handler
 
     def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method != METHOD:
+            return continuation(handler_call_details)
         try:
             identity = self._credentials.authenticate(_token_of(handler_call_details.invocation_metadata))
         except PermissionError as err:
             log.warning("refused a call: %s", err)
-            return _REFUSAL
-        method_handler = continuation(handler_call_details)
-        if method_handler is None or method_handler.unary_unary is None:
-            return method_handler
-        return method_handler._replace(unary_unary=functools.partial(method_handler.unary_unary, identity=identity))
+            return _UNAUTHENTICATED
+        refused = self._admission.enter(identity)
+        if refused is not None:
+            return _refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        return grpc.stream_unary_rpc_method_handler(functools.partial(self._exchange, identity=identity))
+
+    def _exchange(self, requests: Iterator[bytes], context: grpc.ServicerContext, identity: str) -> bytes:
+        try:
+            request = next(requests, None)
+            if request is None:  # the client went away (or sent no message) before the body arrived
+                context.abort(grpc.StatusCode.CANCELLED, "no request message")
+            return self._handler(request, identity)
+        finally:
+            self._admission.leave(identity)
 
 
 def serve_link(
@@ -161,6 +215,7 @@ def serve_link(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_workers: int = 8,
     max_concurrent_rpcs: int = 64,
+    max_calls_per_identity: int = 8,
     keepalive_s: float = 60.0,
     max_connection_idle_s: float = 900.0,
 ) -> tuple[grpc.Server, int]:
@@ -177,7 +232,11 @@ def serve_link(
         tls: serve over TLS (mutual TLS when it names a client CA); None serves plain text.
         max_message_bytes: larger messages are refused (RESOURCE_EXHAUSTED) before they are decoded.
         max_workers: worker threads running calls.
-        max_concurrent_rpcs: calls running at once; more are refused (RESOURCE_EXHAUSTED).
+        max_concurrent_rpcs: accepted calls in the server at once (running or waiting for a worker); more
+            are refused with RESOURCE_EXHAUSTED before their body is read. Calls refused for their token
+            never count.
+        max_calls_per_identity: the same bound for the calls of one identity, so that one device cannot
+            take every place (not applied to ``""``, the one identity of open or shared-token servers).
         keepalive_s: the server pings connections this often and allows client pings no more often.
         max_connection_idle_s: connections without a call for this long are closed.
 
@@ -185,19 +244,15 @@ def serve_link(
         The started server and the port it is bound to.
     """
     credentials = credentials if credentials is not None else Credentials.open()
-
-    def exchange(request: bytes, context: grpc.ServicerContext, identity: str | None = None) -> bytes:
-        if identity is None:  # never reached through the authenticator; refuse rather than trust
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "call was not authenticated")
-        return handler(request, identity)
-
-    rpc = grpc.unary_unary_rpc_method_handler(exchange)  # no (de)serializers: raw bytes both ways
+    authenticator = _Authenticator(credentials, _Admission(max_concurrent_rpcs, max_calls_per_identity), handler)
+    # the service is registered for gRPC's method lookup; every call of it gets the authenticator's handler
+    unreached = grpc.unary_unary_rpc_method_handler(lambda request, context: context.abort(
+        grpc.StatusCode.UNAUTHENTICATED, "call was not authenticated"))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mobillm-link"),
-        handlers=[grpc.method_handlers_generic_handler(SERVICE, {"Exchange": rpc})],
-        interceptors=[_Authenticator(credentials)],
+        handlers=[grpc.method_handlers_generic_handler(SERVICE, {"Exchange": unreached})],
+        interceptors=[authenticator],
         options=_server_options(max_message_bytes, keepalive_s, max_connection_idle_s),
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     address = f"{host}:{port}"
     try:
