@@ -20,7 +20,7 @@ from lightning_mobillm.modules import SideTuningModule
 from lightning_mobillm.server.runtime import SideServer
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig, TapSpec
-from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
+from lightning_mobillm.transport.frames import Frame, FrameError, decode_frame, encode_frame
 from lightning_mobillm.transport.link import GrpcLink, LinkError, serve_link
 from lightning_mobillm.transport.security import Credentials
 
@@ -254,7 +254,26 @@ def _malformed(session: dict, state: dict[str, Any]) -> dict[str, bytes | Frame]
         "state: skeleton names a missing tensor": Frame(
             kind=P.SET_STATE, header={**session, "skeleton": {"root": {"__tensor__": "t99"}}},
             tensors={"state": P.pack_state({})[1]}),
+        "state: skeleton nested 200 deep": Frame(kind=P.SET_STATE, header={**session, "skeleton": {"root": _deep(200)}},
+                                                 tensors={"state": P.pack_state({})[1]}),
+        "state: a dict key that is a list": Frame(
+            kind=P.SET_STATE, header={**session, "skeleton": {"root": {"__items__": [[[1], 2]]}}},
+            tensors={"state": P.pack_state({})[1]}),
     }
+
+
+def _deep(depth: int) -> list:
+    root: list = []
+    for _ in range(depth):
+        root = [root]
+    return root
+
+
+@pytest.mark.parametrize("root", [_deep(200), {"__items__": [[[1], 2]]}, {"__tensor__": ["t0"]}])
+def test_a_malformed_skeleton_is_a_frame_error(root):
+    """Refused as a bad frame by the parser, not by the server's catch-all (RecursionError, TypeError)."""
+    with pytest.raises(FrameError, match="state skeleton"):
+        P.unpack_state({"root": root}, P.pack_state({})[1])
 
 
 MALFORMED = list(_malformed({"session": "s", "secret": "s"}, {"model": {"w": torch.zeros(1)}, "optimizer": {"state": {"0": {"exp_avg": torch.zeros(1)}}},

@@ -56,21 +56,28 @@ def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     raise TypeError(f"cannot serialise a {type(obj).__name__} in a state (only tensors, numbers, strings, lists, dicts)")
 
 
-def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+#: how deep a state's skeleton may nest (a real optimizer state is 5 deep); deeper is refused, not recursed into
+MAX_STATE_DEPTH = 32
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
+    if depth > MAX_STATE_DEPTH:
+        raise FrameError(f"state skeleton nests deeper than {MAX_STATE_DEPTH}")
     if isinstance(obj, dict):
         if "__tensor__" in obj:
             name = obj["__tensor__"]
-            if name not in tensors:
-                raise FrameError(f"state skeleton names a missing tensor {name!r}")
+            if not isinstance(name, str) or name not in tensors:
+                raise FrameError(f"state skeleton names a missing tensor {str(name)[:64]!r}")
             return tensors[name]
         if "__items__" in obj:
             items = obj["__items__"]
-            if not isinstance(items, list) or not all(isinstance(i, list) and len(i) == 2 for i in items):
-                raise FrameError("state skeleton has a malformed dict")
-            return {k: _unflatten(v, tensors) for k, v in items}
+            if not isinstance(items, list) or not all(
+                    isinstance(i, list) and len(i) == 2 and isinstance(i[0], (str, int)) for i in items):
+                raise FrameError("state skeleton has a malformed dict (items of [str or int key, value])")
+            return {k: _unflatten(v, tensors, depth + 1) for k, v in items}
         raise FrameError("state skeleton has an untagged object")
     if isinstance(obj, list):
-        return [_unflatten(v, tensors) for v in obj]
+        return [_unflatten(v, tensors, depth + 1) for v in obj]
     return obj
 
 
