@@ -660,7 +660,7 @@ class Oracle:
 def side_network_mb(h: dict, layers: list[int], width: int) -> float:
     """The documented budget of a session's model: ``BYTES_PER_PARAMETER`` a parameter (weights, gradients, two
     AdamW moments and the step's undo copy)."""
-    from lightning_mobillm.server.engine import BYTES_PER_PARAMETER
+    from lightning_mobillm.engine import BYTES_PER_PARAMETER
     from lightning_mobillm.server.runtime import _resolve_module_class
     from lightning_mobillm.side.config import SideConfig
     from lightning_mobillm.specs import TapSpec

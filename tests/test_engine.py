@@ -9,8 +9,8 @@ from lightning.fabric import Fabric
 from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
 
 from lightning_mobillm import protocol as P
+from lightning_mobillm.engine import TrainingEngine
 from lightning_mobillm.modules import SideTuningModule
-from lightning_mobillm.server.engine import TrainingEngine
 from lightning_mobillm.server.runtime import SideServer
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig, TapSpec

@@ -32,8 +32,8 @@ from lightning_mobillm.baselines import (
 )
 from lightning_mobillm.callbacks import ActivationCache, DeviceMonitor, QuantizedTransfer
 from lightning_mobillm.data import TextClassificationDataModule
+from lightning_mobillm.engine import BYTES_PER_PARAMETER
 from lightning_mobillm.modules import AdditiveAdapterModule, SideTuningModule
-from lightning_mobillm.server.engine import BYTES_PER_PARAMETER
 from lightning_mobillm.strategies import ServerAssistedStrategy
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,16 +14,11 @@ in-memory cache of every accepted upload, and per-device and per-type statistics
 * :func:`simulate_async`: the asynchronous federation on :func:`~lightning_mobillm.fed.clock.run_async`'s
   virtual clock, with the caller's evaluation callback giving the accuracy/loss curve on virtual time.
 
-**The engine.** ``lightning_mobillm.fed`` must not import ``lightning_mobillm.server`` (the Flower app and the
-benchmarks use the core without the server runtime), so the engine is a duck-typed factory argument
-``engine_factory(module) -> engine`` with what :class:`~lightning_mobillm.server.engine.TrainingEngine` has:
-``model`` (Fabric's wrapper), ``optimizer``, ``step``, ``train_step(compute_loss)`` (returns a result with
-``.loss``; all or nothing, raising ValueError), ``state_dict()``, ``load_state_dict(state)``. The server policy
-passes ``lambda m: TrainingEngine.for_module(fabric, m, grad_clip=...)`` (its undo buffers and its checks of
-an untrusted state). The default, :class:`FabricEngine`, is the same loop in a few lines on Lightning Fabric
-(CPU, one device): the loss and the gradient must be finite before the optimizer steps, and a step that leaves
-a parameter non-finite is undone from a copy taken before it. Dynamic parameter groups are why the engine
-must be single-process: the asynchronous phase stays in one server process (``../shared/FED.md``).
+**The engine.** The shared model trains through :class:`~lightning_mobillm.engine.TrainingEngine` (the
+engine every server role uses: Lightning Fabric, all-or-nothing steps with an undo of a failed optimizer step,
+untrusted states checked before they load), from ``engine_factory(module)``; the default sets it up on one CPU
+device, a server passes its own Fabric. New projections and heads join the running optimizer as parameter
+groups, which is why the asynchronous phase stays in one process (``../shared/FED.md``).
 
 **Memory.** The cache holds every accepted sample decoded to float32: ``K * d_b * 4`` bytes of activations plus
 ``out_dim * 4`` of targets and its key, per sample (SmolLM2-135M at K = 18: 41 KB a sample, 66 MB for BBC
@@ -37,7 +32,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,12 +40,13 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor
 
+from lightning_mobillm.engine import TrainingEngine
 from lightning_mobillm.fed import clock as _clock
 from lightning_mobillm.fed.alignment import AlignmentError, BackboneType, aligned_layers
 from lightning_mobillm.fed.model import FedBatch, FedDownload, FedPart, FedSideModule, check_device_id
 from lightning_mobillm.fed.upload import Upload
 
-__all__ = ["FabricEngine", "FedTrainer", "SimulationResult", "StepEngine", "UploadRefused", "simulate_async"]
+__all__ = ["FedTrainer", "SimulationResult", "StepEngine", "UploadRefused", "simulate_async"]
 
 _SAMPLE_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _STATE_FORMAT = 1
@@ -62,8 +57,7 @@ class UploadRefused(ValueError):
 
 
 class StepEngine(Protocol):
-    """What :class:`FedTrainer` needs of a training engine (:class:`FabricEngine`, or the server's
-    ``TrainingEngine``)."""
+    """What :class:`FedTrainer` needs of a training engine (:class:`~lightning_mobillm.engine.TrainingEngine`)."""
 
     model: Any
     optimizer: Any
@@ -74,87 +68,6 @@ class StepEngine(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-# ---------------------------------------------------------------------------------------------- the default engine
-@dataclass
-class FabricStepResult:
-    loss: float
-    outputs: Tensor
-    grad_norm: float
-    seconds: float
-
-
-class FabricEngine:
-    """A module and the optimizer its ``configure_optimizers`` returns, set up by Lightning Fabric, stepped all or
-    nothing: a non-finite loss or gradient raises ValueError before the optimizer steps, and a step that makes
-    a parameter non-finite is undone (parameters and optimizer state copied back) before it raises.
-
-    Args:
-        module: the model (its ``configure_optimizers`` must return one optimizer).
-        fabric: defaults to ``Fabric(accelerator="cpu", devices=1)``.
-        grad_clip: max global gradient norm (``None``: no clipping; the norm is still checked to be finite).
-    """
-
-    def __init__(self, module: torch.nn.Module, fabric: Fabric | None = None, grad_clip: float | None = 1.0):
-        self.fabric = fabric if fabric is not None else Fabric(accelerator="cpu", devices=1)
-        self.model, self.optimizer = self.fabric.setup(module, module.configure_optimizers())
-        self.grad_clip = grad_clip
-        self.step = 0
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.model.module
-
-    def train_step(self, compute_loss: Callable[[], tuple[Tensor, Tensor]]) -> FabricStepResult:
-        t0 = time.perf_counter()
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        try:
-            with self.fabric.autocast():
-                loss, outputs = compute_loss()
-            if not torch.isfinite(loss):
-                raise ValueError(f"non-finite loss {loss.item()}; step skipped")
-            self.fabric.backward(loss)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            if self.grad_clip is not None:
-                norm = self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.grad_clip,
-                                                  error_if_nonfinite=False)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if not torch.isfinite(norm):
-                raise ValueError("non-finite gradient; step skipped")
-            saved = ([p.detach().clone() for p in params], copy.deepcopy(self.optimizer.state_dict()))
-            self.optimizer.step()
-            if not all(bool(torch.isfinite(p).all()) for p in params):
-                with torch.no_grad():
-                    for p, before in zip(params, saved[0]):
-                        p.copy_(before)
-                self.optimizer.load_state_dict(saved[1])
-                raise ValueError("the optimizer step made a parameter non-finite; undone")
-        finally:
-            self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return FabricStepResult(float(loss.detach()), outputs.detach(), float(norm), time.perf_counter() - t0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": None,
-                "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a state of the same structure (ValueError when it does not fit). Not all or nothing on its
-        own: :meth:`FedTrainer.load_state_dict` loads into a fresh engine and keeps it only on success."""
-        if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
-            raise ValueError("an engine state holds model, optimizer and step")
-        step = state["step"]
-        if type(step) is not int or step < 0:
-            raise ValueError(f"an engine state's step is an int >= 0, got {step!r}")
-        try:
-            self.module.load_state_dict(state["model"], strict=True)
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, TypeError) as err:
-            raise ValueError(f"the engine state does not fit: {str(err)[:300]}") from None
-        self.step = step
 
 
 # ---------------------------------------------------------------------------------------------- the cache
@@ -186,8 +99,8 @@ class FedTrainer:
 
     Args:
         module: the shared model.
-        engine_factory: ``engine_factory(module) -> engine`` (:class:`StepEngine`); default :class:`FabricEngine`
-            with ``grad_clip``. Called again for the module :meth:`load_state_dict` rebuilds.
+        engine_factory: ``engine_factory(module) -> engine`` (:class:`StepEngine`); default a
+            :class:`~lightning_mobillm.engine.TrainingEngine` on one CPU device with ``grad_clip``. Called again for the module :meth:`load_state_dict` rebuilds.
         batch_size: samples per optimizer step (arrival, replay and round steps alike).
         arrival_epochs: passes over an arrival's samples in :meth:`train_on`.
         allowed_types: the backbone types (keys) whose uploads are taken; ``None`` = every well-formed type.
@@ -217,7 +130,8 @@ class FedTrainer:
         self.arrival_epochs = arrival_epochs
         self.allowed_types = None if allowed_types is None else frozenset(allowed_types)
         self.max_samples_per_device = max_samples_per_device
-        self.engine_factory = engine_factory or (lambda m: FabricEngine(m, grad_clip=grad_clip))
+        self.engine_factory = engine_factory or (lambda m: TrainingEngine.for_module(
+            Fabric(accelerator="cpu", devices=1), m, grad_clip=grad_clip))
         self._install(module, self._make_engine(module))
         self._chunks: list[_Chunk] = []
         self._refs: list[tuple[int, int]] = []  # flat sample index -> (chunk, row)

@@ -40,7 +40,7 @@ import torch
 from lightning.fabric import Fabric
 
 from lightning_mobillm import protocol as P
-from lightning_mobillm.server.engine import make_fabric
+from lightning_mobillm.engine import make_fabric
 from lightning_mobillm.server.memory import release_free_memory
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.transport.frames import PREAMBLE_BYTES, Frame, FrameError, decode_frame, encode_frame

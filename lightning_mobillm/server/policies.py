@@ -1,7 +1,7 @@
 """Server policies: which model a session's frames train, and when steps happen.
 
 The dispatcher (:mod:`lightning_mobillm.server.dispatch`) hands a policy only validated batches; the
-policy owns the models and their :class:`~lightning_mobillm.server.engine.TrainingEngine`. Today's
+policy owns the models and their :class:`~lightning_mobillm.engine.TrainingEngine`. Today's
 MobiLLM/PAE behaviour is :class:`PerDevicePolicy`: one model per device session, one optimizer step as
 soon as a frame arrives. A policy for one shared model trained from many devices (Fed MobiLLM) goes
 beside it and implements the same five methods; the dispatcher does not change.
@@ -19,8 +19,8 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor
 
+from lightning_mobillm.engine import TrainingEngine
 from lightning_mobillm.faults import fault_point
-from lightning_mobillm.server.engine import TrainingEngine
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.transport.frames import FrameError
 

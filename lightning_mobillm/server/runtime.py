@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from lightning_mobillm import protocol as P
+from lightning_mobillm.engine import BYTES_PER_PARAMETER
 from lightning_mobillm.faults import fault_point
 from lightning_mobillm.server.cache import _KEY_RE, ActivationStore
 from lightning_mobillm.server.dispatch import FrameServer, SessionBase
-from lightning_mobillm.server.engine import BYTES_PER_PARAMETER
 from lightning_mobillm.server.policies import PerDevicePolicy, ServerPolicy
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.side.config import SideConfig
@@ -143,7 +143,7 @@ class SideServer(FrameServer):
 
     def _build_module(self, h: dict, spec: TapSpec, num_classes: int, *, sizing_only: bool = False) -> Any:
         """Build the module a hello asks for, after sizing it on the meta device (nothing allocated) against
-        ``max_session_mb`` at :data:`~lightning_mobillm.server.engine.BYTES_PER_PARAMETER` bytes per
+        ``max_session_mb`` at :data:`~lightning_mobillm.engine.BYTES_PER_PARAMETER` bytes per
         parameter. ``sizing_only`` stops after the checks."""
         cls = _resolve_module_class(h["module"])
         _check_hparams(h["hparams"])

@@ -27,10 +27,10 @@ from torch import nn
 from lightning_mobillm import protocol as P
 from lightning_mobillm.assets import PACKAGED_MODELS
 from lightning_mobillm.backbone import add_lora, load_split_part
+from lightning_mobillm.engine import TrainingEngine
 from lightning_mobillm.faults import fault_point
 from lightning_mobillm.optim import adamw_warmup_cosine
 from lightning_mobillm.server.dispatch import FrameServer, SessionBase
-from lightning_mobillm.server.engine import TrainingEngine
 from lightning_mobillm.side.heads import LastTokenHead
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.transport import codecs
