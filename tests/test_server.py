@@ -418,12 +418,14 @@ def test_steps_of_different_sessions_take_turns_at_the_compute_gate(monkeypatch)
     alice = _new_session(server)
     bob = _new_session(server, Frame(kind=P.HELLO, header={**_hello().header, "run_id": "r2"}))
     inside, release, peak, lock = [0], threading.Event(), [0], threading.Lock()
+    entered = threading.Event()
     step = server.policy.train
 
     def watched(*args, **kwargs):
         with lock:
             inside[0] += 1
             peak[0] = max(peak[0], inside[0])
+        entered.set()
         if not release.is_set():
             release.wait(timeout=60)  # the first step holds the gate until the second is seen waiting
         try:
@@ -438,6 +440,7 @@ def test_steps_of_different_sessions_take_turns_at_the_compute_gate(monkeypatch)
     second = threading.Thread(target=lambda: replies.__setitem__("bob", _call(server, _train_frame(bob, 0, 2))))
     first.start()
     try:
+        assert entered.wait(timeout=60)  # alice's step holds the gate
         assert _call(server, Frame(kind=P.GET_STATE, header={**bob})).kind == P.OK  # not behind the gate
         second.start()
         assert gate.waiting.wait(timeout=60)
