@@ -77,7 +77,28 @@ class ServerConfig:
             continues a session that says hello with ``resume: true``; 0 disables.
         allowed_backbones: backbones (``BackboneConfig.source`` values) a split-learning server may load
             when a device asks; None allows the packaged offline models only. The side server never
-            loads a backbone.
+            loads a backbone. For the ``fed`` role: the backbone type keys
+            (``<name>/<arch>/d<width>-L<depth>``, :class:`~lightning_mobillm.fed.alignment.BackboneType`)
+            whose devices may join; None admits every well-formed type.
+
+    Fed MobiLLM (``serve --role fed``: one shared side network, see ``lightning_mobillm/server/fed.py``).
+    The federation's shape is taken from these settings when they are set, else from the first hello; a
+    hello that disagrees with it is refused. Set them on a server that untrusted devices reach, so that the
+    first device cannot choose them:
+
+    Args:
+        fed_k: the number of aligned taps K (the depth of the federation's shallowest backbone).
+        fed_out_dim: the width of the devices' targets (their transform's ``out_dim``).
+        fed_d_star: the shared width d*; None: the lower median of the allow-list's widths when
+            ``allowed_backbones`` names types, else the first device's width.
+        fed_target_space: ``device`` (a head per device), ``federation`` or ``plain`` (one shared head).
+        fed_batch_size: samples per optimizer step of the shared model (arrival and replay steps alike).
+        fed_lr: AdamW's learning rate of the shared model (constant).
+        fed_seed: seeds the shared model's initial weights and the replay order.
+        fed_replay: replay the cache of every accepted upload (shuffled) whenever no upload waits.
+        fed_max_replay_steps: replay steps after the last arrival before the server waits for the next one.
+        fed_max_samples_per_device: a device's quota of samples over all its uploads (None: no quota): how
+            much one device can weigh in the shared model, and in the server's memory.
     """
 
     host: str = "127.0.0.1"
@@ -116,12 +137,24 @@ class ServerConfig:
     workdir: str | None = None
     checkpoint_every_n_steps: int = 50
     allowed_backbones: list[str] | None = None
+    fed_k: int | None = None
+    fed_out_dim: int | None = None
+    fed_d_star: int | None = None
+    fed_target_space: Literal["device", "federation", "plain"] | None = None
+    fed_batch_size: int = 32
+    fed_lr: float = 1e-3
+    fed_seed: int = 0
+    fed_replay: bool = True
+    fed_max_replay_steps: int = 1000
+    fed_max_samples_per_device: int | None = 4096
 
     #: limits that must be positive (a zero or negative one would refuse everything or nothing)
     _POSITIVE = ("max_frame_mb", "max_concurrent_rpcs", "max_calls_per_identity", "max_workers",
                  "max_concurrent_steps", "keepalive_s", "max_connection_idle_s", "max_sessions",
                  "max_sessions_per_identity", "session_idle_s", "max_taps", "max_width", "max_outputs",
-                 "max_session_mb", "max_tokens_per_frame", "devices")
+                 "max_session_mb", "max_tokens_per_frame", "devices", "fed_batch_size", "fed_max_replay_steps")
+    #: fed settings that are None (taken from the first hello, or unbounded) or a positive integer
+    _OPTIONAL_COUNTS = ("fed_k", "fed_out_dim", "fed_d_star", "fed_max_samples_per_device")
 
     def __post_init__(self) -> None:
         for key in self._POSITIVE:
@@ -132,6 +165,20 @@ class ServerConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"server.{key} must be a number >= 0, got {value!r}")
+        for key in (*self._OPTIONAL_COUNTS, "fed_batch_size", "fed_max_replay_steps", "fed_seed"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"server.{key} must be an integer, got {value!r}")
+        for key in self._OPTIONAL_COUNTS:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"server.{key} must be None or an integer >= 1, got {getattr(self, key)!r}")
+        if self.fed_seed < 0:
+            raise ValueError(f"server.fed_seed must be >= 0, got {self.fed_seed!r}")
+        if isinstance(self.fed_lr, bool) or not isinstance(self.fed_lr, (int, float)) or not 0 < self.fed_lr <= 10:
+            raise ValueError(f"server.fed_lr must be a number in (0, 10], got {self.fed_lr!r}")
+        if self.fed_target_space not in (None, "device", "federation", "plain"):
+            raise ValueError(f"server.fed_target_space must be device, federation or plain, got "
+                             f"{self.fed_target_space!r}")
 
     def resolved_token(self) -> str | None:
         """The shared token: from ``token_file`` if set, else the ``token_env`` variable; None if neither."""

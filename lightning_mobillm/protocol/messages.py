@@ -20,7 +20,8 @@ import torch
 from lightning_mobillm.transport.frames import Frame, FrameError, FrameSchema, TensorRule
 
 __all__ = [
-    "BYE", "ERROR", "EVAL", "GET_STATE", "HELLO", "OK", "PROTOCOL_VERSION", "READY_PREFIX", "REPLY_SCHEMAS",
+    "BYE", "ERROR", "EVAL", "FED_DOWNLOAD", "FED_HELLO", "FED_REPLY_SCHEMAS", "FED_REQUEST_SCHEMAS", "FED_STATS",
+    "FED_UPLOAD", "GET_STATE", "HELLO", "OK", "PROTOCOL_VERSION", "READY_PREFIX", "REPLY_SCHEMAS",
     "REQUEST_SCHEMAS", "SET_STATE", "SPLIT_EVAL", "SPLIT_HELLO", "SPLIT_REPLY_SCHEMAS", "SPLIT_REQUEST_SCHEMAS",
     "SPLIT_TRAIN", "TRAIN", "TRAIN_CACHED", "TRAIN_TARGET", "check_protocol", "error_frame", "json_safe",
 ]
@@ -33,6 +34,9 @@ TRAIN_TARGET = "train_target"
 TRAIN_CACHED = "train_cached"
 #: the split-learning baseline's server role (``serve --role split``)
 SPLIT_HELLO, SPLIT_TRAIN, SPLIT_EVAL = "split_hello", "split_train", "split_eval"
+#: Fed MobiLLM's shared-model server role (``serve --role fed``): a device uploads its shard once and
+#: is answered with acknowledgements only; it downloads its evaluation parts when it wants to evaluate
+FED_HELLO, FED_UPLOAD, FED_DOWNLOAD, FED_STATS = "fed_hello", "fed_upload", "fed_download", "fed_stats"
 # ---- reply kinds ---------------------------------------------------------------------------------
 OK, ERROR = "ok", "error"
 
@@ -148,6 +152,38 @@ SPLIT_REQUEST_SCHEMAS: dict[str, FrameSchema] = {
 SPLIT_REPLY_SCHEMAS: dict[str, FrameSchema] = {
     OK: FrameSchema(kind=OK, tensors={**_ACTS, "logits": TensorRule(dtypes=(torch.float32,), ndim=2)},
                     allow_header_extra=True),
+    ERROR: REPLY_SCHEMAS[ERROR],
+}
+
+
+#: an upload's activations: a codec's parts of ``[N, K, d_b]`` (one loss-token vector per aligned layer and
+#: sample, so no ``lengths``)
+_FED_ACTS = {name: rule for name, rule in _ACTS.items() if name != "lengths"}
+
+#: Fed MobiLLM's requests. No kind has a place for labels, token ids or text: an upload carries the aligned
+#: taps, the device-defined targets and opaque sample keys; the header holds only the keys named here.
+FED_REQUEST_SCHEMAS: dict[str, FrameSchema] = {
+    FED_HELLO: FrameSchema(
+        kind=FED_HELLO,
+        tensors={},
+        required_header={"protocol": int, "device_id": str, "run_id": str, "backbone_type": str, "k": int,
+                         "width": int, "out_dim": int, "target_space": str, "codec": str},
+        optional_header={"resume": bool},
+    ),
+    FED_UPLOAD: FrameSchema(
+        kind=FED_UPLOAD,
+        tensors={**_FED_ACTS, "targets": TensorRule(dtypes=(torch.float32,), ndim=2)},
+        required_tensors=("acts.q", "targets"),
+        required_header={**_SESSION, "seq": int, "codec": str, **_KEYS},
+    ),
+    FED_DOWNLOAD: FrameSchema(kind=FED_DOWNLOAD, tensors={}, required_header=dict(_SESSION)),
+    FED_STATS: FrameSchema(kind=FED_STATS, tensors={}, required_header=dict(_SESSION)),
+    BYE: REQUEST_SCHEMAS[BYE],
+}
+
+#: Fed MobiLLM's replies: acknowledgements, statistics, and a download's packed ``state``
+FED_REPLY_SCHEMAS: dict[str, FrameSchema] = {
+    OK: FrameSchema(kind=OK, tensors={"state": TensorRule(dtypes=(torch.uint8,), ndim=1)}, allow_header_extra=True),
     ERROR: REPLY_SCHEMAS[ERROR],
 }
 

@@ -28,11 +28,13 @@ from lightning_mobillm.transport.security import Credentials, TlsServerConfig
 
 log = logging.getLogger("lightning_mobillm.server")
 
-#: What a server process can be: the MobiLLM/PAE side-network server, or the split-learning baseline's
-#: server (which, unlike the side server, holds the upper blocks of a backbone).
+#: What a server process can be: the MobiLLM/PAE side-network server, the split-learning baseline's
+#: server (which, unlike the side server, holds the upper blocks of a backbone), or Fed MobiLLM's
+#: shared-model server (one side network for a federation of devices, trained in a thread of its own).
 ROLES: dict[str, str] = {
     "side": "lightning_mobillm.server.runtime:SideServer",
     "split": "lightning_mobillm.server.split:SplitServer",
+    "fed": "lightning_mobillm.server.fed:FedServer",
 }
 
 
@@ -142,4 +144,7 @@ def serve(config: ServerConfig, *, parent_pid: int | None = None, role: str = "s
             log.warning("device process %d is gone; shutting down", parent_pid)
             break
     grpc_server.stop(grace=2.0).wait()
+    close = getattr(side, "close", None)  # a role with a thread of its own (fed) stops it and checkpoints
+    if callable(close):
+        close()
     log.info("stopped (%d sessions open, %d frames refused)", len(side.sessions), side.frames_refused)
