@@ -16,6 +16,7 @@ import math
 import re
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -505,6 +506,36 @@ def test_close_stops_the_training_thread_and_writes_a_checkpoint_a_restart_loads
     arrival_steps = restarted.trainer.statistics()["totals"]["arrival_steps"]
     assert restarted.queued_samples == 10 - min(10, 8 * arrival_steps)
     assert not any(restarted.upload_dir.iterdir())
+
+
+class _Observed(FedServer):
+    """A server whose training thread says when it has nothing left to do (no sleeping to wait for it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.idle = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def step_pending(self) -> str | None:
+        kind = super().step_pending()
+        if kind is None:
+            self.idle.set()
+        return kind
+
+
+def test_the_background_thread_trains_on_arrival_then_replays_then_waits(tmp_path):
+    server = _Observed(_config(tmp_path, fed_max_replay_steps=3, checkpoint_every_n_steps=0))
+    try:
+        assert server.idle.wait(60)  # a failsafe bound only: set as soon as the thread finds nothing to do
+        server.idle.clear()
+        alice = _client(server, "alice")
+        alice.hello()
+        alice.upload(make_upload("alice", 10))  # wakes the thread, which runs until there is nothing to do
+        assert server.idle.wait(60)
+        totals = alice.stats()["totals"]
+        assert (totals["arrival_steps"], totals["replay_steps"]) == (2, 3) and server.queued_samples == 0
+    finally:
+        server.close()
+    assert server._thread is None
 
 
 def test_a_restart_refuses_a_config_that_disagrees_with_its_federation(tmp_path):
