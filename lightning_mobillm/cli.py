@@ -84,7 +84,8 @@ def serve_main(argv: list[str]) -> None:
                             allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file (or string) with the keys below")
     parser.add_argument("--role", choices=list(ROLES), default="side",
-                        help="side: the MobiLLM/PAE side-network server; split: the split-learning baseline's")
+                        help="side: the MobiLLM/PAE side-network server; split: the split-learning baseline's; fed: Fed "
+                             "MobiLLM's shared side network")
     parser.add_argument("--parent_pid", type=int | None, default=None,
                         help="exit when this process is gone (set by a device that embeds the server)")
     parser.add_class_arguments(ServerConfig, "server")

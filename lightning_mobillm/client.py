@@ -45,7 +45,7 @@ __all__ = ["INPROCESS", "EmbeddedServer", "ServerClient", "ServerError", "server
 #: the address that selects the in-process link
 INPROCESS = "inprocess"
 #: the server roles a process can run (``serve --role``)
-ROLES = ("side", "split")
+ROLES = ("side", "split", "fed")
 
 
 class ServerError(RuntimeError):
@@ -225,7 +225,8 @@ class ServerClient:
         self.connect_timeout = connect_timeout
         self.call_timeout = call_timeout
         self.retries = retries
-        self.reply_schemas = reply_schemas or (P.SPLIT_REPLY_SCHEMAS if role == "split" else P.REPLY_SCHEMAS)
+        self.reply_schemas = reply_schemas or {"split": P.SPLIT_REPLY_SCHEMAS, "fed": P.FED_REPLY_SCHEMAS}.get(
+            role, P.REPLY_SCHEMAS)
         self.tls = {k: v for k, v in (tls or {}).items() if v is not None}
         self.link: Link | None = None
         self.session: str | None = None
