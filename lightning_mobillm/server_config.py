@@ -99,6 +99,9 @@ class ServerConfig:
         fed_max_replay_steps: replay steps after the last arrival before the server waits for the next one.
         fed_max_samples_per_device: a device's quota of samples over all its uploads (None: no quota): how
             much one device can weigh in the shared model, and in the server's memory.
+        fed_max_devices: devices a federation admits (those that uploaded or are connected); with the quota it
+            bounds the upload cache (devices x quota x K x width x 4 bytes), also where a shared token lets any
+            caller name new device ids.
     """
 
     host: str = "127.0.0.1"
@@ -147,12 +150,14 @@ class ServerConfig:
     fed_replay: bool = True
     fed_max_replay_steps: int = 1000
     fed_max_samples_per_device: int | None = 4096
+    fed_max_devices: int = 256
 
     #: limits that must be positive (a zero or negative one would refuse everything or nothing)
     _POSITIVE = ("max_frame_mb", "max_concurrent_rpcs", "max_calls_per_identity", "max_workers",
                  "max_concurrent_steps", "keepalive_s", "max_connection_idle_s", "max_sessions",
                  "max_sessions_per_identity", "session_idle_s", "max_taps", "max_width", "max_outputs",
-                 "max_session_mb", "max_tokens_per_frame", "devices", "fed_batch_size", "fed_max_replay_steps")
+                 "max_session_mb", "max_tokens_per_frame", "devices", "fed_batch_size", "fed_max_replay_steps",
+                 "fed_max_devices")
     #: fed settings that are None (taken from the first hello, or unbounded) or a positive integer
     _OPTIONAL_COUNTS = ("fed_k", "fed_out_dim", "fed_d_star", "fed_max_samples_per_device")
 

@@ -399,6 +399,19 @@ def test_a_backbone_type_outside_the_allow_list_is_refused(tmp_path):
     assert server.trainer.module.shared_width == 12
 
 
+def test_a_full_federation_refuses_a_new_device_but_not_a_member(tmp_path):
+    """``fed_max_devices``: with a shared token any caller may name a new device id; the cap bounds how many
+    the federation (and its upload cache) holds. A member reconnecting is not a new device."""
+    server = _server(tmp_path, fed_max_devices=2, checkpoint_every_n_steps=0)
+    alice, bob = _client(server, "alice"), _client(server, "bob")
+    alice.hello()
+    bob.hello()
+    with pytest.raises(ServerError, match="federation is full.*fed_max_devices"):
+        _client(server, "carol").hello()
+    assert "device:carol/r1" not in server.sessions and "carol/r1" not in server.sessions
+    _client(server, "alice").hello()  # a member's reconnect
+
+
 def test_an_identity_that_cannot_name_a_device_is_refused(tmp_path):
     server = _server(tmp_path, checkpoint_every_n_steps=0)
     with pytest.raises(ServerError, match="cannot name a device"):

@@ -295,7 +295,12 @@ class FedServer(FrameServer):
         """A device keeps its backbone type; a new type's projection and a new head must fit the model's
         memory bound (under the state lock)."""
         trainer = self.trainer
-        known = trainer.statistics()["devices"].get(owner)
+        devices = trainer.statistics()["devices"]
+        known = devices.get(owner)
+        if known is None:  # a new device: within the federation's cap (devices that uploaded or are connected)
+            members = set(devices) | {s.owner for s in list(self.sessions.values())}
+            if owner not in members and len(members) >= self.config.fed_max_devices:
+                raise FrameError(f"this federation is full ({self.config.fed_max_devices} devices, fed_max_devices)")
         if known is not None and known["backbone_type"] != backbone.key:
             raise FrameError(f"fed_hello: {owner} uploaded with backbone type {known['backbone_type']!r}; a device "
                              f"keeps its type")
