@@ -1,0 +1,97 @@
+"""``FedDeviceModule`` as a Lightning run against a ``FedServer`` in this process (an ``InProcessLink``: the same
+frames, encoded, validated and counted): partitions, one pass of uploads, no training on the device, local
+evaluation with the downloaded parts, the summary, and a restarted device that keeps its keys."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+
+from lightning_mobillm.callbacks import DeviceMonitor
+from lightning_mobillm.data import TextClassificationDataModule
+from lightning_mobillm.modules import FedDeviceModule
+from lightning_mobillm.server.fed import FedServer
+from lightning_mobillm.server_config import ServerConfig
+from lightning_mobillm.specs import BackboneConfig
+from lightning_mobillm.transport.link import InProcessLink
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "restore_seed_env")
+
+K = 2
+PROMPT = "Article : {text} Topic :"
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A fed server whose training loop runs, synchronously, before every call it answers (no thread)."""
+    server = FedServer(ServerConfig(device="cpu", workdir=str(tmp_path / "server"), fed_batch_size=8, fed_lr=1e-2,
+                                    fed_max_replay_steps=4, fed_k=K), background=False)
+    yield server
+    server.close()
+
+
+def _link(server: FedServer, identity: str) -> InProcessLink:
+    def handle(data: bytes, who: str) -> bytes:
+        server.run_pending()
+        return server.handle(data, who)
+
+    return InProcessLink(handle, identity=identity)
+
+
+def _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, partition_id: int, **kwargs) -> tuple[FedDeviceModule,
+                                                                                                  dict]:
+    data = TextClassificationDataModule(dataset="json", data_files=str(tiny_data_file), max_length=24, batch_size=8,
+                                        eval_batch_size=16, prompt=PROMPT, limit_eval_samples=24)
+    settings = {"k": K, "num_devices": 2, "partition_id": partition_id, "partition_scheme": "dirichlet",
+                "alpha": 0.5, "partition_seed": 3, "samples_per_upload": 16, "keystore": str(tmp_path / f"keys-{partition_id}"),
+                "run_id": "unit", "wait_for_devices": 1, "wait_timeout_s": 30, "poll_interval_s": 0.0, **kwargs}
+    model = FedDeviceModule(backbone=BackboneConfig(source=str(tiny_llama_dir)), num_classes=data.num_classes,
+                            **settings)
+    model.link_factory = lambda: _link(server, f"phone-{partition_id}")
+    monitor = DeviceMonitor()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=tmp_path / f"run-{partition_id}")
+    trainer.fit(model, data)
+    summary = json.loads((tmp_path / f"run-{partition_id}" / "summary.json").read_text())
+    return model, summary
+
+
+def test_two_devices_upload_disjoint_shards_and_evaluate(server, tiny_llama_dir, tiny_data_file, tmp_path):
+    _, first = _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, 0)
+    model, second = _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, 1, wait_for_devices=2)
+    sizes = first["partition"]["sizes"]
+    assert first["partition"] == second["partition"] and first["partition"]["scheme"] == "dirichlet"
+    assert [first["samples_uploaded"], second["samples_uploaded"]] == sizes and sum(sizes) > 0
+    stats = server.trainer.statistics()
+    assert stats["totals"]["samples"] == sum(sizes) and stats["totals"]["devices"] == 2
+    assert {d: s["samples"] for d, s in stats["devices"].items()} == {"phone-0": sizes[0], "phone-1": sizes[1]}
+    for summary in (first, second):
+        assert 0.0 <= summary["val_acc"] <= 1.0 and summary["fed"]["evaluation"]["val_samples"] > 0
+        assert summary["bytes_up"] > 0 and summary["link_bytes_down"] > summary["bytes_down"] > 0
+        assert summary["fed"]["download_bytes"] > 0 and summary["server_pid"] == summary["device_pid"]
+        assert summary["method"] == "FedDeviceModule" and summary["partition_seed"] == 3
+        assert summary["fed"]["server_stats"]["queued_samples"] == 0
+    # the device never trained: no parameter, no optimizer
+    assert not list(model.parameters())
+    assert [type(o).__name__ for o in model.trainer.optimizers] == ["_MockOptimizer"]  # Lightning's "no optimizer"
+    assert second["fed"]["server_stats"]["totals"]["devices"] == 2
+
+
+def test_a_restarted_device_keeps_its_keys_and_uploads_nothing_twice(server, tiny_llama_dir, tiny_data_file,
+                                                                      tmp_path):
+    _, first = _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, 0, evaluate=False)
+    keys = (tmp_path / "keys-0" / "device-keys.json").read_text()
+    assert oct((tmp_path / "keys-0" / "device-keys.json").stat().st_mode & 0o777) == "0o600"
+    _, again = _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, 0)
+    assert (tmp_path / "keys-0" / "device-keys.json").read_text() == keys
+    assert first["samples_uploaded"] > 0 and again["samples_uploaded"] == 0
+    assert again["fed"]["samples_skipped_already_uploaded"] == first["samples_uploaded"]
+    assert again["val_acc"] is not None  # it evaluates with its old head: its key still fits it
+    assert len((tmp_path / "keys-0" / "uploaded.txt").read_text().split()) == first["samples_uploaded"]
+
+
+def test_a_hello_with_another_k_is_refused(server, tiny_llama_dir, tiny_data_file, tmp_path):
+    with pytest.raises(Exception, match="this federation has k = 2"):
+        _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, 0, k=4)
