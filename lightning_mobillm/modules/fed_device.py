@@ -1,38 +1,41 @@
-"""``FedDeviceModule``: a Fed MobiLLM device as a Lightning run (issue 10, item 2; ``docs/protocol.md``, role ``fed``).
+"""``FedDeviceModule``: a Fed MobiLLM device as a Lightning run (issue 10, item 2; ``docs/protocol.md``, role
+``fed``).
 
 ``python -m lightning_mobillm fit --config recipes/fed/<device>.yaml`` on a device:
 
-1. **Its shard.** :func:`~lightning_mobillm.fed.partition.make_partition` over the data module's training split
-   (``num_devices``, ``partition_scheme``, ``alpha``, ``partition_seed``): every device of a federation runs the
-   same config with its own ``partition_id`` and gets a disjoint shard.
+1. **Its shard.** :func:`~lightning_mobillm.fed.partition.make_partition` over the data module's training
+   split (``num_devices``, ``partition_scheme``, ``alpha``, ``partition_seed``): every device of a
+   federation runs the same config with its own ``partition_id`` and gets a disjoint shard.
 2. **One pass, no training.** Lightning's training loop walks the data module's training batches; each
-   ``training_step`` keeps the rows of this device's partition (the batches carry their ``index`` in the split)
-   and, every ``samples_per_upload`` samples, the :class:`~lightning_mobillm.fed.device.DeviceWorker` forwards
-   them once through the frozen backbone, tapped at the federation's K aligned layers, and
-   :class:`~lightning_mobillm.fed.client.FedClient` uploads the quantised taps, the device-defined targets and
-   opaque sample keys. Acknowledgements are the only replies. There is no optimizer (``configure_optimizers``
-   returns None, manual optimisation) and ``max_epochs: 1``: a second epoch would find every sample uploaded.
+   ``training_step`` keeps the rows of this device's partition (the batches carry their ``index`` in the
+   split) and, every ``samples_per_upload`` samples, the :class:`~lightning_mobillm.fed.device.DeviceWorker`
+   forwards them once through the frozen backbone, tapped at the federation's K aligned layers, and
+   :class:`~lightning_mobillm.fed.client.FedClient` uploads the quantised taps, the device-defined targets
+   and opaque sample keys. Acknowledgements are the only replies. There is no optimizer
+   (``configure_optimizers`` returns None, manual optimisation) and ``max_epochs: 1``: a second epoch would
+   find every sample uploaded.
 3. **Evaluation, when asked.** Lightning's validation loop (at the end of the epoch, or ``validate``) waits
    (bounded) for the server to have trained on this device's uploads (and, if set, for ``wait_for_devices``
    devices and ``wait_min_steps`` steps), downloads the trunk, its type's projection and its own head, and
-   evaluates on the device, on the data module's pooled validation split: ``val/acc`` (and the backbone's own
-   ``val/zero_shot_acc``) go to Lightning's loggers. Labels never leave the device.
-4. ``summary.json`` in the run's folder: :class:`~lightning_mobillm.callbacks.DeviceMonitor`'s keys (it reads
-   :attr:`FedDeviceModule.device_stats`) plus ``samples_uploaded``, ``partition`` (its summary), ``partition_id``,
-   ``partition_seed`` and a ``fed`` section (the federation's reply, the server's statistics, bytes, keys path).
+   evaluates on the device, on the data module's pooled validation split: ``val/acc`` (and the backbone's
+   own ``val/zero_shot_acc``) go to Lightning's loggers. Labels never leave the device.
+4. ``summary.json`` in the run's folder: :class:`~lightning_mobillm.callbacks.DeviceMonitor`'s keys (it
+   reads :attr:`FedDeviceModule.device_stats`) plus ``samples_uploaded``, ``partition`` (its summary),
+   ``partition_id``, ``partition_seed`` and a ``fed`` section (the federation's reply, the server's
+   statistics, bytes, keys path).
 
-**Why a LightningModule and no Strategy.** The device never trains: there is no backward, optimizer, precision
-or gradient for a Strategy to place, so Lightning's default single-device strategy (``strategy: auto``) runs the
-loop and the module holds the connection, as the split-learning baseline's module does. The module is what
-LightningCLI already instantiates from a recipe (``model:``), so the CLI needed no change.
+**Why a LightningModule and no Strategy.** The device never trains: there is no backward, optimizer,
+precision or gradient for a Strategy to place, so Lightning's default single-device strategy (``strategy:
+auto``) runs the loop and the module holds the connection, as the split-learning baseline's module does. The
+module is what LightningCLI already instantiates from a recipe (``model:``), so the CLI needed no change.
 
-**Secrets.** The device's token comes from ``token_env`` or ``token_file``, never a config key. The key of the
-``device`` target space and the secret that names samples are drawn once and kept in the device's folder under
-the user's cache (``<cache>/fed/<run_id>/<device_id>/device-keys.json``, mode 0600; ``keystore`` moves it), never
-in the repo, the config or a checkpoint: a restarted device keeps its key (its head on the server still fits its
-targets) and its sample keys. The keys of acknowledged samples are appended to ``uploaded.txt`` there, so a
-restarted device does not upload them again. The ``federation`` space's shared key is read from
-``federation_key_env`` (hex).
+**Secrets.** The device's token comes from ``token_env`` or ``token_file``, never a config key. The key of
+the ``device`` target space and the secret that names samples are drawn once and kept in the device's folder
+under the user's cache (``<cache>/fed/<run_id>/<device_id>/device-keys.json``, mode 0600; ``keystore`` moves
+it), never in the repo, the config or a checkpoint: a restarted device keeps its key (its head on the server
+still fits its targets) and its sample keys. The keys of acknowledged samples are appended to
+``uploaded.txt`` there, so a restarted device does not upload them again. The ``federation`` space's shared
+key is read from ``federation_key_env`` (hex).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from lightning_mobillm.fed.alignment import BackboneType, aligned_backbone_confi
 from lightning_mobillm.fed.client import FedClient
 from lightning_mobillm.fed.device import DeviceWorker, LocalShard, make_target_transform
 from lightning_mobillm.fed.partition import Partition, make_partition
+from lightning_mobillm.modules.side_tuning import to_backbone_config
 from lightning_mobillm.privacy import new_key
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.stats import DeviceStats
@@ -90,9 +94,9 @@ class FedDeviceModule(L.LightningModule):
         backbone: the frozen backbone (its ``layers`` are replaced by the federation's K aligned layers).
         num_classes: linked from the data module by the CLI.
         k: the federation's K aligned taps (the depth of its shallowest backbone); the server refuses another.
-        target_space: ``device`` (the device's own secret key; a head of its own on the server), ``federation``
-            (a key every device shares, from ``federation_key_env``; one shared head) or ``plain`` (the
-            residual ``onehot(y) - softmax(z_b)``, no key).
+        target_space: ``device`` (the device's own secret key; a head of its own on the server),
+            ``federation`` (a key every device shares, from ``federation_key_env``; one shared head) or
+            ``plain`` (the residual ``onehot(y) - softmax(z_b)``, no key).
         out_dim: width of the keyed targets (``device``/``federation``; ``plain`` uses the class count).
         rr_epsilon: randomized response on the label before the transform (epsilon-label-DP); None: off.
         codec: codec of the uploaded taps (``int8``, ``fp16``, ...).
@@ -106,32 +110,36 @@ class FedDeviceModule(L.LightningModule):
         alpha: Dirichlet concentration (``dirichlet`` only; small: few classes per device).
         partition_seed: seed of the partition (the same on every device of the federation).
         min_partition_size: the smallest partition a Dirichlet draw may give (0 allows empty devices).
-        partition_implementation: ``builtin`` (numpy) or ``flwr_datasets`` (or ``auto``); recorded in the summary.
+        partition_implementation: ``builtin`` (numpy) or ``flwr_datasets`` (or ``auto``); recorded in the
+            summary.
         server: ``host:port`` of a ``serve --role fed`` server.
         token_env: environment variable holding this device's token (never a config key).
         token_file: a file holding this device's token (instead of ``token_env``).
         tls_ca_file: the CA certificate that signed the server's (PEM): the link runs over TLS.
         tls_cert_file, tls_key_file: this device's certificate and key, for mutual TLS.
         tls_server_name: the name to check the server's certificate against.
-        device_id: this device's name in the hello (1-64 of ``[A-Za-z0-9_.@-]``; default ``device-<partition_id>``).
+        device_id: this device's name in the hello (1-64 of ``[A-Za-z0-9_.@-]``; default
+            ``device-<partition_id>``).
             With per-device tokens the server files the device under its token's identity instead.
         run_id: the federation's run name (the session's name on the server, and the keystore's folder).
         keystore: folder of this device's keys (default ``<cache>/fed/<run_id>/<device_id>``).
         federation_key_env: environment variable with the shared hex key of the ``federation`` target space.
         evaluate: evaluate in the validation loop (download, then locally); False: validation logs nothing.
-        wait_for_devices: before evaluating, wait until this many devices have uploaded (0: do not wait for others).
+        wait_for_devices: before evaluating, wait until this many devices have uploaded (0: do not wait for
+            others).
         wait_min_steps: before evaluating, wait until the shared model has taken this many optimizer steps.
         wait_timeout_s: the longest wait for the server's progress; then it evaluates what it has (warned).
         poll_interval_s: seconds between two statistics requests while waiting.
         connect_timeout: seconds to keep trying to reach the server.
         call_timeout: deadline of one call, seconds.
         retries: how often a frame is sent again after the link failed to deliver it.
-        eval_batch_size: samples per backbone forward and side-network batch during evaluation.
+        eval_forward_batch_size: samples per side-network batch during evaluation (the backbone forwards
+            ``forward_batch_size`` at a time).
     """
 
     def __init__(
         self,
-        backbone: BackboneConfig,
+        backbone: BackboneConfig | None = None,
         num_classes: int | None = None,
         k: int = 18,
         target_space: Literal["device", "federation", "plain"] = "device",
@@ -167,20 +175,22 @@ class FedDeviceModule(L.LightningModule):
         connect_timeout: float = 60.0,
         call_timeout: float = 600.0,
         retries: int = 2,
-        eval_batch_size: int = 32,
+        eval_forward_batch_size: int = 32,
     ) -> None:
         super().__init__()
         if not 0 <= partition_id < num_devices:
             raise ValueError(f"partition_id must be in [0, {num_devices}), got {partition_id}")
-        if samples_per_upload < 1 or forward_batch_size < 1 or eval_batch_size < 1:
-            raise ValueError("samples_per_upload, forward_batch_size and eval_batch_size must be >= 1")
+        if samples_per_upload < 1 or forward_batch_size < 1 or eval_forward_batch_size < 1:
+            raise ValueError("samples_per_upload, forward_batch_size and eval_forward_batch_size must be "
+                             ">= 1")
         device_id = device_id or f"device-{partition_id}"
         for name, value in (("device_id", device_id), ("run_id", run_id)):
             if not _DEVICE_ID.fullmatch(value):
                 raise ValueError(f"{name} must be 1-64 characters of [A-Za-z0-9_.@-], got {value!r}")
+        self.backbone_config = to_backbone_config(backbone)
         self.save_hyperparameters()
+        self.hparams["backbone"] = self.backbone_config.to_dict()  # plain data, like every module's hparams
         self.automatic_optimization = False  # the device never trains: no optimizer, no backward
-        self.backbone_config = backbone
         self.device_id, self.run_id = device_id, run_id
         #: what this device spends (read by DeviceMonitor): upload compute, upload bytes and acknowledgements
         self.device_stats = DeviceStats(run={"codec": codec, "select": "loss", "pipeline_depth": 0})
@@ -207,7 +217,8 @@ class FedDeviceModule(L.LightningModule):
         return self._live.backbone.tokenizer if self._live is not None else None
 
     def _keys(self) -> dict[str, bytes]:
-        """The device's target key and sample secret: read from the keystore, or drawn once and written there."""
+        """The device's target key and sample secret: read from the keystore, or drawn once and written
+        there."""
         path = self.keystore / "device-keys.json"
         if path.exists():
             data = json.loads(path.read_text())
@@ -217,7 +228,8 @@ class FedDeviceModule(L.LightningModule):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({name: value.hex() for name, value in keys.items()}, f)
-        log.info("new device keys in %s (keep them: the device's head on the server fits only this key)", path)
+        log.info("new device keys in %s (keep them: the device's head on the server fits only this key)",
+                 path)
         return keys
 
     def _transform(self, num_classes: int, target_key: bytes):
@@ -227,7 +239,8 @@ class FedDeviceModule(L.LightningModule):
         if hp.target_space == "federation":
             hexkey = os.environ.get(hp.federation_key_env)
             if not hexkey:
-                raise ValueError(f"the federation target space needs the shared key in ${hp.federation_key_env} (hex)")
+                raise ValueError(f"the federation target space needs the shared key in "
+                                 f"${hp.federation_key_env} (hex)")
             target_key = bytes.fromhex(hexkey.strip())
         return make_target_transform(hp.target_space, num_classes, target_key, out_dim=hp.out_dim,
                                      rr_epsilon=hp.rr_epsilon)
@@ -256,9 +269,10 @@ class FedDeviceModule(L.LightningModule):
         keys = self._keys()
         transform = self._transform(len(class_names), keys["target_key"])
         kind = BackboneType.of(backbone).key
-        worker = DeviceWorker(backbone, class_names, transform, device=self.device_id, target_space=hp.target_space,
-                              codec=hp.codec, outlier_channels=hp.outlier_channels,
-                              batch_size=hp.forward_batch_size, k=hp.k, backbone_type=kind,
+        worker = DeviceWorker(backbone, class_names, transform, device=self.device_id,
+                              target_space=hp.target_space, codec=hp.codec,
+                              outlier_channels=hp.outlier_channels, batch_size=hp.forward_batch_size, k=hp.k,
+                              backbone_type=kind,
                               secret=keys["sample_secret"])
         labels = list(data.split_dataset("train").labels)
         knobs: dict[str, Any] = {}
@@ -269,8 +283,8 @@ class FedDeviceModule(L.LightningModule):
         partition = make_partition(labels, hp.num_devices, hp.partition_scheme, seed=hp.partition_seed,
                                    implementation=hp.partition_implementation, **knobs)
         client = self._connect(device_id=self.device_id, run_id=self.run_id, backbone_type=kind, k=hp.k,
-                               width=backbone.hidden_size, out_dim=transform.out_dim, target_space=hp.target_space,
-                               codec=hp.codec)
+                               width=backbone.hidden_size, out_dim=transform.out_dim,
+                               target_space=hp.target_space, codec=hp.codec)
         try:
             reply = client.hello()
         except BaseException:
@@ -281,9 +295,9 @@ class FedDeviceModule(L.LightningModule):
         uploaded = set(ledger.read_text().split()) if ledger.exists() else set()
         shard = frozenset(partition.indices[hp.partition_id])
         self._live = _Live(backbone, worker, partition, shard, client, reply, uploaded)
-        log.info("fed device %s: %s, K = %d, partition %d of %d (%d samples), federation d* = %s, server pid %s",
-                 self.device_id, kind, hp.k, hp.partition_id, hp.num_devices, len(shard), reply.get("d_star"),
-                 reply.get("server_pid"))
+        log.info("fed device %s: %s, K = %d, partition %d of %d (%d samples), federation d* = %s, "
+                 "server pid %s", self.device_id, kind, hp.k, hp.partition_id, hp.num_devices, len(shard),
+                 reply.get("d_star"), reply.get("server_pid"))
 
     def teardown(self, stage: str) -> None:
         if self._live is not None:
@@ -299,8 +313,8 @@ class FedDeviceModule(L.LightningModule):
         rows = [i for i, index in enumerate(batch["index"].tolist()) if index in live.shard]
         if rows:
             where = torch.tensor(rows, dtype=torch.long)
-            live.pending.append(LocalShard.from_tensors(batch["input_ids"][where], batch["attention_mask"][where],
-                                                        batch["labels"][where]))
+            rows_of = {name: batch[name][where] for name in ("input_ids", "attention_mask", "labels")}
+            live.pending.append(LocalShard.from_tensors(**rows_of))
             if sum(len(s) for s in live.pending) >= self.hparams.samples_per_upload:
                 self._upload_pending()
         self.log("fed/samples_uploaded", float(self.samples_uploaded), on_step=True, on_epoch=False)
@@ -311,7 +325,8 @@ class FedDeviceModule(L.LightningModule):
         live = self._live
         if live is None or not live.pending:
             return
-        shard = LocalShard([ids for s in live.pending for ids in s.input_ids], [y for s in live.pending for y in s.labels])
+        shard = LocalShard([ids for s in live.pending for ids in s.input_ids],
+                           [y for s in live.pending for y in s.labels])
         live.pending.clear()
         keep = [i for i, key in enumerate(live.worker.sample_keys(shard)) if key not in live.uploaded]
         self.skipped_uploaded += len(shard) - len(keep)
@@ -323,7 +338,8 @@ class FedDeviceModule(L.LightningModule):
             before = live.client.traffic
             acks = live.client.upload(upload)
             after = live.client.traffic
-            self.device_stats.add_device_step(epoch, upload.device_compute_s, after["bytes_up"] - before["bytes_up"])
+            self.device_stats.add_device_step(epoch, upload.device_compute_s,
+                                              after["bytes_up"] - before["bytes_up"])
             self.device_stats.train_samples += len(upload)
             self.device_stats.train_bytes_down += after["bytes_down"] - before["bytes_down"]
             if acks:
@@ -352,8 +368,9 @@ class FedDeviceModule(L.LightningModule):
                 return stats
             if time.monotonic() >= deadline:
                 log.warning("the server's progress did not arrive within %.0f s (devices %d/%d, steps %d/%d, "
-                            "own samples queued %d): evaluating what it has", hp.wait_timeout_s, totals["devices"],
-                            hp.wait_for_devices, totals["steps"], hp.wait_min_steps, stats["queued_samples"])
+                            "own samples queued %d): evaluating what it has", hp.wait_timeout_s,
+                            totals["devices"], hp.wait_for_devices, totals["steps"], hp.wait_min_steps,
+                            stats["queued_samples"])
                 return stats
             time.sleep(hp.poll_interval_s)
 
@@ -371,15 +388,16 @@ class FedDeviceModule(L.LightningModule):
             log.warning("no evaluation: %s", err)
             return
         self.download_bytes += client.traffic["bytes_down"] - before
-        self._eval = {"side": parts.build(), "steps": None, "correct": 0, "zero_shot": 0, "n": 0, "busy_s": 0.0}
+        self._eval = {"side": parts.build(), "correct": 0, "zero_shot": 0, "n": 0, "busy_s": 0.0}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if self._eval is None:
             return None
         live = self._live
         shard = LocalShard.from_tensors(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        result = live.worker.evaluate(self._eval["side"], shard, batch_size=self.hparams.eval_batch_size,
-                                      codec=self.hparams.codec)
+        hp = self.hparams
+        result = live.worker.evaluate(self._eval["side"], shard, batch_size=hp.eval_forward_batch_size,
+                                      codec=hp.codec)
         n = result.num_samples
         self._eval["correct"] += round(result.accuracy * n)
         self._eval["zero_shot"] += round(result.zero_shot_accuracy * n)
@@ -396,13 +414,14 @@ class FedDeviceModule(L.LightningModule):
         self.evaluation = {"val_acc": acc, "val_zero_shot_acc": zero_shot, "val_samples": ev["n"],
                            "server_steps": self.server_stats.get("totals", {}).get("steps")}
         self.log_dict({"val/acc": acc, "val/zero_shot_acc": zero_shot}, on_epoch=True)
-        log.info("fed device %s: val acc %.4f (zero-shot %.4f) on %d samples after %s server steps", self.device_id,
-                 acc, zero_shot, ev["n"], self.evaluation["server_steps"])
+        log.info("fed device %s: val acc %.4f (zero-shot %.4f) on %d samples after %s server steps",
+                 self.device_id, acc, zero_shot, ev["n"], self.evaluation["server_steps"])
         self._eval = None
 
     # ---- summary ---------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
-        """Add the federation's figures to ``summary.json`` (after :class:`DeviceMonitor` wrote its own, or alone)."""
+        """Add the federation's figures to ``summary.json`` (after :class:`DeviceMonitor` wrote its own, or
+        alone)."""
         from lightning_mobillm.callbacks import DeviceMonitor
 
         trainer = self.trainer
@@ -410,9 +429,9 @@ class FedDeviceModule(L.LightningModule):
         live, hp = self._live, self.hparams
         traffic = live.client.traffic if live is not None else self.device_stats.link.snapshot()
         summary: dict[str, Any] = dict(monitor.summary) if monitor is not None and monitor.summary else {
-            "device_pid": os.getpid(), "server_pid": self.device_stats.server_pid, "method": type(self).__name__,
-            "codec": hp.codec, "steps": trainer.global_step, "bytes_up": self.device_stats.train_bytes_up,
-            "bytes_down": self.device_stats.train_bytes_down, "device_busy_s": self.device_stats.device_busy_s}
+            "device_pid": os.getpid(), "codec": hp.codec, "steps": trainer.global_step,
+            "bytes_up": self.device_stats.train_bytes_up, "bytes_down": self.device_stats.train_bytes_down,
+            "device_busy_s": self.device_stats.device_busy_s}
         summary.update({
             "method": type(self).__name__,
             "server_pid": self.device_stats.server_pid,

@@ -1,0 +1,162 @@
+"""Fed MobiLLM over gRPC between real processes (issue 10): a ``serve --role fed`` process and two device
+processes (``python -m lightning_mobillm fit --config recipes/fed/tiny-device.yaml``) with two different tiny
+random backbones (a Llama 32 x 4 and a Gemma 3 48 x 6, K = 4), on disjoint Dirichlet partitions of the tiny
+data set, each with its own token from a tokens file. Every process writes its stderr to a file; every wait is
+bounded by the process finishing (``communicate`` with a timeout); every process is ended at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lightning_mobillm.fed.alignment import BackboneType
+from lightning_mobillm.fed.client import FedClient
+from lightning_mobillm.protocol import READY_PREFIX
+from lightning_mobillm.specs import BackboneConfig
+from lightning_mobillm.transport.security import hash_token, new_token
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER_RECIPE = REPO / "recipes" / "fed" / "tiny-server.yaml"
+DEVICE_RECIPE = REPO / "recipes" / "fed" / "tiny-device.yaml"
+#: tensors an uploaded frame may carry (docs/protocol.md, role fed): the codec's parts and the keyed targets
+UPLOAD_TENSORS = {"acts.q", "acts.scale", "acts.d", "acts.oidx", "acts.oval", "targets"}
+
+
+@pytest.fixture
+def tiny_gemma_dir(tmp_path, tiny_llama_dir) -> Path:
+    """A tiny random Gemma 3 of another width and depth than the tiny Llama (48 x 6 against 32 x 4), with the
+    same word-level tokenizer. (Not a Qwen2: transformers loads any tokenizer beside a ``qwen2`` config as its
+    own ``Qwen2Tokenizer``, which turns the tiny vocabulary's class names into nothing.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
+
+    folder = tmp_path / "tiny-gemma3"
+    torch.manual_seed(1)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=48, num_hidden_layers=6, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=12, intermediate_size=96, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    return folder
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a process we started (SIGTERM, then SIGKILL after 30 s) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def test_a_fed_server_and_two_devices_with_different_backbones(tmp_path, tiny_llama_dir, tiny_gemma_dir,
+                                                                tiny_data_file):
+    backbones = {"phone-llama": tiny_llama_dir, "phone-gemma": tiny_gemma_dir}
+    types = {name: BackboneType.of(BackboneConfig(source=str(folder))).key
+             for name, folder in backbones.items()}
+    assert len(set(types.values())) == 2
+    tokens = {name: new_token() for name in [*backbones, "observer"]}
+    (tmp_path / "tokens.txt").write_text("".join(f"{name} {hash_token(tok)}\n" for name, tok in tokens.items()))
+    # the devices' keystores go to this test's cache folder, never ~/.cache
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+           "LIGHTNING_MOBILLM_CACHE": str(tmp_path / "cache")}
+    env.pop("MOBILLM_TOKEN", None)
+    procs: list[subprocess.Popen] = []
+    try:
+        # the server: the tiny recipe, with the two types allowed and checkpoints rare, so that the upload log
+        # (what the server keeps of every upload) is still there to be read when the devices are done
+        with (tmp_path / "server.stderr").open("w") as stderr:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "lightning_mobillm", "serve", "--config", str(SERVER_RECIPE),
+                 "--server.allowed_backbones", json.dumps(sorted(types.values())),
+                 "--server.checkpoint_every_n_steps", "1000000"],
+                cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                text=True)
+        procs.append(server)
+        line = next((ln for ln in server.stdout if ln.startswith(READY_PREFIX)), "")
+        assert line, f"serve exited: {(tmp_path / 'server.stderr').read_text()[-3000:]}"
+        ready = dict(kv.split("=") for kv in line.split()[1:])
+        address, server_pid = f"127.0.0.1:{ready['port']}", int(ready["pid"])
+        assert server_pid == server.pid
+
+        # two devices at once, each in its own folder, each with its own token (from its environment)
+        devices = {}
+        for partition_id, (name, folder) in enumerate(backbones.items()):
+            cwd = tmp_path / name
+            cwd.mkdir()
+            args = [sys.executable, "-m", "lightning_mobillm", "fit", "--config", str(DEVICE_RECIPE),
+                    "--model.init_args.backbone.source", str(folder), "--model.init_args.server", address,
+                    "--model.init_args.partition_id", str(partition_id), "--model.init_args.device_id", name,
+                    "--data.init_args.data_files", str(tiny_data_file)]
+            with (cwd / "stdout").open("w") as out, (cwd / "stderr").open("w") as err:
+                proc = subprocess.Popen(args, cwd=cwd, env={**env, "MOBILLM_TOKEN": tokens[name]},
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            procs.append(proc)
+            devices[name] = (proc, cwd)
+        for name, (proc, cwd) in devices.items():
+            proc.communicate(timeout=150)
+            assert proc.returncode == 0, f"{name}: {(cwd / 'stderr').read_text()[-4000:]}"
+
+        summaries = {name: json.loads((cwd / "runs" / "fed-tiny" / "version_0" / "summary.json").read_text())
+                     for name, (_, cwd) in devices.items()}
+        pids = {s["device_pid"] for s in summaries.values()}
+        assert len(pids) == 2 and server_pid not in pids
+        assert pids == {proc.pid for proc, _ in devices.values()}
+        sizes = summaries["phone-llama"]["partition"]["sizes"]
+        for partition_id, (name, summary) in enumerate(summaries.items()):
+            assert summary["server_pid"] == server_pid
+            assert summary["partition"] == summaries["phone-llama"]["partition"]  # the same partition on both
+            assert summary["samples_uploaded"] == sizes[partition_id] >= 10
+            assert summary["fed"]["backbone_type"] == types[name]
+            assert summary["val_acc"] is not None and 0.0 <= summary["val_acc"] <= 1.0
+            assert summary["fed"]["evaluation"]["val_samples"] > 0
+            assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+            assert summary["fed"]["download_bytes"] > 0
+            assert summary["link_bytes_up"] >= summary["bytes_up"] and summary["device_busy_s"] > 0
+            assert summary["fed"]["federation"]["k"] == 4 and summary["fed"]["federation"]["d_star"] == 32
+            assert summary["fed"]["server_stats"]["device"]["samples"] == sizes[partition_id]
+            assert summary["fed"]["server_stats"]["totals"]["devices"] == 2
+            metrics = (devices[name][1] / "runs" / "fed-tiny" / "version_0" / "metrics.csv").read_text()
+            assert "val/acc" in metrics.splitlines()[0]  # logged through Lightning's logger
+
+        # the federation's totals, asked over gRPC by a third identity: both devices' samples, two types
+        observer = FedClient.connect(address, tokens["observer"], device_id="observer", run_id="watch",
+                                     backbone_type=types["phone-llama"], k=4, width=32, out_dim=16,
+                                     connect_timeout=30)
+        with observer:
+            observer.hello()
+            totals = observer.stats()["totals"]
+        assert totals["samples"] == sum(sizes) and totals["devices"] == 2 and totals["types"] == 2
+        assert totals["arrival_steps"] >= 2
+
+        # what crossed: the server's upload log holds, per upload, the codec's parts and the keyed targets, keyed
+        # by opaque sample keys; no labels, token ids or texts (the frame schemas have no place for them)
+        logged = sorted((tmp_path / "fed-server" / "fed" / "uploads").glob("upload-*.safetensors"))
+        assert logged
+        owners, samples = set(), 0
+        for path in logged:
+            with safe_open(str(path), "pt") as f:
+                assert set(f.keys()) <= UPLOAD_TENSORS and "targets" in f.keys()
+                assert f.get_slice("targets").get_shape()[1] == 16  # keyed targets, not [N] labels
+                entry = json.loads(f.metadata()["entry"])
+            assert set(entry) == {"index", "device", "backbone_type", "keys", "codec", "session", "seq",
+                                  "digest", "reply"}
+            owners.add(entry["device"])
+            samples += len(entry["keys"])
+        assert owners == set(backbones) and samples == sum(sizes)
+        texts = [json.loads(line)["text"] for line in tiny_data_file.read_text().splitlines()]
+        server_log = (tmp_path / "server.stderr").read_text()
+        assert "fed session" in server_log and "upload 0 accepted" in server_log
+        assert not any(text in server_log for text in texts)
+        for word in ("labels", "input_ids"):
+            assert word not in server_log
+    finally:
+        for proc in procs:
+            _stop(proc)
