@@ -33,7 +33,7 @@ from lightning_mobillm.baselines import (
 from lightning_mobillm.callbacks import ActivationCache, DeviceMonitor, QuantizedTransfer
 from lightning_mobillm.data import TextClassificationDataModule
 from lightning_mobillm.engine import BYTES_PER_PARAMETER
-from lightning_mobillm.modules import AdditiveAdapterModule, SideTuningModule
+from lightning_mobillm.modules import AdditiveAdapterModule, FedDeviceModule, SideTuningModule
 from lightning_mobillm.strategies import ServerAssistedStrategy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,14 @@ def _shipped(folder: str) -> list[str]:
     return sorted(p.relative_to(REPO).as_posix() for p in (REPO / folder).glob("**/*.yaml"))
 
 
-RECIPES = _shipped("recipes")
+def _is_server_config(path: str) -> bool:
+    """``serve --config`` files shipped beside a method's device recipes (``role:`` and ``server:``, no model)."""
+    cfg = yaml.safe_load((REPO / path).read_text())
+    return isinstance(cfg, dict) and "server" in cfg and "model" not in cfg
+
+
+RECIPES = [r for r in _shipped("recipes") if not _is_server_config(r)]
+SERVER_CONFIGS = [r for r in _shipped("recipes") if _is_server_config(r)]
 CODECS = _shipped("configs/codecs")
 BACKBONES = _shipped("configs/backbones")
 DATA = _shipped("configs/data")
@@ -81,6 +88,8 @@ METHODS: dict[str, Method] = {
     "recipes/baselines/lora.yaml": Method(LoRAClassifier, SingleDeviceStrategy, ON_DEVICE),
     "recipes/baselines/lst.yaml": Method(LadderSideTuningClassifier, SingleDeviceStrategy, ON_DEVICE),
     "recipes/baselines/split.yaml": Method(SplitLearningClassifier, SingleDeviceStrategy, ON_DEVICE),
+    **{f"recipes/fed/{name}.yaml": Method(FedDeviceModule, SingleDeviceStrategy, (DeviceMonitor,))
+       for name in ("smollm2-135m-bbc", "gemma3-270m-bbc", "qwen2.5-coder-0.5b-bbc", "tiny-device")},
 }
 OWN_CALLBACKS = (QuantizedTransfer, ActivationCache, DeviceMonitor, ModelCheckpoint)
 
@@ -417,3 +426,19 @@ def test_every_shipped_recipe_fits_the_servers_default_limits(recipe, cli_in, ti
         side.build(spec, num_classes=BBC_NEWS_CLASSES, num_outputs=outputs)
     assert outputs <= limits.max_outputs
     assert sum(p.numel() for p in side.parameters()) * BYTES_PER_PARAMETER / 2**20 <= limits.max_session_mb
+
+
+@pytest.mark.parametrize("path", SERVER_CONFIGS)
+def test_every_shipped_server_config_builds_its_server_config(path):
+    """``recipes/**`` files for ``serve --config``: a known role and settings ``ServerConfig`` takes (its own
+    checks included), every setting commented like the recipes'."""
+    from lightning_mobillm.client import ROLES
+    from lightning_mobillm.server_config import ServerConfig
+
+    cfg = _yaml(path)
+    assert set(cfg) <= {"role", "server"} and cfg.get("role", "side") in ROLES
+    ServerConfig(**cfg["server"])
+    uncommented = [line for line in (REPO / path).read_text().splitlines()
+                   if line.strip() and not line.lstrip().startswith("#") and "#" not in line
+                   and not line.rstrip().endswith(":")]  # a section's own line needs no comment
+    assert not uncommented, uncommented
