@@ -1,0 +1,768 @@
+"""Fed MobiLLM against its baselines on one partition, one set of device profiles and one virtual clock
+(issue 10, "Measured in benchmarks/federated.py" and "Baselines in the same harness").
+
+    python benchmarks/federated.py --preset smoke --out benchmarks/results/federated_smoke.json
+    python benchmarks/federated.py --preset small --alpha 0.1 --out benchmarks/results/federated.json
+
+What one run does:
+
+1. **Data and devices.** BBC News' training split is partitioned across the preset's devices (Dirichlet over
+   labels, seeded, empty devices allowed when ``min_partition_size`` is 0); each device gets a backbone type
+   (dealt evenly in a seeded order) and a device profile (``assign_profiles`` over ``simulate.py``'s
+   ``PROFILES`` and ``LINKS``, their speeds resolved against this CPU's measured GFLOPS, or ``--cpu-gflops``).
+2. **The devices' one pass.** One backbone type at a time (one copy of the weights in memory, freed before the
+   next): every device of that type runs ``DeviceWorker.upload`` on its shard (its own target key and sample
+   secret), which measures its busy seconds; the pooled held-out set (the validation split) is forwarded once
+   per type for the devices' local evaluations.
+3. **The server's step costs** are measured once per backbone type on a scratch trainer and then replayed, so
+   the simulations below are deterministic for those costs.
+4. **The methods**, on the virtual clock (``lightning_mobillm.fed.clock``; nothing sleeps):
+
+   * ``fed_mobillm``: ``FedTrainer`` + ``simulate_async`` over the uploads' arrival times (``plan_uploads``),
+     training on each arrival, replaying the cache in between and for ``final_replay_epochs`` after the last;
+     every ``eval_every_s`` virtual seconds each device downloads its parts and scores the held-out set.
+   * ``no_replay``: the same without replay (shows arrival skew).
+   * ``fed_mobillm_sync``: ``run_rounds``: round 0 waits for every device's upload, each round is one epoch of
+     ``train_round`` over every upload so far.
+   * ``single``: each device trains a side network of its own on its own upload only (on the device: its
+     training steps count as its compute at its speed; nothing is sent).
+   * ``centralized_pae``: per backbone type, one ``FedTrainer`` on all that type's uploads pooled, for
+     ``centralized_epochs`` epochs (a reference, not a federation: no clock).
+   * ``fedavg_lora``: not implemented yet: a ``"status": "not run"`` entry, never a number.
+
+Per method (``methods`` in the JSON): ``val_acc`` (mean over the evaluated devices, each with its own download,
+on the pooled held-out set), ``val_acc_min``/``val_acc_max`` (over backbone types, each type's mean over its
+devices), ``device_compute_s_per_device`` (measured busy seconds / the profile's speed, mean over devices with
+data), ``bytes_up_per_device`` and ``bytes_down_per_device`` (the tensors' bytes; one download of the parts a
+device evaluates with), ``sim_time_to_target_s`` (first evaluation at or above ``target_acc``; null when not
+reached), ``server_busy_s`` (virtual), ``rounds`` (round-based methods), and the curve on virtual time.
+
+A run on a shared machine measures busy seconds that other processes can inflate: the JSON says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_mobillm.fed.clock import (
+    DeviceWork,
+    FedDeviceProfile,
+    assign_profiles,
+    plan_uploads,
+    run_rounds,
+)
+from lightning_mobillm.fed.device import evaluate_side
+from lightning_mobillm.fed.model import FedDownload, FedSideModule
+from lightning_mobillm.fed.trainer import FedTrainer, simulate_async
+from lightning_mobillm.fed.upload import Upload
+from lightning_mobillm.privacy import TargetTransform
+from lightning_mobillm.simulate import LINKS, PROFILES, measure_cpu_gflops
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_ACC = 0.85
+METHODS = ("fed_mobillm", "fed_mobillm_sync", "no_replay", "single", "fedavg_lora", "centralized_pae")
+#: the fields every method's entry has (``None`` where a method has no such figure)
+METHOD_FIELDS = ("val_acc", "val_acc_min", "val_acc_max", "device_compute_s_per_device", "bytes_up_per_device",
+                 "bytes_down_per_device", "sim_time_to_target_s", "server_busy_s", "rounds")
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One size of the benchmark; ``small``/``medium``/``full`` differ from ``smoke`` only in these numbers.
+
+    Args:
+        devices: number of devices.
+        backbones: packaged aliases (or hub ids / folders); K is the depth of the shallowest.
+        alpha: Dirichlet concentration over labels.
+        min_partition_size: the smallest device allowed (0: empty devices allowed).
+        max_length: tokens per sample.
+        limit_train_samples: a stratified subset of BBC News' training split (None: all 1602).
+        limit_eval_samples: a stratified subset of the validation split, the pooled held-out set (None: 178).
+        dtype: the backbones' dtype on the devices (profiles are resolved against this CPU's GFLOPS in it).
+        forward_batch_size: samples per device forward.
+        codec: the uploads' codec.
+        out_dim: width of the devices' keyed targets.
+        rr_epsilon: randomized response on the label before the transform (None: off).
+        profile_mix: ``(device profile, link, weight)`` of ``simulate.PROFILES`` and ``simulate.LINKS``.
+        batch_size: samples per server step (every method's side network).
+        lr: the side networks' AdamW learning rate.
+        arrival_epochs: passes over an arrival before the server goes back to replay.
+        final_replay_epochs: replay epochs over the whole cache after the last arrival (Fed MobiLLM).
+        evals: evaluations on the virtual clock over the asynchronous run (sets ``eval_every_s``).
+        sync_rounds: rounds of the synchronous variant (one epoch over every upload each).
+        single_epochs: epochs of each device's own side network (``single``).
+        centralized_epochs: epochs of centralised PAE per backbone type.
+        fedavg_rounds, fedavg_fraction, fedavg_local_epochs, fedavg_lora_r: the FedAvg-LoRA baseline's settings
+            (recorded; the baseline is not implemented yet).
+    """
+
+    devices: int
+    backbones: tuple[str, ...]
+    alpha: float = 0.5
+    min_partition_size: int = 0
+    max_length: int = 128
+    limit_train_samples: int | None = None
+    limit_eval_samples: int | None = None
+    dtype: str = "bfloat16"
+    forward_batch_size: int = 8
+    codec: str = "int8"
+    out_dim: int = 16
+    rr_epsilon: float | None = 4.0
+    profile_mix: tuple[tuple[str, str, float], ...] = (
+        ("phone", "10mbit", 2.0), ("phone", "50mbit", 1.0), ("jetson_xavier_nx", "50mbit", 1.0),
+        ("this_cpu", "200mbit", 1.0))
+    batch_size: int = 32
+    lr: float = 1e-3
+    arrival_epochs: int = 1
+    final_replay_epochs: int = 10
+    evals: int = 20
+    sync_rounds: int = 20
+    single_epochs: int = 20
+    centralized_epochs: int = 30
+    fedavg_rounds: int = 20
+    fedavg_fraction: float = 0.5
+    fedavg_local_epochs: int = 1
+    fedavg_lora_r: int = 8
+
+
+TWO = ("smollm2-135m", "gemma3-270m")
+PRESETS: dict[str, Preset] = {
+    # a few devices on tiny steps: does everything run (under 10 minutes here)
+    "smoke": Preset(devices=4, backbones=TWO, max_length=64, limit_train_samples=48, limit_eval_samples=40,
+                    batch_size=8, final_replay_epochs=5, evals=6, sync_rounds=3, single_epochs=5,
+                    centralized_epochs=10, fedavg_rounds=2),
+    "small": Preset(devices=20, backbones=TWO),
+    "medium": Preset(devices=20, backbones=(*TWO, "qwen2.5-coder-0.5b")),
+    "full": Preset(devices=100, backbones=(*TWO, "qwen2.5-coder-0.5b")),
+}
+
+
+@dataclass
+class Settings:
+    """What the method runners need beyond the federation (plain numbers; the preset's, resolved)."""
+
+    batch_size: int
+    lr: float
+    arrival_epochs: int
+    final_replay_epochs: int
+    evals: int
+    sync_rounds: int
+    single_epochs: int
+    centralized_epochs: int
+    target_acc: float = TARGET_ACC
+    seed: int = 0
+
+    @classmethod
+    def of(cls, preset: Preset, seed: int, target_acc: float = TARGET_ACC) -> Settings:
+        return cls(preset.batch_size, preset.lr, preset.arrival_epochs, preset.final_replay_epochs, preset.evals,
+                   preset.sync_rounds, preset.single_epochs, preset.centralized_epochs, target_acc, seed)
+
+
+# --------------------------------------------------------------------------- the federation (pure data)
+
+
+@dataclass
+class EvalSet:
+    """The pooled held-out set as one backbone type sees it: aligned taps, zero-shot logits, labels."""
+
+    acts: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def zero_shot_acc(self) -> float:
+        return float((self.logits.argmax(-1) == self.labels).float().mean()) if len(self.labels) else math.nan
+
+
+@dataclass
+class SimDevice:
+    """One simulated device: its type, profile, the upload it made (None for an empty shard), its measured busy
+    seconds (forward, targets, quantising) and its target transform (to evaluate; never sent)."""
+
+    id: str
+    backbone_type: str
+    profile: FedDeviceProfile
+    transform: TargetTransform
+    upload: Upload | None = None
+    busy_s: float = 0.0
+    size: int = 0
+
+    @property
+    def compute_s(self) -> float:
+        """Busy seconds on this device: measured / its speed."""
+        return self.busy_s / self.profile.speed
+
+
+@dataclass
+class Federation:
+    """Everything the method runners use: devices with their uploads, the types' widths, K, the targets' width,
+    the held-out set per type and the server's measured seconds per step (``batch_size`` samples) per type."""
+
+    devices: list[SimDevice]
+    types: dict[str, int]
+    k: int
+    out_dim: int
+    eval_sets: dict[str, EvalSet]
+    step_s: dict[str, float]
+    settings: Settings
+
+    @property
+    def active(self) -> list[SimDevice]:
+        """Devices that uploaded something (an empty device has no head and nothing to evaluate with)."""
+        return [d for d in self.devices if d.upload is not None]
+
+    def module(self, types: Mapping[str, int] | None = None) -> FedSideModule:
+        return FedSideModule(dict(self.types if types is None else types), self.k, self.out_dim,
+                             lr=self.settings.lr, seed=self.settings.seed)
+
+    def trainer(self, types: Mapping[str, int] | None = None) -> FedTrainer:
+        return FedTrainer(self.module(types), batch_size=self.settings.batch_size,
+                          arrival_epochs=self.settings.arrival_epochs, seed=self.settings.seed)
+
+    def steps(self, n: int) -> int:
+        return -(-n // self.settings.batch_size)
+
+    @property
+    def replay_step_s(self) -> float:
+        """One mixed mini-batch: the types' step costs weighted by their share of the uploaded samples."""
+        counts = {t: sum(d.size for d in self.active if d.backbone_type == t) for t in self.types}
+        total = sum(counts.values())
+        if not total:
+            return sum(self.step_s.values()) / len(self.step_s)
+        return sum(self.step_s[t] * c for t, c in counts.items()) / total
+
+
+# --------------------------------------------------------------------------- evaluation and figures
+
+
+def evaluate_devices(fed: Federation, download_of: Callable[[SimDevice], FedDownload | None]) -> dict[str, Any]:
+    """Every active device downloads its parts (``download_of``) and scores the held-out set locally. Returns the
+    mean accuracy over devices, each type's mean and the min/max over types. A device with nothing to download
+    yet (``download_of`` gives None: the server has not taken its upload) counts with its backbone's zero-shot
+    accuracy, what it has without the shared model."""
+    per_type: dict[str, list[float]] = {}
+    downloaded = 0
+    for dev in fed.active:
+        download = download_of(dev)
+        ev = fed.eval_sets[dev.backbone_type]
+        if download is None:  # nothing to download yet: the device has its backbone's zero-shot prediction
+            accuracy = ev.zero_shot_acc
+        else:
+            accuracy = evaluate_side(download.build(), ev.acts, ev.logits, ev.labels, dev.transform).accuracy
+            downloaded += 1
+        per_type.setdefault(dev.backbone_type, []).append(accuracy)
+    accs = [a for v in per_type.values() for a in v]
+    means = {t: sum(v) / len(v) for t, v in per_type.items()}
+    return {"val_acc": sum(accs) / len(accs) if accs else None,
+            "val_acc_min": min(means.values()) if means else None,
+            "val_acc_max": max(means.values()) if means else None,
+            "val_acc_by_type": means, "devices_evaluated": len(accs), "devices_with_download": downloaded}
+
+
+def time_to_target(curve: Sequence[Mapping[str, Any]], target: float) -> float | None:
+    """The virtual time of the first curve point whose ``val_acc`` reaches ``target`` (None: never)."""
+    return next((row["t"] for row in curve if row.get("val_acc") is not None and row["val_acc"] >= target), None)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _entry(fed: Federation, final: Mapping[str, Any], curve: list[dict[str, Any]], **figures: Any) -> dict[str, Any]:
+    """A method's JSON entry: the final evaluation, the figures given, the time to target from the curve."""
+    out = {"status": "ran", "val_acc": final["val_acc"], "val_acc_min": final["val_acc_min"],
+           "val_acc_max": final["val_acc_max"], "val_acc_by_type": final["val_acc_by_type"],
+           "devices_evaluated": final["devices_evaluated"], "rounds": None,
+           "zero_shot_val_acc_by_type": {t: e.zero_shot_acc for t, e in fed.eval_sets.items()}}
+    out.update(figures)
+    out["sim_time_to_target_s"] = time_to_target(curve, fed.settings.target_acc)
+    out["best_val_acc"] = max((r["val_acc"] for r in curve if r.get("val_acc") is not None), default=None)
+    out["curve"] = [{k: v for k, v in r.items() if k != "val_acc_by_type"} for r in curve]
+    return out
+
+
+def _upload_figures(fed: Federation, download_bytes: Sequence[int]) -> dict[str, Any]:
+    """Device compute and bytes of the methods where a device forwards once, uploads once and downloads once."""
+    act = fed.active
+    return {"device_compute_s_per_device": _mean([d.compute_s for d in act]),
+            "bytes_up_per_device": _mean([d.upload.nbytes for d in act]),
+            "bytes_down_per_device": _mean(list(download_bytes))}
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def run_fed_mobillm(fed: Federation, replay: bool = True) -> dict[str, Any]:
+    """Fed MobiLLM (``replay=False``: the ablation): asynchronous, on the uploads' arrival times."""
+    s = fed.settings
+    trainer = fed.trainer()
+    uploads = [d.upload for d in fed.active]
+    if not uploads:
+        return not_run("no device has data")
+    replay_s = fed.replay_step_s
+    total = sum(len(u) for u in uploads)
+    final_steps = fed.steps(total) * s.final_replay_epochs if replay else 0
+    last = max(u.arrival_s for u in uploads)
+    eval_every_s = max((last + final_steps * replay_s) / max(s.evals, 1), 1e-6)
+
+    def step_cost(kind: str, batch: tuple[Upload, ...]) -> float:
+        if kind == "arrival":
+            return sum(fed.steps(len(u)) * s.arrival_epochs * fed.step_s[u.backbone_type] for u in batch)
+        return replay_s
+
+    def evaluate(tr: FedTrainer) -> dict[str, Any]:
+        return evaluate_devices(fed, lambda d: tr.download(d.id) if d.id in tr.statistics()["devices"] else None)
+
+    result = simulate_async(trainer, uploads, step_cost, evaluate=evaluate, eval_every_s=eval_every_s,
+                            replay=replay, final_replay_steps=final_steps)
+    final = result.curve[-1]
+    downloads = [trainer.download(d.id).nbytes for d in fed.active]
+    stats = trainer.statistics()["totals"]
+    return _entry(fed, final, result.curve, **_upload_figures(fed, downloads),
+                  server_busy_s=result.run.server_busy_s, end_s=result.run.end_s, eval_every_s=eval_every_s,
+                  steps={k: stats[k] for k in ("steps", "arrival_steps", "replay_steps", "replay_epochs")},
+                  refused=result.refused, simulator_wall_s=result.run.wall_s)
+
+
+def run_fed_sync(fed: Federation) -> dict[str, Any]:
+    """Fed MobiLLM synchronous: round 0 waits for every device's upload; each round is one epoch of
+    ``train_round`` over every upload accepted so far (a device that missed a round uploads in a later one)."""
+    s = fed.settings
+    trainer = fed.trainer()
+    devices = fed.devices
+    accepted: set[int] = set()
+    curve: list[dict[str, Any]] = []
+    replay_s = fed.replay_step_s
+
+    def work(r: int, d: int) -> DeviceWork:
+        dev = devices[d]
+        if dev.upload is None or d in accepted:
+            return DeviceWork(0.0, 0.0)
+        return DeviceWork(dev.busy_s, dev.upload.nbytes)
+
+    def cost(kind: str, returned: tuple) -> float:
+        new = {u.device for u in returned if devices[u.device].upload is not None} - accepted
+        samples = sum(devices[d].size for d in accepted | new)
+        return fed.steps(samples) * replay_s if samples else 0.0
+
+    def on_round(rnd) -> None:
+        for u in rnd.returned:
+            dev = devices[u.device]
+            if dev.upload is not None and u.device not in accepted:
+                trainer.accept(dev.upload)
+                accepted.add(u.device)
+        ups = [devices[d].upload for d in sorted(accepted)]
+        losses = trainer.train_round(ups) if ups else []
+        row = {"t": rnd.end, "round": rnd.index, "loss": _mean(losses)}
+        row.update(evaluate_devices(fed, lambda dv: trainer.download(dv.id)
+                                    if dv.id in trainer.statistics()["devices"] else None))
+        curve.append(row)
+
+    run = run_rounds([d.profile for d in devices], work, cost, on_round, rounds=s.sync_rounds, seed=s.seed)
+    downloads = [trainer.download(d.id).nbytes for d in fed.active if d.id in trainer.statistics()["devices"]]
+    return _entry(fed, curve[-1], curve, **_upload_figures(fed, downloads), server_busy_s=run.server_busy_s,
+                  rounds=len(run.rounds), end_s=run.end_s)
+
+
+def run_single(fed: Federation) -> dict[str, Any]:
+    """Each device trains a side network of its own, on its own upload only, on the device (nothing is sent).
+
+    Its training costs ``steps x the server's measured step seconds for its type`` on this CPU, divided by the
+    device's speed like its forward. Epoch ``e``'s evaluation is placed when the slowest device finished it."""
+    s = fed.settings
+    trainers = {}
+    for dev in fed.active:
+        tr = fed.trainer({dev.backbone_type: fed.types[dev.backbone_type]})
+        tr.accept(dev.upload)
+        trainers[dev.id] = tr
+    curve: list[dict[str, Any]] = []
+    train_s = {d.id: fed.steps(d.size) * fed.step_s[d.backbone_type] for d in fed.active}
+    for epoch in range(1, s.single_epochs + 1):
+        losses = [loss for dev in fed.active for loss in trainers[dev.id].train_round([dev.upload])]
+        t = max((d.busy_s + epoch * train_s[d.id]) / d.profile.speed for d in fed.active)
+        row = {"t": t, "epoch": epoch, "loss": _mean(losses)}
+        row.update(evaluate_devices(fed, lambda d: trainers[d.id].download(d.id)))
+        curve.append(row)
+    compute = [(d.busy_s + s.single_epochs * train_s[d.id]) / d.profile.speed for d in fed.active]
+    return _entry(fed, curve[-1], curve, device_compute_s_per_device=_mean(compute), bytes_up_per_device=0,
+                  bytes_down_per_device=0, server_busy_s=0.0, epochs=s.single_epochs)
+
+
+def run_centralized(fed: Federation) -> dict[str, Any]:
+    """Centralised PAE, per backbone type: one ``FedTrainer`` on all that type's uploads pooled (each device keeps
+    its own head, as its targets need), ``centralized_epochs`` epochs. A reference without a clock: its curve is
+    indexed by epoch and its ``sim_time_to_target_s`` is null."""
+    s = fed.settings
+    trainers: dict[str, FedTrainer] = {}
+    for key, width in fed.types.items():
+        ups = [d.upload for d in fed.active if d.backbone_type == key]
+        if ups:
+            trainers[key] = fed.trainer({key: width})
+            for u in ups:
+                trainers[key].accept(u)
+    curve: list[dict[str, Any]] = []
+    busy = 0.0
+    for epoch in range(1, s.centralized_epochs + 1):
+        losses = []
+        for key, tr in trainers.items():
+            ups = [d.upload for d in fed.active if d.backbone_type == key]
+            losses += tr.train_round(ups)
+            busy += fed.steps(sum(len(u) for u in ups)) * fed.step_s[key]
+        row = {"t": None, "epoch": epoch, "loss": _mean(losses)}
+        row.update(evaluate_devices(fed, lambda d: trainers[d.backbone_type].download(d.id)))
+        curve.append(row)
+    downloads = [trainers[d.backbone_type].download(d.id).nbytes for d in fed.active]
+    out = _entry(fed, curve[-1], curve, **_upload_figures(fed, downloads), server_busy_s=busy,
+                 epochs=s.centralized_epochs)
+    out["sim_time_to_target_s"] = None
+    out["note"] = ("a reference on the pooled uploads, one trainer per backbone type; not a federation, so not "
+                   "timed on the virtual clock (sim_time_to_target_s is null for that reason, not because the "
+                   "target was missed: see best_val_acc)")
+    return out
+
+
+def not_run(reason: str, **settings: Any) -> dict[str, Any]:
+    """A method that did not run: every field null, and why (never a made-up number)."""
+    return {"status": "not run", "reason": reason, **dict.fromkeys(METHOD_FIELDS), **settings}
+
+
+def fedavg_lora_todo(preset: Preset) -> dict[str, Any]:
+    return not_run(
+        "TODO: synchronous FedAvg over PEFT LoRA r 8 on q/v per backbone-type group, trained with each device's "
+        "real forward+backward, a fraction of devices per round, is not implemented in this harness yet",
+        settings={"rounds": preset.fedavg_rounds, "fraction": preset.fedavg_fraction,
+                  "local_epochs": preset.fedavg_local_epochs, "lora_r": preset.fedavg_lora_r,
+                  "target_modules": ["q_proj", "v_proj"], "groups": "one FedAvg group per backbone type"})
+
+
+RUNNERS: dict[str, Callable[[Federation], dict[str, Any]]] = {
+    "fed_mobillm": run_fed_mobillm,
+    "no_replay": lambda fed: run_fed_mobillm(fed, replay=False),
+    "fed_mobillm_sync": run_fed_sync,
+    "single": run_single,
+    "centralized_pae": run_centralized,
+}
+
+
+def run_methods(fed: Federation, methods: Sequence[str], preset: Preset,
+                on_done: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``methods`` in order (each gets its own entry with ``wall_s``; a method that raises gets an entry
+    with the error, and the rest still run)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        if m == "fedavg_lora":
+            entry = fedavg_lora_todo(preset)
+        else:
+            try:
+                entry = RUNNERS[m](fed)
+            except Exception as err:  # noqa: BLE001 - one failing method must not lose the others' numbers
+                entry = not_run(f"failed: {type(err).__name__}: {err}")
+        entry["wall_s"] = time.perf_counter() - t0
+        out[m] = entry
+        if on_done is not None:
+            on_done(m, entry)
+    return out
+
+
+# --------------------------------------------------------------------------- server step costs
+
+
+def _synthetic_upload(device: str, key: str, width: int, k: int, out_dim: int, n: int, seed: int,
+                      codec: str = "int8") -> Upload:
+    from lightning_mobillm.protocol import pack_acts
+
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randn(n, k, width, generator=g)
+    parts = pack_acts(acts, torch.ones(n, dtype=torch.int64), codec)
+    return Upload(device=device, backbone_type=key, keys=[f"x{seed}-{i}" for i in range(n)],
+                  acts={p: t for p, t in parts.items() if p != "lengths"}, codec=codec,
+                  targets=torch.randn(n, out_dim, generator=g))
+
+
+def measure_step_costs(types: Mapping[str, int], k: int, out_dim: int, batch_size: int, steps: int = 8,
+                       seed: int = 0) -> dict[str, float]:
+    """Seconds per server step (``batch_size`` samples) per backbone type, measured once on a scratch trainer of
+    the federation's shape (the median of ``steps`` steps after a warm-up)."""
+    module = FedSideModule(dict(types), k, out_dim)
+    trainer = FedTrainer(module, batch_size=batch_size)
+    out = {}
+    for i, (key, width) in enumerate(types.items()):
+        ups = [_synthetic_upload(f"probe-{i}", key, width, k, out_dim, batch_size, seed + j) for j in range(steps + 1)]
+        times = []
+        for j, up in enumerate(ups):
+            trainer.accept(up)
+            t0 = time.perf_counter()
+            trainer.train_round([up])  # one step of batch_size samples
+            if j:  # the first is a warm-up
+                times.append(time.perf_counter() - t0)
+        out[key] = sorted(times)[len(times) // 2]
+    return out
+
+
+# --------------------------------------------------------------------------- building the federation (real backbones)
+
+
+def _key(seed: int, *parts: object) -> bytes:
+    return hashlib.sha256("/".join(map(str, ("federated-benchmark", seed, *parts))).encode()).digest()
+
+
+def deal_types(n: int, backbones: Sequence[str], seed: int) -> list[str]:
+    """Backbone aliases for devices ``0..n-1``: as even as possible, in a seeded order."""
+    dealt = [backbones[i % len(backbones)] for i in range(n)]
+    random.Random(f"federated-benchmark/types/{seed}").shuffle(dealt)
+    return dealt
+
+
+def stamp_arrivals(devices: Sequence[SimDevice], seed: int) -> list[int]:
+    """Each device forwards once and uploads once (``plan_uploads``): its upload gets its virtual arrival time.
+    Devices that dropped out or whose windows ran out lose their upload (it never arrives); returns them."""
+    work = [DeviceWork(d.busy_s, d.upload.nbytes if d.upload is not None else 0) for d in devices]
+    plan = plan_uploads([d.profile for d in devices], work, seed=seed)
+    for event in plan.uploads:
+        dev = devices[event.device]
+        if dev.upload is not None:
+            dev.upload = replace(dev.upload, arrival_s=event.at)
+    lost = sorted(set(plan.dropped) | set(plan.unavailable))
+    for d in lost:
+        devices[d].upload = None
+    return lost
+
+
+def build_federation(preset: Preset, seed: int, cpu_gflops: float, log: Callable[[str], None] = print
+                     ) -> tuple[Federation, dict[str, Any]]:
+    """Partition, profiles, the devices' one pass (one backbone type at a time) and the held-out set per type.
+    Returns the federation and what the JSON records about it."""
+    from lightning_mobillm.backbone import FrozenBackbone
+    from lightning_mobillm.data import TextClassificationDataModule
+    from lightning_mobillm.fed.alignment import (
+        BackboneType,
+        aligned_backbone_config,
+        backbone_shape,
+        federation_k,
+    )
+    from lightning_mobillm.fed.device import DeviceWorker, LocalShard, make_target_transform
+    from lightning_mobillm.fed.partition import make_partition
+    from lightning_mobillm.specs import BackboneConfig
+
+    configs = {alias: BackboneConfig(source=alias, dtype=preset.dtype) for alias in dict.fromkeys(preset.backbones)}
+    shapes = {alias: backbone_shape(cfg) for alias, cfg in configs.items()}
+    k = federation_k({alias: shape[2] for alias, shape in shapes.items()})
+    data = TextClassificationDataModule(dataset="bbc_news", max_length=preset.max_length, seed=seed,
+                                        limit_train_samples=preset.limit_train_samples,
+                                        limit_eval_samples=preset.limit_eval_samples)
+    class_names = data.class_names
+    mix = [(FedDeviceProfile.from_names(p, lk).resolve(cpu_gflops), w) for p, lk, w in preset.profile_mix]
+    profiles = assign_profiles(preset.devices, mix, seed=seed)
+    aliases = deal_types(preset.devices, preset.backbones, seed)
+    partition = None
+    devices: list[SimDevice | None] = [None] * preset.devices
+    types: dict[str, int] = {}
+    eval_sets: dict[str, EvalSet] = {}
+    per_type: dict[str, dict[str, Any]] = {}
+    for alias, config in configs.items():
+        t0 = time.perf_counter()
+        backbone = FrozenBackbone(aligned_backbone_config(config, k), device="cpu")
+        key = BackboneType.of(backbone).key
+        types[key] = backbone.hidden_size
+        load_s = time.perf_counter() - t0
+        data.set_tokenizer(backbone.tokenizer)
+        train = data.split_dataset("train")
+        if partition is None:
+            partition = make_partition(list(train.labels), preset.devices, "dirichlet", seed=seed,
+                                       alpha=preset.alpha, min_partition_size=preset.min_partition_size,
+                                       num_classes=len(class_names))
+        mine = [d for d in range(preset.devices) if aliases[d] == alias]
+        forward_s = 0.0
+        for d in mine:
+            device_id = f"device-{d:03d}"
+            transform = make_target_transform("device", len(class_names), _key(seed, "target", d),
+                                              out_dim=preset.out_dim, rr_epsilon=preset.rr_epsilon)
+            dev = SimDevice(device_id, key, profiles[d], transform, size=len(partition.indices[d]))
+            if dev.size:
+                worker = DeviceWorker(backbone, class_names, transform, device=device_id, codec=preset.codec,
+                                      batch_size=preset.forward_batch_size, k=k, backbone_type=key,
+                                      secret=_key(seed, "secret", d))
+                run = worker.upload(LocalShard.from_split(train, partition.indices[d]))
+                dev.upload, dev.busy_s = run.uploads[0], run.busy_s
+                forward_s += run.busy_s
+            devices[d] = dev
+        # the pooled held-out set, forwarded once for every device of this type (their local evaluations)
+        worker = DeviceWorker(backbone, class_names, make_target_transform("plain", len(class_names)),
+                              device="eval", target_space="plain", batch_size=preset.forward_batch_size, k=k,
+                              backbone_type=key)
+        feats = worker.features(LocalShard.from_split(data.split_dataset("validation")))
+        eval_sets[key] = EvalSet(feats.acts.float(), feats.backbone_logits, feats.labels)
+        samples = sum(devices[d].size for d in mine)
+        per_type[key] = {"alias": alias, "devices": len(mine), "samples": samples, "load_s": load_s,
+                         "forward_busy_s": forward_s, "busy_s_per_sample": forward_s / samples if samples else None,
+                         "eval_forward_s": feats.busy_s, "eval_samples": len(feats),
+                         "zero_shot_val_acc": eval_sets[key].zero_shot_acc}
+        log(f"{key}: {len(mine)} devices, {samples} samples forwarded in {forward_s:.1f} s; held-out set "
+            f"({len(feats)}) in {feats.busy_s:.1f} s; zero-shot {eval_sets[key].zero_shot_acc:.3f}")
+        del backbone, worker, feats, train
+        data.set_tokenizer(None)
+        gc.collect()  # one backbone's weights at a time
+    lost = stamp_arrivals(devices, seed)
+    settings = Settings.of(preset, seed)
+    step_s = measure_step_costs(types, k, preset.out_dim, preset.batch_size, seed=seed)
+    fed = Federation(list(devices), types, k, preset.out_dim, eval_sets, step_s, settings)
+    record = {
+        "k": k,
+        "types": per_type,
+        "partition": partition.summary(),
+        "step_s": step_s,
+        "replay_step_s": fed.replay_step_s,
+        "dropped_or_unavailable": lost,
+        "per_device": [{"id": d.id, "backbone_type": d.backbone_type, "profile": d.profile.name,
+                        "speed": d.profile.speed, "samples": d.size, "busy_s": d.busy_s,
+                        "compute_s": d.compute_s, "bytes_up": d.upload.nbytes if d.upload is not None else 0,
+                        "arrival_s": d.upload.arrival_s if d.upload is not None else None} for d in devices],
+    }
+    return fed, record
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "lightning", "numpy", "peft", "lightning-mobillm"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                           check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        out["git_commit"] = None
+    return out
+
+
+def machine(cpu_gflops: float, dtype: str, measured: bool) -> dict[str, Any]:
+    model = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        model = names[0] if names else model
+    return {"cpu_count": os.cpu_count(), "cpu_model": model, "torch_threads": torch.get_num_threads(),
+            "cpu_gflops": cpu_gflops, "cpu_gflops_dtype": dtype,
+            "profile_speeds": "resolved against this CPU's measured GFLOPS (simulate.measure_cpu_gflops)"
+            if measured else "fixed by --cpu-gflops",
+            "shared": "a shared machine: other processes ran beside this benchmark, so measured busy seconds "
+                      "(device forwards, server step costs) may be inflated"}
+
+
+def summary_table(methods: Mapping[str, Mapping[str, Any]]) -> str:
+    def fmt(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    lines = ["| method | status | val acc | min | max | device s | up B | down B | s to target | server s | rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, e in methods.items():
+        lines.append(f"| {m} | {e['status']} | {fmt(e['val_acc'], '.3f')} | {fmt(e['val_acc_min'], '.3f')} | "
+                     f"{fmt(e['val_acc_max'], '.3f')} | {fmt(e['device_compute_s_per_device'], '.2f')} | "
+                     f"{fmt(e['bytes_up_per_device'], ',.0f')} | {fmt(e['bytes_down_per_device'], ',.0f')} | "
+                     f"{fmt(e['sim_time_to_target_s'], '.1f')} | {fmt(e['server_busy_s'], '.2f')} | "
+                     f"{fmt(e['rounds'], 'd')} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    p.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/federated_<preset>.json)")
+    p.add_argument("--seed", type=int, default=0, help="partition, profiles, types, keys and the side networks")
+    p.add_argument("--alpha", type=float, default=None, help="override the preset's Dirichlet alpha")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--cpu-gflops", type=float, default=None,
+                   help="fix this CPU's GFLOPS for the profiles' speeds instead of measuring it")
+    p.add_argument("--target-acc", type=float, default=TARGET_ACC)
+    args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    if unknown := sorted(set(methods) - set(METHODS)):
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    preset = PRESETS[args.preset]
+    if args.alpha is not None:
+        preset = replace(preset, alpha=args.alpha)
+    out_path = args.out or REPO / f"benchmarks/results/federated_{args.preset}.json"
+    wall0 = time.perf_counter()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    measured = args.cpu_gflops is None
+    cpu_gflops = measure_cpu_gflops(preset.dtype) if measured else args.cpu_gflops
+    print(f"this CPU: {cpu_gflops:.1f} GFLOPS ({preset.dtype}, {'measured' if measured else 'given'})", flush=True)
+    from lightning_mobillm.assets import resolve_source
+
+    for alias in preset.backbones:
+        resolve_source(alias)  # a packaged model's one-time conversion stays outside every measurement
+    fed, record = build_federation(preset, args.seed, cpu_gflops, log=lambda s: print(s, flush=True))
+    fed.settings.target_acc = args.target_acc
+    report: dict[str, Any] = {
+        "preset": args.preset,
+        "devices": preset.devices,
+        "backbones": [{"alias": r["alias"], "type": key, "devices": r["devices"]}
+                      for key, r in record["types"].items()],
+        "partition": record["partition"],
+        "target_acc": args.target_acc,
+        "live": None,
+        "live_note": "not run: the live row (python -m lightning_mobillm serve --role fed and two FedClient device "
+                     "processes with different backbones over gRPC) is not wired into this harness yet",
+        "methods": {},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "settings": {**asdict(preset), "seed": args.seed, "k": record["k"], "target_space": "device",
+                     "profiles": {f"{pn}@{ln}": {"weight": w, "speed": FedDeviceProfile.from_names(pn, ln)
+                                                 .resolve(cpu_gflops).speed, **asdict(PROFILES[pn]),
+                                                 "link": asdict(LINKS[ln])}
+                                  for pn, ln, w in preset.profile_mix}},
+        "federation": {k: v for k, v in record.items() if k != "partition"},
+        "versions": versions(),
+        "machine": machine(cpu_gflops, preset.dtype, measured),
+        "wall_s": None,
+    }
+
+    def done(m: str, entry: dict[str, Any]) -> None:
+        report["methods"][m] = entry
+        report["wall_s"] = time.perf_counter() - wall0
+        write_json(out_path, report)  # after every method: an interrupted run keeps what it measured
+        acc = entry["val_acc"]
+        print(f"{m}: {entry['status']}, val acc {'-' if acc is None else f'{acc:.3f}'}, {entry['wall_s']:.1f} s",
+              flush=True)
+
+    run_methods(fed, methods, preset, on_done=done)
+    report["wall_s"] = time.perf_counter() - wall0
+    write_json(out_path, report)
+    print(summary_table(report["methods"]))
+    print(f"\nwrote {out_path} in {report['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
