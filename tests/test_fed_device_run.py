@@ -97,6 +97,16 @@ def test_a_restarted_device_keeps_its_keys_and_uploads_nothing_twice(server, tin
     assert again["fed"]["samples_skipped_already_uploaded"] == first["samples_uploaded"]
     assert again["val_acc"] is not None  # it evaluates with its old head: its key still fits it
     assert len((tmp_path / "keys-0" / "uploaded.txt").read_text().split()) == first["samples_uploaded"]
+    # `validate` (no fit): a later evaluation, nothing uploaded
+    data = TextClassificationDataModule(dataset="json", data_files=str(tiny_data_file), max_length=24,
+                                        batch_size=8, eval_batch_size=16, prompt=PROMPT, limit_eval_samples=24)
+    model = FedDeviceModule(backbone=BackboneConfig(source=str(tiny_llama_dir)), num_classes=data.num_classes, k=K,
+                            num_devices=2, partition_scheme="dirichlet", partition_seed=3, run_id="unit",
+                            keystore=str(tmp_path / "keys-0"), poll_interval_s=0.0)
+    model.link_factory = lambda: _link(server, "phone-0")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    (metrics,) = trainer.validate(model, data)
+    assert metrics["val/acc"] == pytest.approx(again["val_acc"]) and model.samples_uploaded == 0
 
 
 def test_a_hello_with_another_k_is_refused(server, tiny_llama_dir, tiny_data_file, tmp_path):
