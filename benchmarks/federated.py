@@ -28,7 +28,15 @@ What one run does:
      training steps count as its compute at its speed; nothing is sent).
    * ``centralized_pae``: per backbone type, one ``FedTrainer`` on all that type's uploads pooled, for
      ``centralized_epochs`` epochs (a reference, not a federation: no clock).
-   * ``fedavg_lora``: not implemented yet: a ``"status": "not run"`` entry, never a number.
+   * ``fedavg_lora``: synchronous FedAvg over PEFT LoRA (r 8 on q/v) plus a head at the loss token, trained for
+     real (each selected device's forward and backward, measured), one FedAvg group per backbone type (FedAvg
+     averages only within one architecture), ``fedavg_fraction`` of a group's devices per round, its own clock
+     per group (``run_rounds``); the backbones are loaded again, one at a time.
+
+5. **The live row** (``--live``, on by default): a real ``serve --role fed`` process (``recipes/fed/server.yaml``
+   on loopback, per-device tokens) and one ``fit`` device process per backbone (``recipes/fed/<alias>-bbc.yaml``)
+   over gRPC, on the preset's data subset: ``live`` holds the pids, backbone types and the devices' mean
+   ``val_acc`` (null, with ``live_note`` saying why, when it did not run).
 
 Per method (``methods`` in the JSON): ``val_acc`` (mean over the evaluated devices, each with its own download,
 on the pooled held-out set), ``val_acc_min``/``val_acc_max`` (over backbone types, each type's mean over its
@@ -111,8 +119,8 @@ class Preset:
         sync_rounds: rounds of the synchronous variant (one epoch over every upload each).
         single_epochs: epochs of each device's own side network (``single``).
         centralized_epochs: epochs of centralised PAE per backbone type.
-        fedavg_rounds, fedavg_fraction, fedavg_local_epochs, fedavg_lora_r: the FedAvg-LoRA baseline's settings
-            (recorded; the baseline is not implemented yet).
+        fedavg_rounds, fedavg_fraction, fedavg_local_epochs, fedavg_lora_r: the FedAvg-LoRA baseline's rounds
+            (per backbone-type group), share of a group's devices per round, local epochs and LoRA rank.
     """
 
     devices: int
@@ -170,11 +178,14 @@ class Settings:
     centralized_epochs: int
     target_acc: float = TARGET_ACC
     seed: int = 0
+    #: the uploads' codec, applied to the held-out taps before the side network (what the server trained on)
+    codec: str | None = None
 
     @classmethod
     def of(cls, preset: Preset, seed: int, target_acc: float = TARGET_ACC) -> Settings:
         return cls(preset.batch_size, preset.lr, preset.arrival_epochs, preset.final_replay_epochs, preset.evals,
-                   preset.sync_rounds, preset.single_epochs, preset.centralized_epochs, target_acc, seed)
+                   preset.sync_rounds, preset.single_epochs, preset.centralized_epochs, target_acc, seed,
+                   preset.codec)
 
 
 # --------------------------------------------------------------------------- the federation (pure data)
@@ -224,6 +235,9 @@ class Federation:
     eval_sets: dict[str, EvalSet]
     step_s: dict[str, float]
     settings: Settings
+    #: for the methods that need the real backbones (fedavg_lora): the partition, each type's alias and the data
+    #: module's arguments; None on synthetic uploads
+    source: dict[str, Any] | None = None
 
     @property
     def active(self) -> list[SimDevice]:
@@ -267,7 +281,8 @@ def evaluate_devices(fed: Federation, download_of: Callable[[SimDevice], FedDown
         if download is None:  # nothing to download yet: the device has its backbone's zero-shot prediction
             accuracy = ev.zero_shot_acc
         else:
-            accuracy = evaluate_side(download.build(), ev.acts, ev.logits, ev.labels, dev.transform).accuracy
+            accuracy = evaluate_side(download.build(), ev.acts, ev.logits, ev.labels, dev.transform,
+                                     codec=fed.settings.codec).accuracy
             downloaded += 1
         per_type.setdefault(dev.backbone_type, []).append(accuracy)
     accs = [a for v in per_type.values() for a in v]
@@ -446,12 +461,165 @@ def not_run(reason: str, **settings: Any) -> dict[str, Any]:
 
 
 def fedavg_lora_todo(preset: Preset) -> dict[str, Any]:
+    """FedAvg-LoRA needs the real backbones: on synthetic uploads it is an honest "not run" entry."""
     return not_run(
-        "TODO: synchronous FedAvg over PEFT LoRA r 8 on q/v per backbone-type group, trained with each device's "
-        "real forward+backward, a fraction of devices per round, is not implemented in this harness yet",
+        "TODO here: FedAvg-LoRA (PEFT LoRA on q/v per backbone-type group, each device's real forward+backward) "
+        "needs the real backbones and data; this federation has synthetic uploads only",
         settings={"rounds": preset.fedavg_rounds, "fraction": preset.fedavg_fraction,
                   "local_epochs": preset.fedavg_local_epochs, "lora_r": preset.fedavg_lora_r,
                   "target_modules": ["q_proj", "v_proj"], "groups": "one FedAvg group per backbone type"})
+
+
+def _batches(ids: Sequence[Sequence[int]], labels: Sequence[int], batch_size: int, pad_id: int, order=None):
+    """Right-padded ``(input_ids, attention_mask, labels)`` batches in ``order`` (default: as given)."""
+    order = list(range(len(ids))) if order is None else list(order)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = max(len(ids[i]) for i in idx)
+        x = torch.full((len(idx), width), pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(idx), width), dtype=torch.int64)
+        for row, i in enumerate(idx):
+            x[row, :len(ids[i])] = torch.tensor(list(ids[i]), dtype=torch.int64)
+            mask[row, :len(ids[i])] = 1
+        yield x, mask, torch.tensor([int(labels[i]) for i in idx], dtype=torch.int64)
+
+
+def _fedavg_group(fed: Federation, preset: Preset, data: Any, key: str, alias: str,
+                  members: list[tuple[int, SimDevice]], tally: dict[str, Any]) -> dict[str, Any]:
+    """One FedAvg-LoRA group (the devices of one backbone type): its rounds on its own clock. Adds each device's
+    compute and bytes and the server's averaging seconds to ``tally``; returns the group's record and curve."""
+    from lightning_mobillm.backbone import add_lora, load_hf_model, load_tokenizer, loss_token_index
+    from lightning_mobillm.side.heads import LastTokenHead
+    from lightning_mobillm.specs import BackboneConfig
+
+    s = fed.settings
+    partition = fed.source["partition"]
+    config = BackboneConfig(source=alias, dtype="float32")
+    tokenizer = load_tokenizer(config)
+    data.set_tokenizer(tokenizer)
+    train, val = data.split_dataset("train"), data.split_dataset("validation")
+    pad_id = int(tokenizer.pad_token_id)
+    torch.manual_seed(s.seed)
+    model, _ = load_hf_model(config, lm_head=False)
+    model = add_lora(model, preset.fedavg_lora_r, 2 * preset.fedavg_lora_r, 0.05, ["q_proj", "v_proj"])
+    head = LastTokenHead(int(model.config.hidden_size), len(data.class_names), 0.1)
+    params = {f"lora.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    params.update({f"head.{n}": p for n, p in head.named_parameters()})
+    state = {"global": {n: p.detach().clone() for n, p in params.items()}}
+    nbytes = sum(t.numel() * t.element_size() for t in state["global"].values())
+    returned: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
+    points: list[dict[str, float]] = []
+
+    def load_global() -> None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["global"][n])
+
+    def logits_of(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state
+        idx = loss_token_index(mask, True)
+        return head(hidden[torch.arange(len(idx)), idx].float())
+
+    def work(r: int, j: int) -> DeviceWork:
+        i, dev = members[j]
+        load_global()
+        model.train()
+        head.train()
+        opt = torch.optim.AdamW(list(params.values()), lr=5e-4)
+        ids = [train.input_ids[t] for t in partition.indices[i]]
+        ys = [train.labels[t] for t in partition.indices[i]]
+        t0 = time.perf_counter()
+        for epoch in range(preset.fedavg_local_epochs):
+            order = random.Random(f"fedavg/{s.seed}/{r}/{i}/{epoch}").sample(range(len(ids)), len(ids))
+            for x, mask, y in _batches(ids, ys, preset.forward_batch_size, pad_id, order):
+                loss = torch.nn.functional.cross_entropy(logits_of(x, mask), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        busy = time.perf_counter() - t0
+        returned[j] = ({n: p.detach().clone() for n, p in params.items()}, len(ids))
+        for what, value in (("compute", busy / dev.profile.speed), ("up", nbytes), ("down", nbytes)):
+            tally[what][dev.id] = tally[what].get(dev.id, 0.0) + value
+        return DeviceWork(busy, nbytes, nbytes)
+
+    def evaluate() -> float:
+        load_global()
+        model.eval()
+        head.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, mask, y in _batches(val.input_ids, val.labels, 16, pad_id):
+                correct += int((logits_of(x, mask).argmax(-1) == y).sum())
+        return correct / max(len(val.labels), 1)
+
+    def on_round(rnd) -> None:
+        t0 = time.perf_counter()
+        got = [returned[u.device] for u in rnd.returned if u.device in returned]
+        if got:
+            total = sum(n for _, n in got)
+            state["global"] = {name: sum(st[name] * (n / total) for st, n in got) for name in state["global"]}
+        tally["server_busy_s"] += time.perf_counter() - t0
+        returned.clear()
+        points.append({"t": rnd.end, "val_acc": evaluate()})
+
+    run = run_rounds([d.profile for _, d in members], work, lambda kind, ups: 0.0, on_round,
+                     rounds=preset.fedavg_rounds, fraction=preset.fedavg_fraction, seed=s.seed)
+    for _, d in members:  # the final download every device evaluates with
+        tally["down"][d.id] = tally["down"].get(d.id, 0.0) + nbytes
+    data.set_tokenizer(None)
+    return {"alias": alias, "devices": len(members), "rounds": len(run.rounds), "end_s": run.end_s,
+            "adapter_and_head_bytes": nbytes, "curve": points, "zero_shot_val_acc": fed.eval_sets[key].zero_shot_acc}
+
+
+def run_fedavg_lora(fed: Federation, preset: Preset) -> dict[str, Any]:
+    """Synchronous FedAvg over PEFT LoRA (r on q/v) plus a classification head at the loss token, trained for real:
+    each selected device trains ``fedavg_local_epochs`` on its shard with its backbone's forward and backward (bf16
+    autocast over fp32 weights, AdamW, a fresh optimizer per round), its measured seconds become its compute on the
+    clock (``run_rounds``); the server averages the returned adapters and heads weighted by samples. FedAvg
+    averages only within one architecture: one group (its own clock, rounds and global model) per backbone type,
+    run one after the other with one backbone in memory. Every device of a group evaluates the group's global model
+    on the held-out set (before its first round: its zero-shot accuracy); the mean over devices is placed on the
+    clock at every round's end of any group."""
+    from lightning_mobillm.data import TextClassificationDataModule
+
+    if fed.source is None:
+        return fedavg_lora_todo(preset)
+    data = TextClassificationDataModule(**fed.source["data"])
+    tally: dict[str, Any] = {"compute": {}, "up": {}, "down": {}, "server_busy_s": 0.0}
+    groups: dict[str, dict[str, Any]] = {}
+    for key, alias in fed.source["aliases"].items():
+        members = [(i, d) for i, d in enumerate(fed.devices) if d.backbone_type == key and d.upload is not None]
+        if members:
+            groups[key] = _fedavg_group(fed, preset, data, key, alias, members, tally)
+            gc.collect()  # one backbone at a time
+    if not groups:
+        return not_run("no device has data")
+    # the combined curve: at each round's end (any group), every device with its group's latest global accuracy
+    active = [d for d in fed.active if d.backbone_type in groups]
+
+    def acc_at(key: str, t: float) -> float:
+        seen = [row["val_acc"] for row in groups[key]["curve"] if row["t"] <= t]
+        return seen[-1] if seen else groups[key]["zero_shot_val_acc"]
+
+    curve = []
+    for t in sorted({row["t"] for g in groups.values() for row in g["curve"]}):
+        by_type = {key: acc_at(key, t) for key in groups}
+        accs = [by_type[d.backbone_type] for d in active]
+        curve.append({"t": t, "val_acc": sum(accs) / len(accs), "val_acc_min": min(by_type.values()),
+                      "val_acc_max": max(by_type.values()), "val_acc_by_type": by_type,
+                      "devices_evaluated": len(accs)})
+    return _entry(fed, curve[-1], curve,
+                  device_compute_s_per_device=_mean([tally["compute"].get(d.id, 0.0) for d in active]),
+                  bytes_up_per_device=_mean([tally["up"].get(d.id, 0.0) for d in active]),
+                  bytes_down_per_device=_mean([tally["down"].get(d.id, 0.0) for d in active]),
+                  server_busy_s=tally["server_busy_s"], rounds=max(g["rounds"] for g in groups.values()),
+                  groups=groups,
+                  note="one FedAvg group per backbone type (FedAvg averages only within one architecture); "
+                       f"PEFT LoRA r {preset.fedavg_lora_r} on q_proj/v_proj + a head at the loss token, bf16 "
+                       f"autocast over fp32 weights, {preset.fedavg_fraction:.0%} of a group's devices per round, "
+                       f"{preset.fedavg_local_epochs} local epoch(s); server_busy_s is the measured averaging; "
+                       "device compute and bytes are averaged over every device with data (unselected ones add 0)")
 
 
 RUNNERS: dict[str, Callable[[Federation], dict[str, Any]]] = {
@@ -470,13 +638,13 @@ def run_methods(fed: Federation, methods: Sequence[str], preset: Preset,
     out: dict[str, dict[str, Any]] = {}
     for m in methods:
         t0 = time.perf_counter()
-        if m == "fedavg_lora":
-            entry = fedavg_lora_todo(preset)
-        else:
-            try:
+        try:
+            if m == "fedavg_lora":
+                entry = run_fedavg_lora(fed, preset)
+            else:
                 entry = RUNNERS[m](fed)
-            except Exception as err:  # noqa: BLE001 - one failing method must not lose the others' numbers
-                entry = not_run(f"failed: {type(err).__name__}: {err}")
+        except Exception as err:  # noqa: BLE001 - one failing method must not lose the others' numbers
+            entry = not_run(f"failed: {type(err).__name__}: {err}")
         entry["wall_s"] = time.perf_counter() - t0
         out[m] = entry
         if on_done is not None:
@@ -625,7 +793,11 @@ def build_federation(preset: Preset, seed: int, cpu_gflops: float, log: Callable
     lost = stamp_arrivals(devices, seed)
     settings = Settings.of(preset, seed)
     step_s = measure_step_costs(types, k, preset.out_dim, preset.batch_size, seed=seed)
-    fed = Federation(list(devices), types, k, preset.out_dim, eval_sets, step_s, settings)
+    source = {"partition": partition, "aliases": {key: r["alias"] for key, r in per_type.items()},
+              "data": dict(dataset="bbc_news", max_length=preset.max_length, seed=seed,
+                           limit_train_samples=preset.limit_train_samples,
+                           limit_eval_samples=preset.limit_eval_samples)}
+    fed = Federation(list(devices), types, k, preset.out_dim, eval_sets, step_s, settings, source)
     record = {
         "k": k,
         "types": per_type,
@@ -639,6 +811,104 @@ def build_federation(preset: Preset, seed: int, cpu_gflops: float, log: Callable
                         "arrival_s": d.upload.arrival_s if d.upload is not None else None} for d in devices],
     }
     return fed, record
+
+
+# --------------------------------------------------------------------------- the live row
+
+
+LIVE_RECIPES = {"smollm2-135m": "recipes/fed/smollm2-135m-bbc.yaml", "gemma3-270m": "recipes/fed/gemma3-270m-bbc.yaml",
+                "qwen2.5-coder-0.5b": "recipes/fed/qwen2.5-coder-0.5b-bbc.yaml"}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a process this harness started (SIGTERM, then SIGKILL after 30 s) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def run_live(preset: Preset, seed: int, workdir: Path, timeout_s: float = 600.0) -> dict[str, Any]:
+    """The path the simulation stands for: a real ``serve --role fed`` process (``recipes/fed/server.yaml`` on
+    127.0.0.1, a free port, per-device tokens, no TLS on loopback) and one ``fit`` device process per backbone of
+    the preset (its ``recipes/fed/`` recipe), on a 2+-device Dirichlet partition of the preset's data subset, over
+    gRPC. Each device uploads its partition, waits for the others, downloads its parts and evaluates locally."""
+    from lightning_mobillm.protocol import READY_PREFIX
+    from lightning_mobillm.transport.security import hash_token, new_token
+
+    aliases = [a for a in dict.fromkeys(preset.backbones) if a in LIVE_RECIPES]
+    if len(aliases) < 2:
+        return {"status": "not run", "reason": "the live row needs two backbones with a recipes/fed/ recipe"}
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = [f"live-{a.split('-')[0]}" for a in aliases]
+    tokens = {n: new_token() for n in names}
+    (workdir / "tokens.txt").write_text("".join(f"{n} {hash_token(t)}\n" for n, t in tokens.items()))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+           "LIGHTNING_MOBILLM_CACHE": str(workdir / "cache")}
+    env.pop("MOBILLM_TOKEN", None)
+    t0 = time.perf_counter()
+    procs: list[subprocess.Popen] = []
+    try:
+        with (workdir / "server.stderr").open("w") as stderr:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "lightning_mobillm", "serve", "--config", str(REPO / "recipes/fed/server.yaml"),
+                 "--server.host", "127.0.0.1", "--server.port", "0", "--server.tokens_file", "tokens.txt",
+                 "--server.tls_cert_file", "null", "--server.tls_key_file", "null", "--server.allow_insecure", "true",
+                 "--server.device", "cpu", "--server.fed_max_replay_steps", "200", "--server.fed_seed", str(seed)],
+                cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        procs.append(server)
+        line = next((ln for ln in server.stdout if ln.startswith(READY_PREFIX)), "")
+        if not line:
+            return {"status": "failed", "error": "serve exited: " + (workdir / "server.stderr").read_text()[-2000:]}
+        ready = dict(kv.split("=") for kv in line.split()[1:])
+        address = f"127.0.0.1:{ready['port']}"
+        devices = {}
+        for pid, (alias, name) in enumerate(zip(aliases, names)):
+            cwd = workdir / name
+            cwd.mkdir(exist_ok=True)
+            init = "--model.init_args."
+            args = [sys.executable, "-m", "lightning_mobillm", "fit", "--config", str(REPO / LIVE_RECIPES[alias]),
+                    f"{init}server", address, f"{init}partition_id", str(pid), f"{init}device_id", name,
+                    f"{init}num_devices", str(len(aliases)), f"{init}alpha", str(preset.alpha),
+                    f"{init}min_partition_size", "1", f"{init}partition_seed", str(seed),
+                    f"{init}wait_for_devices", str(len(aliases)), f"{init}poll_interval_s", "1.0",
+                    f"{init}wait_timeout_s", str(int(timeout_s / 2)), f"{init}tls_ca_file", "null",
+                    f"{init}token_file", "null", f"{init}keystore", str(cwd / "keys"),
+                    "--data.init_args.max_length", str(preset.max_length), "--data.init_args.seed", str(seed),
+                    "--data.init_args.limit_train_samples", str(preset.limit_train_samples or "null"),
+                    "--data.init_args.limit_eval_samples", str(preset.limit_eval_samples or "null")]
+            with (cwd / "stdout").open("w") as out, (cwd / "stderr").open("w") as err:
+                proc = subprocess.Popen(args, cwd=cwd, env={**env, "MOBILLM_TOKEN": tokens[name]},
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            procs.append(proc)
+            devices[name] = (alias, proc, cwd)
+        rows = {}
+        for name, (alias, proc, cwd) in devices.items():
+            proc.communicate(timeout=timeout_s)
+            if proc.returncode != 0:
+                return {"status": "failed", "error": f"{name} exited {proc.returncode}: "
+                        + (cwd / "stderr").read_text()[-2000:]}
+            summary = json.loads(next((cwd / "runs").glob("*/version_0/summary.json")).read_text())
+            rows[name] = {"alias": alias, "pid": proc.pid, "val_acc": summary.get("val_acc"),
+                          "samples_uploaded": summary.get("samples_uploaded"), "bytes_up": summary.get("bytes_up"),
+                          "download_bytes": summary.get("fed", {}).get("download_bytes"),
+                          "device_busy_s": summary.get("device_busy_s"),
+                          "backbone_type": summary.get("fed", {}).get("backbone_type")}
+        accs = [r["val_acc"] for r in rows.values() if r["val_acc"] is not None]
+        return {"status": "ran", "server_pid": server.pid, "device_pids": [r["pid"] for r in rows.values()],
+                "backbones": [r["backbone_type"] or r["alias"] for r in rows.values()],
+                "val_acc": sum(accs) / len(accs) if accs else None, "devices": rows, "address": address,
+                "wall_s": time.perf_counter() - t0,
+                "note": "a real serve --role fed process and one fit process per backbone over gRPC on loopback "
+                        "(per-device tokens, no TLS), the preset's data subset partitioned among these devices only"}
+    except (OSError, subprocess.TimeoutExpired, StopIteration, ValueError) as err:
+        return {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+    finally:
+        for proc in procs:
+            _stop(proc)
 
 
 # --------------------------------------------------------------------------- the report
@@ -707,6 +977,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--cpu-gflops", type=float, default=None,
                    help="fix this CPU's GFLOPS for the profiles' speeds instead of measuring it")
     p.add_argument("--target-acc", type=float, default=TARGET_ACC)
+    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the live row: a serve --role fed process and one device process per backbone over gRPC")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
     if unknown := sorted(set(methods) - set(METHODS)):
@@ -734,8 +1006,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         "partition": record["partition"],
         "target_acc": args.target_acc,
         "live": None,
-        "live_note": "not run: the live row (python -m lightning_mobillm serve --role fed and two FedClient device "
-                     "processes with different backbones over gRPC) is not wired into this harness yet",
         "methods": {},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {**asdict(preset), "seed": args.seed, "k": record["k"], "target_space": "device",
@@ -758,6 +1028,18 @@ def main(argv: Sequence[str] | None = None) -> None:
               flush=True)
 
     run_methods(fed, methods, preset, on_done=done)
+    if args.live:
+        import tempfile
+
+        del fed
+        gc.collect()
+        live = run_live(preset, args.seed, Path(tempfile.mkdtemp(prefix="mobillm-fed-live-")))
+        report["live"] = live if live.get("status") == "ran" else None
+        if live.get("status") != "ran":
+            report["live_note"] = live
+        print(f"live: {live.get('status')}, val acc {live.get('val_acc')}", flush=True)
+    else:
+        report["live_note"] = "not run (--no-live)"
     report["wall_s"] = time.perf_counter() - wall0
     write_json(out_path, report)
     print(summary_table(report["methods"]))

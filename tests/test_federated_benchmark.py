@@ -68,7 +68,7 @@ def _federation(target_acc: float = 0.5, **settings) -> fb.Federation:
         acts, labels, logits = _samples(key, 30, seed=7)
         evals[key] = fb.EvalSet(acts, logits, labels)
     knobs = dict(batch_size=8, lr=1e-2, arrival_epochs=1, final_replay_epochs=4, evals=4, sync_rounds=3,
-                 single_epochs=3, centralized_epochs=4, target_acc=target_acc, seed=0)
+                 single_epochs=3, centralized_epochs=4, target_acc=target_acc, seed=0, codec="int8")
     knobs.update(settings)
     return fb.Federation(devices, dict(WIDTH), K, OUT, evals, {A: 0.01, B: 0.02}, fb.Settings(**knobs))
 
@@ -135,7 +135,7 @@ def test_time_to_target_is_null_when_the_target_is_not_reached():
     assert fb.time_to_target([{"t": 1.0, "val_acc": 0.2}, {"t": 2.0, "val_acc": 0.6}], 0.5) == 2.0
 
 
-def test_fedavg_lora_is_an_honest_todo(results):
+def test_fedavg_lora_without_real_backbones_is_an_honest_todo(results):
     e = results["fedavg_lora"]
     assert e["status"] == "not run" and "TODO" in e["reason"]
     assert all(e[f] is None for f in fb.METHOD_FIELDS)
@@ -156,3 +156,11 @@ def test_helpers_deal_types_evenly_and_measure_positive_step_costs():
     costs = fb.measure_step_costs(WIDTH, K, OUT, batch_size=4, steps=2)
     assert set(costs) == {A, B} and all(c > 0 and math.isfinite(c) for c in costs.values())
     assert set(fb.PRESETS) == {"smoke", "small", "medium", "full"}
+
+
+def test_fedavg_batches_pad_right_and_keep_the_order():
+    batches = list(fb._batches([[1, 2, 3], [4], [5, 6]], [0, 2, 1], 2, pad_id=9, order=[2, 0, 1]))
+    assert len(batches) == 2
+    x, mask, y = batches[0]
+    assert x.tolist() == [[5, 6, 9], [1, 2, 3]] and mask.tolist() == [[1, 1, 0], [1, 1, 1]] and y.tolist() == [1, 0]
+    assert batches[1][0].tolist() == [[4]] and batches[1][2].tolist() == [2]
