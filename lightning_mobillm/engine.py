@@ -31,13 +31,25 @@ from torch import Tensor, nn
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.transport.frames import FrameError
 
-__all__ = ["BYTES_PER_PARAMETER", "StepResult", "TrainingEngine", "make_fabric"]
+__all__ = ["BYTES_PER_PARAMETER", "StepResult", "TrainingEngine", "make_fabric", "save_atomically"]
 
 #: what training one fp32 parameter with AdamW costs an engine: the weight, its gradient, two moments, and the
 #: step's undo copy of the weight and both moments (4 bytes each); a server sizes a session's model by it
 BYTES_PER_PARAMETER = 28
 
 _STATE_KEYS = {"model", "optimizer", "scheduler", "step"}
+
+
+def save_atomically(fabric: Fabric, path: str | Path, state: dict[str, Any]) -> None:
+    """``fabric.save`` to a temp file beside ``path``, fsync, rename: a process killed while writing leaves
+    the previous file intact (every server checkpoint is written this way)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fabric.save(tmp, state)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def make_fabric(config: ServerConfig) -> Fabric:
@@ -281,13 +293,7 @@ class TrainingEngine:
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write the engine's state (and ``extra``: plain data) to ``path`` atomically (temp file, fsync,
         rename): a server killed while writing leaves the previous checkpoint intact."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        self.fabric.save(tmp, {**self.state_dict(), "extra": extra or {}})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_atomically(self.fabric, path, {**self.state_dict(), "extra": extra or {}})
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """Restore from :meth:`save` (loaded with ``weights_only=True``); returns its ``extra``."""

@@ -73,7 +73,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_mobillm import protocol as P
-from lightning_mobillm.engine import BYTES_PER_PARAMETER, TrainingEngine
+from lightning_mobillm.engine import BYTES_PER_PARAMETER, TrainingEngine, save_atomically
 from lightning_mobillm.fed.alignment import AlignmentError, BackboneType, aligned_layers, shared_width
 from lightning_mobillm.fed.model import TARGET_SPACES, FedSideModule, check_device_id
 from lightning_mobillm.fed.trainer import FedTrainer, UploadRefused
@@ -535,13 +535,7 @@ class FedServer(FrameServer):
         with self._write_lock:
             if serial <= self._written:
                 return
-            path = self.checkpoint_path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            self.fabric.save(tmp, state)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            save_atomically(self.fabric, self.checkpoint_path, state)
             self._written = serial
             for index, file in self._logged():
                 if index < state["included"]:

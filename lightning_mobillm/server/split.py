@@ -27,7 +27,7 @@ from torch import nn
 from lightning_mobillm import protocol as P
 from lightning_mobillm.assets import PACKAGED_MODELS
 from lightning_mobillm.backbone import add_lora, load_split_part
-from lightning_mobillm.engine import TrainingEngine
+from lightning_mobillm.engine import TrainingEngine, save_atomically
 from lightning_mobillm.faults import fault_point
 from lightning_mobillm.optim import adamw_warmup_cosine
 from lightning_mobillm.server.dispatch import FrameServer, SessionBase
@@ -160,13 +160,7 @@ class SplitServer(FrameServer):
         if session.last_reply is not None:
             step, digest, reply = session.last_reply
             state["last_reply"] = {"step": step, "digest": _as_tensor(digest), "reply": _as_tensor(reply)}
-        path = self.checkpoint_path(session.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        engine.fabric.save(tmp, state)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_atomically(engine.fabric, self.checkpoint_path(session.key), state)
         session.checkpoint_step = session.step
         fault_point("server:after_checkpoint", step=session.step, session=session.key)
 
