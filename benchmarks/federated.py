@@ -820,23 +820,13 @@ LIVE_RECIPES = {"smollm2-135m": "recipes/fed/smollm2-135m-bbc.yaml", "gemma3-270
                 "qwen2.5-coder-0.5b": "recipes/fed/qwen2.5-coder-0.5b-bbc.yaml"}
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End a process this harness started (SIGTERM, then SIGKILL after 30 s) and reap it."""
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-
-
 def run_live(preset: Preset, seed: int, workdir: Path, timeout_s: float = 600.0) -> dict[str, Any]:
     """The path the simulation stands for: a real ``serve --role fed`` process (``recipes/fed/server.yaml`` on
     127.0.0.1, a free port, per-device tokens, no TLS on loopback) and one ``fit`` device process per backbone of
     the preset (its ``recipes/fed/`` recipe), on a 2+-device Dirichlet partition of the preset's data subset, over
     gRPC. Each device uploads its partition, waits for the others, downloads its parts and evaluates locally."""
-    from lightning_mobillm.protocol import READY_PREFIX
+    from lightning_mobillm.client import start_serve, stop_process
+    from lightning_mobillm.transport.link import LinkError
     from lightning_mobillm.transport.security import hash_token, new_token
 
     aliases = [a for a in dict.fromkeys(preset.backbones) if a in LIVE_RECIPES]
@@ -852,18 +842,16 @@ def run_live(preset: Preset, seed: int, workdir: Path, timeout_s: float = 600.0)
     t0 = time.perf_counter()
     procs: list[subprocess.Popen] = []
     try:
-        with (workdir / "server.stderr").open("w") as stderr:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "lightning_mobillm", "serve", "--config", str(REPO / "recipes/fed/server.yaml"),
-                 "--server.host", "127.0.0.1", "--server.port", "0", "--server.tokens_file", "tokens.txt",
-                 "--server.tls_cert_file", "null", "--server.tls_key_file", "null", "--server.allow_insecure", "true",
-                 "--server.device", "cpu", "--server.fed_max_replay_steps", "200", "--server.fed_seed", str(seed)],
-                cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        procs.append(server)
-        line = next((ln for ln in server.stdout if ln.startswith(READY_PREFIX)), "")
-        if not line:
+        try:
+            server, ready = start_serve(
+                ["--config", str(REPO / "recipes/fed/server.yaml"), "--server.host", "127.0.0.1", "--server.port", "0",
+                 "--server.tokens_file", "tokens.txt", "--server.tls_cert_file", "null", "--server.tls_key_file",
+                 "null", "--server.allow_insecure", "true", "--server.device", "cpu",
+                 "--server.fed_max_replay_steps", "200", "--server.fed_seed", str(seed)],
+                log_path=workdir / "server.stderr", cwd=workdir, env=env)
+        except LinkError:
             return {"status": "failed", "error": "serve exited: " + (workdir / "server.stderr").read_text()[-2000:]}
-        ready = dict(kv.split("=") for kv in line.split()[1:])
+        procs.append(server)
         address = f"127.0.0.1:{ready['port']}"
         devices = {}
         for pid, (alias, name) in enumerate(zip(aliases, names)):
@@ -908,7 +896,7 @@ def run_live(preset: Preset, seed: int, workdir: Path, timeout_s: float = 600.0)
         return {"status": "failed", "error": f"{type(err).__name__}: {err}"}
     finally:
         for proc in procs:
-            _stop(proc)
+            stop_process(proc, 30)
 
 
 # --------------------------------------------------------------------------- the report

@@ -40,7 +40,7 @@ from lightning_mobillm.transport.link import GrpcLink, InProcessLink, Link, Link
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INPROCESS", "EmbeddedServer", "ServerClient", "ServerError", "server_log_path"]
+__all__ = ["INPROCESS", "EmbeddedServer", "ServerClient", "ServerError", "server_log_path", "start_serve", "stop_process"]
 
 #: the address that selects the in-process link
 INPROCESS = "inprocess"
@@ -108,51 +108,13 @@ class EmbeddedServer:
         cfg.update(host="127.0.0.1", port=0, tokens_file=None, token_file=None)
         env = dict(os.environ)
         env[self.config.token_env] = self.token
-        stderr = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - handed to the child
         settings = {"role": self.role, "parent_pid": os.getpid(), "server": cfg}
-        cmd = [sys.executable, "-m", "lightning_mobillm", "serve", "--config", json.dumps(settings)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=env,
-                                     start_new_session=True)
-        if stderr is not None:
-            stderr.close()
-        fields = dict(kv.split("=", 1) for kv in self._ready_line(timeout).split()[1:])
+        self.proc, fields = start_serve(["--config", json.dumps(settings)], log_path=self.log_path, env=env,
+                                        timeout=timeout, new_session=True)
         self.pid = int(fields["pid"])
         log.info("embedded %s server pid %s on 127.0.0.1:%s (log: %s)", self.role, self.pid, fields["port"],
                  self.log_path)
         return f"127.0.0.1:{fields['port']}"
-
-    def _ready_line(self, timeout: float) -> str:
-        assert self.proc is not None
-        result: list[str] = []
-        ready = threading.Event()
-        stdout = self.proc.stdout
-
-        def reader() -> None:
-            # after the READY line it goes on reading, so that whatever the server prints later (e.g. a fault
-            # point's marker) never fills a pipe nobody reads
-            try:
-                for raw in stdout:
-                    text = raw.decode(errors="replace").strip()
-                    if not ready.is_set() and text.startswith(P.READY_PREFIX):
-                        result.append(text)
-                        ready.set()
-                    elif text:
-                        log.debug("embedded server: %s", text)
-            except (OSError, ValueError):  # the pipe was closed by stop()
-                pass
-            ready.set()
-
-        threading.Thread(target=reader, daemon=True, name="mobillm-embedded-stdout").start()
-        ready.wait(timeout)
-        if not result:
-            code = self.proc.poll()
-            self.proc.kill()
-            self.proc.wait()
-            raise LinkError(
-                f"embedded server did not start within {timeout:.0f} s"
-                + (f" (exit code {code}; see {self.log_path})" if code is not None else "")
-            )
-        return result[0]
 
     @property
     def alive(self) -> bool:
@@ -163,21 +125,73 @@ class EmbeddedServer:
         if self.proc is None:
             return
         proc, self.proc = self.proc, None
+        stop_process(proc, timeout)
+
+
+def start_serve(args: list[str], *, log_path: Path | None = None, env: dict[str, str] | None = None,
+                cwd: Path | str | None = None, timeout: float = 120.0,
+                new_session: bool = False) -> tuple[subprocess.Popen, dict[str, str]]:
+    """Start ``python -m lightning_mobillm serve <args>`` and wait (at most ``timeout`` s) for its READY line.
+
+    The server's log goes to ``log_path`` (appended; None: this process's stderr), never to a pipe nobody
+    reads; its stdout is read on a thread to the end, so whatever it prints after READY (a fault point's
+    marker) never fills the pipe. ``new_session`` puts it in its own process group (Ctrl-C then reaches only
+    the caller). Returns the process and the READY line's fields (``port``, ``pid``); raises
+    :class:`LinkError` (and leaves no process) when it does not start.
+    """
+    stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "serve", *args], cwd=cwd, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                            start_new_session=new_session)
+    if stderr is not None:
+        stderr.close()
+    result: list[str] = []
+    ready = threading.Event()
+
+    def reader() -> None:
         try:
+            for raw in proc.stdout:
+                text = raw.decode(errors="replace").strip()
+                if not ready.is_set() and text.startswith(P.READY_PREFIX):
+                    result.append(text)
+                    ready.set()
+                elif text:
+                    log.debug("server: %s", text)
+        except (OSError, ValueError):  # the pipe was closed by stop_process
+            pass
+        ready.set()
+
+    threading.Thread(target=reader, daemon=True, name="mobillm-serve-stdout").start()
+    ready.wait(timeout)
+    if not result:
+        code = proc.poll()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        raise LinkError(f"the server did not start within {timeout:.0f} s"
+                        + (f" (exit code {code}; see {log_path})" if code is not None else ""))
+    return proc, dict(kv.split("=", 1) for kv in result[0].split()[1:])
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit code once the process is reaped
+    (also when interrupted while waiting: it is never left running)."""
+    try:
+        if proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                log.warning("embedded server pid %s did not stop within %.0f s of SIGTERM; killing it", proc.pid,
-                            timeout)
+                log.warning("pid %s did not stop within %.0f s of SIGTERM; killing it", proc.pid, timeout)
                 proc.kill()
                 proc.wait()
-        finally:
-            if proc.poll() is None:  # interrupted while waiting: never leave it running
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return proc.returncode
 
 
 def _in_process_handler(role: str, config: ServerConfig):

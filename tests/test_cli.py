@@ -15,10 +15,9 @@ import pytest
 
 from lightning_mobillm import faults
 from lightning_mobillm.callbacks import DeviceMonitor
-from lightning_mobillm.client import ServerError
+from lightning_mobillm.client import ServerError, start_serve, stop_process
 from lightning_mobillm.data import TextClassificationDataModule
 from lightning_mobillm.modules import SideTuningModule
-from lightning_mobillm.protocol import READY_PREFIX
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.strategies import ServerAssistedStrategy
 from lightning_mobillm.transport.link import LinkError
@@ -113,22 +112,11 @@ def standalone_server(tmp_path):
     (tmp_path / "server-token").write_text("s3cret\n")
     config.write_text(f"server:\n  host: 127.0.0.1\n  port: 0\n  token_file: {tmp_path / 'server-token'}\n"
                       "  device: cpu\n  threads: 1\n")
-    log = tmp_path / "server.stderr"  # a file, not a pipe nobody drains (a full pipe would stall the server)
-    with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "serve", "--config", str(config)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    proc, ready = start_serve(["--config", str(config)], log_path=tmp_path / "server.stderr")
     try:
-        line = next((ln for ln in proc.stdout if ln.startswith(READY_PREFIX)), "")
-        assert line, f"serve exited: {log.read_text()[-2000:]}"
-        port = int(dict(kv.split("=") for kv in line.split()[1:])["port"])
-        yield f"127.0.0.1:{port}", proc
+        yield f"127.0.0.1:{ready['port']}", proc
     finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop_process(proc, 60)
 
 
 def _fit_against(address: str, token: str, tiny_llama_dir, tiny_data_file, tmp_path) -> DeviceMonitor:

@@ -26,9 +26,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from support.fault_run import run as fault_run
 
 from lightning_mobillm import faults
+from lightning_mobillm.client import start_serve, stop_process
 from lightning_mobillm.data import TextClassificationDataModule
 from lightning_mobillm.data.text_classification import ResumableDataLoader
-from lightning_mobillm.protocol import READY_PREFIX
 
 SUPPORT = Path(__file__).parent / "support"
 SECRET = "5e" * 32  # PAE's transform key: the same in the reference and in the child processes
@@ -191,22 +191,11 @@ def standalone_server(tmp_path):
     config.write_text(f"server:\n  host: 127.0.0.1\n  port: 0\n  token_file: {tmp_path / 'token'}\n  device: cpu\n"
                       f"  threads: 1\n  workdir: {tmp_path / 'server'}\n  checkpoint_every_n_steps: 4\n")
     log = tmp_path / "server.stderr"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "lightning_mobillm", "serve", "--config", str(config)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                env=_env(tmp_path))
+    proc, ready = start_serve(["--config", str(config)], log_path=log, env=_env(tmp_path))
     try:
-        line = next((ln for ln in proc.stdout if ln.startswith(READY_PREFIX)), "")
-        assert line, f"serve exited: {log.read_text()[-2000:]}"
-        port = int(dict(kv.split("=") for kv in line.split()[1:])["port"])
-        yield f"127.0.0.1:{port}", log
+        yield f"127.0.0.1:{ready['port']}", log
     finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop_process(proc, 60)
 
 
 def test_a_device_killed_mid_fit_resumes_from_its_checkpoint_on_the_session_the_server_kept(

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from lightning_mobillm.client import start_serve, stop_process
 from lightning_mobillm.fed.alignment import BackboneType
 from lightning_mobillm.fed.client import FedClient
-from lightning_mobillm.protocol import READY_PREFIX
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.transport.security import hash_token, new_token
 
@@ -45,17 +45,6 @@ def tiny_gemma_dir(tmp_path, tiny_llama_dir) -> Path:
     return folder
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """End a process we started (SIGTERM, then SIGKILL after 30 s) and reap it."""
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-
-
 def test_a_fed_server_and_two_devices_with_different_backbones(tmp_path, tiny_llama_dir, tiny_gemma_dir,
                                                                 tiny_data_file):
     backbones = {"phone-llama": tiny_llama_dir, "phone-gemma": tiny_gemma_dir}
@@ -72,17 +61,11 @@ def test_a_fed_server_and_two_devices_with_different_backbones(tmp_path, tiny_ll
     try:
         # the server: the tiny recipe, with the two types allowed and checkpoints rare, so that the upload log
         # (what the server keeps of every upload) is still there to be read when the devices are done
-        with (tmp_path / "server.stderr").open("w") as stderr:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "lightning_mobillm", "serve", "--config", str(SERVER_RECIPE),
-                 "--server.allowed_backbones", json.dumps(sorted(types.values())),
-                 "--server.checkpoint_every_n_steps", "1000000"],
-                cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
-                text=True)
+        server, ready = start_serve(
+            ["--config", str(SERVER_RECIPE), "--server.allowed_backbones", json.dumps(sorted(types.values())),
+             "--server.checkpoint_every_n_steps", "1000000"],
+            log_path=tmp_path / "server.stderr", cwd=tmp_path, env=env)
         procs.append(server)
-        line = next((ln for ln in server.stdout if ln.startswith(READY_PREFIX)), "")
-        assert line, f"serve exited: {(tmp_path / 'server.stderr').read_text()[-3000:]}"
-        ready = dict(kv.split("=") for kv in line.split()[1:])
         address, server_pid = f"127.0.0.1:{ready['port']}", int(ready["pid"])
         assert server_pid == server.pid
 
@@ -159,4 +142,4 @@ def test_a_fed_server_and_two_devices_with_different_backbones(tmp_path, tiny_ll
             assert word not in server_log
     finally:
         for proc in procs:
-            _stop(proc)
+            stop_process(proc, 30)

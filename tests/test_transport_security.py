@@ -11,8 +11,6 @@ import datetime
 import ipaddress
 import logging
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import grpc
 import pytest
 
 from lightning_mobillm import cli
+from lightning_mobillm.client import start_serve, stop_process
 from lightning_mobillm.server.app import InsecureServerError, check_exposure, is_loopback
 from lightning_mobillm.server.logs import LogLimiter, install_log_limits
 from lightning_mobillm.server_config import ServerConfig
@@ -486,17 +485,12 @@ def test_serve_with_tls_and_per_device_tokens(pki, tmp_path):
     write_tokens(tokens, {"phone-1": "t1-secret-token"})
     env = {k: v for k, v in os.environ.items() if k != "MOBILLM_TOKEN"}
     log = tmp_path / "server.stderr"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lightning_mobillm", "serve", "--server.tokens_file", str(tokens),
-             "--server.tls_cert_file", pki["server_cert"], "--server.tls_key_file", pki["server_key"],
-             "--server.device", "cpu", "--server.threads", "1"],
-            cwd=Path(__file__).parents[1], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=stderr, text=True)
+    proc, ready = start_serve(
+        ["--server.tokens_file", str(tokens), "--server.tls_cert_file", pki["server_cert"],
+         "--server.tls_key_file", pki["server_key"], "--server.device", "cpu", "--server.threads", "1"],
+        log_path=log, cwd=Path(__file__).parents[1], env=env)
+    port = int(ready["port"])
     try:
-        line = next((ln for ln in proc.stdout if ln.startswith("MOBILLM_SERVER_READY")), "")
-        assert line, f"serve exited: {log.read_text()[-2000:]}"
-        port = int(dict(kv.split("=") for kv in line.split()[1:])["port"])
         tls = TlsClientConfig(ca_file=pki["ca_cert"])
         device = GrpcLink(f"localhost:{port}", "t1-secret-token", tls=tls, connect_timeout=DEADLINE,
                           call_timeout=DEADLINE, retries=0)
@@ -510,12 +504,7 @@ def test_serve_with_tls_and_per_device_tokens(pki, tmp_path):
             device.close()
             stranger.close()
     finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop_process(proc, 60)
     text = log.read_text()
     assert "per-device tokens" in text and "TLS: on" in text and "refused a call" in text
     assert "t1-secret-token" not in text and hash_token("t1-secret-token") not in text
