@@ -102,6 +102,8 @@ class ServerConfig:
         fed_max_devices: devices a federation admits (those that uploaded or are connected); with the quota it
             bounds the upload cache (devices x quota x K x width x 4 bytes), also where a shared token lets any
             caller name new device ids.
+        fed_download_dtype: the dtype of the parts a device downloads to evaluate (``float16`` halves the
+            downlink of ``float32``; the device computes in fp32 either way).
     """
 
     host: str = "127.0.0.1"
@@ -151,6 +153,7 @@ class ServerConfig:
     fed_max_replay_steps: int = 1000
     fed_max_samples_per_device: int | None = 4096
     fed_max_devices: int = 256
+    fed_download_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
 
     #: limits that must be positive (a zero or negative one would refuse everything or nothing)
     _POSITIVE = ("max_frame_mb", "max_concurrent_rpcs", "max_calls_per_identity", "max_workers",
@@ -184,6 +187,9 @@ class ServerConfig:
         if self.fed_target_space not in (None, "device", "federation", "plain"):
             raise ValueError(f"server.fed_target_space must be device, federation or plain, got "
                              f"{self.fed_target_space!r}")
+        if self.fed_download_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"server.fed_download_dtype must be float32, float16 or bfloat16, got "
+                             f"{self.fed_download_dtype!r}")
 
     def resolved_token(self) -> str | None:
         """The shared token: from ``token_file`` if set, else the ``token_env`` variable; None if neither."""

@@ -219,9 +219,9 @@ def test_the_shared_model_learns_and_each_device_classifies_with_its_download(sp
     for device, backbone_type, seed in devices:
         download = trainer.download(device)
         if space == "device":  # its own head, nobody else's
-            own = trainer.module.heads[device].proj.weight
+            own = trainer.module.heads[device].proj.weight.half()  # downloads are float16 by default
             assert torch.equal(download.state["head.proj.weight"], own)
-            assert not any(torch.equal(download.state["head.proj.weight"], trainer.module.heads[o].proj.weight)
+            assert not any(torch.equal(download.state["head.proj.weight"], trainer.module.heads[o].proj.weight.half())
                            for o, _, _ in devices if o != device)
         acts, labels, logits = _samples(backbone_type, 60, seed + 100)
         scores = download.build().scores(acts, logits, _transform(space, device))
@@ -243,6 +243,29 @@ def test_a_device_decoding_with_another_devices_key_does_not_classify():
     own = (d0.scores(acts, logits, _transform("device", "d0")).argmax(-1) == labels).float().mean()
     wrong = (d0.scores(acts, logits, _transform("device", "d1")).argmax(-1) == labels).float().mean()
     assert own >= 0.85 and wrong < own - 0.2
+
+
+
+def test_downloads_come_in_the_configured_dtype_and_classify_alike():
+    """float16 (default) halves the bytes of float32; the device model computes in fp32 from either, and the
+    two give the same predictions up to the rounding of the weights."""
+    full = make_trainer(batch_size=16, download_dtype="float32")
+    upload = make_upload("d0", A, 48, seed=0)
+    full.accept(upload)
+    full.train_on(upload)
+    exact = full.download("d0")
+    full.download_dtype = "float16"
+    rounded = full.download("d0")
+    assert all(t.dtype == torch.float32 for t in exact.state.values())
+    assert all(t.dtype == torch.float16 for t in rounded.state.values())
+    assert rounded.nbytes * 2 == exact.nbytes
+    assert torch.equal(exact.state["head.proj.weight"], full.module.heads["d0"].proj.weight)
+    acts, labels, logits = _samples(A, 60, 300)
+    a = exact.build().scores(acts, logits, _transform("device", "d0"))
+    b = rounded.build().scores(acts, logits, _transform("device", "d0"))
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
+    with pytest.raises(ValueError, match="download_dtype"):
+        make_trainer(download_dtype="int8")
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -387,8 +410,13 @@ def test_simulate_async_trains_on_arrival_replays_in_between_and_reports_a_curve
         return 0.5 if kind == "replay" else 0.1 * sum(len(u) for u in batch)
 
     result = simulate_async(trainer, uploads, step_cost, evaluate=evaluate, eval_every_s=2.0,
-                            final_replay_steps=20)
+                            final_replay_steps=20, record_samples=True)
     kinds = [s["kind"] for s in result.steps]
+    # what each step trained on: d0's 16 samples in their order, then replays of what had arrived by then
+    assert trainer.sample_ids(result.steps[0]["rows"]) == [("d0", k) for k in uploads[0].keys]
+    assert all({d for d, _ in trainer.sample_ids(s["rows"])} == {"d0"} for s in result.steps[1:6])
+    assert {d for s in result.steps[9:] for d, _ in trainer.sample_ids(s["rows"])} == {"d0", "d1", "d2"}
+    assert trainer.trained_rows is None
     # d0 trains 1.0-2.6; five replays (the last ends at 5.1, after d1 and d2 landed at 5.0); d1 5.1-6.7, d2
     # 6.7-8.3, d3 (refused) 8.3-8.7; then the 20 final replays
     assert kinds == ["arrival"] + ["replay"] * 5 + ["arrival"] * 3 + ["replay"] * 20

@@ -53,6 +53,7 @@ def _device(i: int, key: str, n: int, speed: float) -> fb.SimDevice:
     if n:
         acts, labels, logits = _samples(key, n, seed=100 + i, classes=[i % CLASSES, (i + 1) % CLASSES])
         parts = pack_acts(acts, torch.ones(n, dtype=torch.int64), "int8")
+        dev.labels = labels.tolist()
         dev.upload = fb.Upload(device=dev.id, backbone_type=key, keys=[f"d{i}-{j}" for j in range(n)],
                                acts={k: v for k, v in parts.items() if k != "lengths"}, codec="int8",
                                targets=transform.forward(prediction_difference(labels, logits)))
@@ -114,6 +115,22 @@ def test_the_methods_that_ran_give_sane_values(results):
     # the sync variant waits for the slowest device before its first step; the async one starts at the first
     assert results["fed_mobillm_sync"]["curve"][0]["t"] > last
     assert results["fed_mobillm"]["steps"]["arrival_steps"] == 3 + 3 + 2  # optimizer steps of 8 samples
+
+
+def test_the_timeline_counts_arrivals_and_each_class_share_of_training(results):
+    tl = results["fed_mobillm"]["timeline"]
+    bins = len(tl["arrivals"])
+    assert len(tl["bin_edges_s"]) == bins + 1 and tl["bin_edges_s"][-1] == pytest.approx(
+        results["fed_mobillm"]["end_s"])
+    assert sum(tl["arrivals"]) == 3 and sum(tl["arrived_samples"]) == 24 + 24 + 16
+    steps = results["fed_mobillm"]["steps"]
+    assert sum(tl["sample_steps"]) >= steps["steps"]  # every step trained on at least one sample
+    for share, n in zip(tl["class_share"], tl["sample_steps"], strict=True):
+        assert sum(share) == pytest.approx(1.0) if n else sum(share) == 0
+    # the first device to land holds classes 0 and 1 only: until the second lands, class 2 is never trained
+    first = next(i for i, n in enumerate(tl["sample_steps"]) if n)
+    assert tl["class_share"][first][2] == 0.0
+    assert sum(tl["pooled_class_share"]) == pytest.approx(1.0)
 
 
 def test_time_to_target_is_reached_and_placed_on_the_curve(results):

@@ -454,7 +454,8 @@ def test_steps_of_different_sessions_take_turns_at_the_compute_gate(monkeypatch)
 
 
 @pytest.mark.parametrize("key,value", [("max_workers", 0), ("max_concurrent_steps", -1), ("max_frame_mb", "big"),
-                                       ("max_calls_per_identity", True), ("cache_disk_mb", -5)])
+                                       ("max_calls_per_identity", True), ("cache_disk_mb", -5),
+                                       ("fed_download_dtype", "int8"), ("fed_target_space", "mine")])
 def test_a_server_limit_out_of_range_names_its_key(key, value):
     with pytest.raises(ValueError, match=f"server.{key} must be"):
         ServerConfig(**{key: value})

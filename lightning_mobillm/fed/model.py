@@ -58,6 +58,7 @@ from lightning_mobillm.side.heads import LastTokenHead
 from lightning_mobillm.side.parallel_adapters import ParallelAdapterTrunk
 
 __all__ = [
+    "DOWNLOAD_DTYPES",
     "SHARED_HEAD",
     "TARGET_SPACES",
     "FedBatch",
@@ -70,6 +71,8 @@ __all__ = [
 
 #: who can read the targets of a federation (see the module docstring)
 TARGET_SPACES = ("device", "federation", "plain")
+#: the dtypes a device may download its parts in (``FedTrainer(download_dtype=...)``, ``server.fed_download_dtype``)
+DOWNLOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: the head's key in the ``federation`` and ``plain`` spaces
 SHARED_HEAD = "shared"
 
@@ -389,14 +392,20 @@ class FedSideModule(lightning.LightningModule):
         return loss
 
     # ---- what a device downloads -------------------------------------------------------------------
-    def download(self, device: str, backbone_type: str) -> FedDownload:
+    def download(self, device: str, backbone_type: str, dtype: torch.dtype | None = None) -> FedDownload:
         """The parts ``device`` needs to evaluate: the trunk, ``backbone_type``'s projection and the head that
-        reads its outputs (its own in the ``device`` space), copied to the CPU. Never another device's head."""
+        reads its outputs (its own in the ``device`` space), copied to the CPU in ``dtype`` (``None``: the
+        model's own). Never another device's head. The device's model computes in fp32 whatever the download's
+        dtype (:meth:`FedDownload.build`), so a half-precision download halves the downlink for a rounding of
+        the weights only."""
+        if dtype is not None and dtype not in DOWNLOAD_DTYPES.values():
+            raise ValueError(f"a download's dtype is one of {sorted(DOWNLOAD_DTYPES)}, got {dtype}")
         head = self.head(device)
         projection = self.alignment.projection(backbone_type)
         state: dict[str, Tensor] = {}
         for prefix, part in (("projection.", projection), ("trunk.", self.trunk), ("head.", head)):
-            state.update({prefix + k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()})
+            state.update({prefix + k: v.detach().to("cpu", dtype=dtype, copy=True)
+                          for k, v in part.state_dict().items()})
         hp = self.hparams
         config = {"k": self.k, "d_star": self.shared_width, "width": self.types[backbone_type],
                   "out_dim": self.out_dim, "reduction": hp["reduction"], "normalize_taps": hp["normalize_taps"],

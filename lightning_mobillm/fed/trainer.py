@@ -43,7 +43,14 @@ from torch import Tensor
 from lightning_mobillm.engine import TrainingEngine
 from lightning_mobillm.fed import clock as _clock
 from lightning_mobillm.fed.alignment import AlignmentError, BackboneType, aligned_layers
-from lightning_mobillm.fed.model import FedBatch, FedDownload, FedPart, FedSideModule, check_device_id
+from lightning_mobillm.fed.model import (
+    DOWNLOAD_DTYPES,
+    FedBatch,
+    FedDownload,
+    FedPart,
+    FedSideModule,
+    check_device_id,
+)
 from lightning_mobillm.fed.upload import Upload
 
 __all__ = ["FedTrainer", "SimulationResult", "StepEngine", "UploadRefused", "simulate_async"]
@@ -108,6 +115,8 @@ class FedTrainer:
             one device can weigh in the shared model.
         seed: seeds the replay order (:meth:`replay_step` without ``rng``).
         grad_clip: the default engine's gradient clipping.
+        download_dtype: the dtype of what devices download (:meth:`download`): ``float16`` (default) halves
+            the downlink of ``float32``; the device computes in fp32 either way.
     """
 
     def __init__(
@@ -121,7 +130,11 @@ class FedTrainer:
         max_samples_per_device: int | None = None,
         seed: int = 0,
         grad_clip: float | None = 1.0,
+        download_dtype: str = "float16",
     ) -> None:
+        if download_dtype not in DOWNLOAD_DTYPES:
+            raise ValueError(f"download_dtype must be one of {sorted(DOWNLOAD_DTYPES)}, got {download_dtype!r}")
+        self.download_dtype = download_dtype
         for name, value, low in (("batch_size", batch_size, 1), ("arrival_epochs", arrival_epochs, 1),
                                  ("max_samples_per_device", max_samples_per_device, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
@@ -140,6 +153,9 @@ class FedTrainer:
         self._types: dict[str, dict[str, Any]] = {}
         self._counts = dict.fromkeys(_COUNTS, 0)
         self._perm: list[int] = []  # this replay epoch's order of flat indices
+        #: a list to record the flat indices every optimizer step trains on (:meth:`sample_ids` names them);
+        #: ``None`` (default): not recorded
+        self.trained_rows: list[int] | None = None
         self._pos = 0
         self.generator = torch.Generator().manual_seed(int(seed))
 
@@ -265,7 +281,13 @@ class FedTrainer:
             parts.append(FedPart(key, acts, tuple(self._chunks[c].device for c, _ in refs), targets))
         return FedBatch(parts)
 
+    def sample_ids(self, rows: Sequence[int]) -> list[tuple[str, str]]:
+        """``(device, sample key)`` of the cache's flat indices ``rows`` (what a step trained on)."""
+        return [(self._chunks[c].device, self._chunks[c].keys[r]) for c, r in (self._refs[i] for i in rows)]
+
     def _step(self, rows: Sequence[int], kind: str) -> float:
+        if self.trained_rows is not None:
+            self.trained_rows.extend(rows)
         batch = self.batch(rows)
         engine = self.engine
         result = engine.train_step(lambda: engine.model.compute_loss(batch))
@@ -329,7 +351,8 @@ class FedTrainer:
         device's head). ValueError for a device that never uploaded."""
         if device not in self._devices:
             raise ValueError(f"device {device!r} has not uploaded anything")
-        return self.module.download(device, self._devices[device]["backbone_type"])
+        return self.module.download(device, self._devices[device]["backbone_type"],
+                                    DOWNLOAD_DTYPES[self.download_dtype])
 
     # ---- statistics --------------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:
@@ -492,6 +515,7 @@ def simulate_async(
     final_replay_steps: int = 0,
     until_s: float | None = None,
     max_steps: int | None = None,
+    record_samples: bool = False,
 ) -> SimulationResult:
     """Fed MobiLLM's asynchronous server on the virtual clock (:func:`~lightning_mobillm.fed.clock.run_async`).
 
@@ -501,7 +525,9 @@ def simulate_async(
     of an arrival, an empty tuple for a replay; > 0 for a replay). ``evaluate(trainer)`` (e.g. every device
     downloads its parts and scores its held-out data) runs at the end of the first step ending at or after each
     multiple of ``eval_every_s`` and once at the end; it returns the metrics of one ``curve`` row. ``buffer``,
-    ``replay``, ``final_replay_steps``, ``until_s`` and ``max_steps`` are the clock's.
+    ``replay``, ``final_replay_steps``, ``until_s`` and ``max_steps`` are the clock's. ``record_samples``:
+    each row of ``steps`` also holds ``rows``, the cache indices the step trained on (``trainer.sample_ids``
+    names them), for who-weighed-when analyses.
     """
     for u in uploads:
         if not (isinstance(u.arrival_s, (int, float)) and math.isfinite(u.arrival_s) and u.arrival_s >= 0):
@@ -529,6 +555,8 @@ def simulate_async(
         nonlocal next_eval
         losses: list[float] = []
         taken = 0
+        if record_samples:
+            trainer.trained_rows = []
         if step.kind == "arrival":
             for event in step.uploads:
                 upload = uploads[event.device]
@@ -544,6 +572,8 @@ def simulate_async(
         pending_losses.extend(losses)
         steps.append({"t": step.end, "kind": step.kind, "loss": sum(losses) / len(losses) if losses else None,
                       "samples": taken})
+        if record_samples:
+            steps[-1]["rows"], trainer.trained_rows = trainer.trained_rows, None
         if next_eval is not None and step.end >= next_eval:
             record(step.end, step.index + 1)
             next_eval = (math.floor(step.end / eval_every_s) + 1) * eval_every_s

@@ -289,7 +289,8 @@ class FedServer(FrameServer):
         return FedTrainer(module, engine_factory=lambda m: TrainingEngine.for_module(self.fabric, m,
                                                                                      grad_clip=c.grad_clip),
                           batch_size=c.fed_batch_size, allowed_types=c.allowed_backbones,
-                          max_samples_per_device=c.fed_max_samples_per_device, seed=c.fed_seed)
+                          max_samples_per_device=c.fed_max_samples_per_device, seed=c.fed_seed,
+                          download_dtype=c.fed_download_dtype)
 
     def _check_joins(self, owner: str, backbone: BackboneType) -> None:
         """A device keeps its backbone type; a new type's projection and a new head must fit the model's
