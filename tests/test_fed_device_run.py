@@ -44,7 +44,7 @@ def _link(server: FedServer, identity: str) -> InProcessLink:
     return InProcessLink(handle, identity=identity)
 
 
-def _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, partition_id: int,
+def _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, partition_id: int, factory=None,
          **kwargs) -> tuple[FedDeviceModule, dict]:
     data = TextClassificationDataModule(dataset="json", data_files=str(tiny_data_file), max_length=24,
                                         batch_size=8, eval_batch_size=16, prompt=PROMPT, limit_eval_samples=24)
@@ -54,7 +54,7 @@ def _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, partition_id: int,
                 "wait_timeout_s": 30, "poll_interval_s": 0.0, **kwargs}
     model = FedDeviceModule(backbone=BackboneConfig(source=str(tiny_llama_dir)), num_classes=data.num_classes,
                             **settings)
-    model.link_factory = lambda: _link(server, f"phone-{partition_id}")
+    model.link_factory = factory or (lambda device_id: _link(server, f"phone-{partition_id}"))
     monitor = DeviceMonitor()
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[monitor], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
@@ -103,10 +103,75 @@ def test_a_restarted_device_keeps_its_keys_and_uploads_nothing_twice(server, tin
     model = FedDeviceModule(backbone=BackboneConfig(source=str(tiny_llama_dir)), num_classes=data.num_classes, k=K,
                             num_devices=2, partition_scheme="dirichlet", partition_seed=3, run_id="unit",
                             keystore=str(tmp_path / "keys-0"), poll_interval_s=0.0)
-    model.link_factory = lambda: _link(server, "phone-0")
+    model.link_factory = lambda device_id: _link(server, "phone-0")
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     (metrics,) = trainer.validate(model, data)
     assert metrics["val/acc"] == pytest.approx(again["val_acc"]) and model.samples_uploaded == 0
+
+
+def test_a_crash_between_acknowledgement_and_ledger_loses_nothing_and_sends_nothing_twice(
+        server, tiny_llama_dir, tiny_data_file, tmp_path):
+    """The device died after the server acknowledged its last upload but before its ledger said so: the keys of
+    that upload are still "in flight". On restart the server's count of this device's samples shows that they
+    arrived: they join the ledger and are not sent again (the server would refuse them as a repeat)."""
+    _, first = _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, 0, evaluate=False, samples_per_upload=4)
+    ledger, inflight = tmp_path / "keys-0" / "uploaded.txt", tmp_path / "keys-0" / "inflight.txt"
+    keys = ledger.read_text().split()
+    assert len(keys) == first["samples_uploaded"] > 4 and not inflight.exists()
+    ledger.write_text("".join(f"{k}\n" for k in keys[:-3]))  # the crash: the last upload's keys never logged
+    inflight.write_text("".join(f"{k}\n" for k in keys[-3:]))
+    held = server.trainer.statistics()["totals"]["samples"]
+    _, again = _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, 0)
+    assert again["samples_uploaded"] == 0 and again["fed"]["samples_recovered_after_a_crash"] == 3
+    assert server.trainer.statistics()["totals"]["samples"] == held  # nothing cached twice
+    assert sorted(ledger.read_text().split()) == sorted(keys) and not inflight.exists()
+    # the other case: the device died before the server took the upload, so the keys are sent again
+    ledger.write_text("".join(f"{k}\n" for k in keys))
+    _, other = _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, 1, evaluate=False, samples_per_upload=4)
+    ledger1, inflight1 = tmp_path / "keys-1" / "uploaded.txt", tmp_path / "keys-1" / "inflight.txt"
+    assert other["samples_uploaded"] > 0
+    server.close()
+    fresh = FedServer(ServerConfig(device="cpu", workdir=str(tmp_path / "server2"), fed_batch_size=8,
+                                   fed_lr=1e-2, fed_max_replay_steps=4, fed_k=K), background=False)
+    try:  # a new federation has none of device 1's samples: its in-flight keys are sent again
+        inflight1.write_text(ledger1.read_text())
+        ledger1.write_text("")
+        _, resent = _fit(fresh, tiny_llama_dir, tiny_data_file, tmp_path, 1, evaluate=False)
+        assert resent["samples_uploaded"] == other["samples_uploaded"]
+        assert resent["fed"]["samples_recovered_after_a_crash"] == 0
+    finally:
+        fresh.close()
+
+
+def test_virtual_devices_share_one_backbone_and_are_devices_of_their_own(server, tiny_llama_dir, tiny_data_file,
+                                                                        tmp_path):
+    """Three partitions in one process: one backbone forward per sample, one connection and identity per device,
+    a head per device, one held-out forward for all three evaluations."""
+    model, summary = _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, 0, num_devices=3,
+                          partition_ids=[0, 1, 2], device_id="fleet", keystore=str(tmp_path / "fleet"),
+                          wait_for_devices=3, factory=lambda device_id: _link(server, device_id))
+    stats = server.trainer.statistics()
+    sizes = summary["partition"]["sizes"]
+    assert model.device_ids == ["fleet-0", "fleet-1", "fleet-2"]
+    assert {d: s["samples"] for d, s in stats["devices"].items()} == {
+        f"fleet-{i}": sizes[i] for i in range(3) if sizes[i]}
+    assert summary["samples_uploaded"] == sum(sizes) and summary["partition_id"] == [0, 1, 2]
+    assert {m.worker.backbone for m in model.members} == {model.members[0].worker.backbone}  # one copy
+    keys = {(tmp_path / "fleet" / d / "device-keys.json").read_text() for d in model.device_ids}
+    assert len(keys) == 3  # a key each: three target spaces, three heads
+    assert set(server.trainer.module.components) >= {f"head:fleet-{i}" for i in range(3) if sizes[i]}
+    per_device = summary["fed"]["devices"]
+    assert [d["device_id"] for d in per_device] == model.device_ids
+    evaluated = [d["evaluation"]["val_acc"] for d in per_device if d["evaluation"]]
+    assert len(evaluated) == summary["fed"]["evaluation"]["devices_evaluated"] == sum(1 for n in sizes if n)
+    assert summary["val_acc"] == pytest.approx(sum(evaluated) / len(evaluated))
+
+
+def test_virtual_devices_that_reach_the_server_as_one_identity_are_refused(server, tiny_llama_dir, tiny_data_file,
+                                                                          tmp_path):
+    with pytest.raises(ValueError, match="a token each"):
+        _fit(server, tiny_llama_dir, tiny_data_file, tmp_path, 0, partition_ids=[0, 1],
+             factory=lambda device_id: _link(server, "one-token"))
 
 
 def test_a_hello_with_another_k_is_refused(server, tiny_llama_dir, tiny_data_file, tmp_path):

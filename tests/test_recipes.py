@@ -89,7 +89,8 @@ METHODS: dict[str, Method] = {
     "recipes/baselines/lst.yaml": Method(LadderSideTuningClassifier, SingleDeviceStrategy, ON_DEVICE),
     "recipes/baselines/split.yaml": Method(SplitLearningClassifier, SingleDeviceStrategy, ON_DEVICE),
     **{f"recipes/fed/{name}.yaml": Method(FedDeviceModule, SingleDeviceStrategy, (DeviceMonitor,))
-       for name in ("smollm2-135m-bbc", "gemma3-270m-bbc", "qwen2.5-coder-0.5b-bbc", "tiny-device")},
+       for name in ("smollm2-135m-bbc", "smollm2-135m-bbc-fleet", "gemma3-270m-bbc", "qwen2.5-coder-0.5b-bbc",
+                    "tiny-device")},
 }
 OWN_CALLBACKS = (QuantizedTransfer, ActivationCache, DeviceMonitor, ModelCheckpoint)
 
