@@ -870,6 +870,7 @@ def build_federation(preset: Preset, seed: int, cpu_gflops: float, log: Callable
     fed = Federation(list(devices), types, k, preset.out_dim, eval_sets, step_s, settings, source)
     record = {
         "k": k,
+        "class_names": list(class_names),
         "types": per_type,
         "partition": partition.summary(),
         "step_s": step_s,
@@ -1062,6 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "backbones": [{"alias": r["alias"], "type": key, "devices": r["devices"]}
                       for key, r in record["types"].items()],
         "partition": record["partition"],
+        "class_names": record["class_names"],
         "target_acc": args.target_acc,
         "live": None,
         "methods": {},

@@ -1,11 +1,15 @@
-"""Figures from the JSON of ``benchmarks/compare.py``.
+"""Figures from the JSON of ``benchmarks/compare.py`` or ``benchmarks/federated.py``.
 
     python benchmarks/plot.py benchmarks/results/compare.json --out docs/img [--link 50mbit]
+    python benchmarks/plot.py benchmarks/results/federated.json --out docs/img
 
 writes ``compare_memory.png`` (device peak memory per method), ``compare_bytes.png`` (bytes up and down
 per training sample, log scale; methods that train on the device send nothing and are labelled so) and
 ``compare_time_to_accuracy.png`` (validation accuracy against simulated time, one panel per device
-profile, for one link).
+profile, for one link). From a federated JSON: ``federated_accuracy.png`` (accuracy on the pooled held-out set
+against simulated time, one line per method; centralised PAE has no clock and is a horizontal line) and
+``federated_arrivals.png`` (uploads landing per virtual-time bin, and each class's share of the shared model's
+training steps in that bin against its share of the pooled data).
 """
 
 from __future__ import annotations
@@ -125,8 +129,78 @@ def plot_time_to_accuracy(report: Mapping[str, Any], link: str, path: Path) -> P
     return path
 
 
+def plot_federated_accuracy(report: Mapping[str, Any], path: Path) -> Path:
+    """Pooled held-out accuracy against simulated time per method (log time); the target dashed."""
+    methods = list(report["methods"])
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for m, entry in report["methods"].items():
+        curve = [r for r in entry.get("curve") or [] if r.get("val_acc") is not None and r.get("t") is not None]
+        if entry.get("status") != "ran":
+            continue
+        if m == "centralized_pae" or not curve:
+            ax.axhline(100 * entry["val_acc"], color=_color(methods, m), linestyle=":", label=f"{m} (no clock)")
+            continue
+        ax.plot([max(r["t"], 1e-3) for r in curve], [100 * r["val_acc"] for r in curve], marker=".",
+                color=_color(methods, m), label=m)
+    ax.axhline(100 * report["target_acc"], color="k", linestyle="--", linewidth=1,
+               label=f"target {100 * report['target_acc']:.0f}%")
+    ax.set_xscale("log")
+    ax.set_xlabel("simulated time (s, log)")
+    ax.set_ylabel("accuracy on the pooled held-out set (%)")
+    alpha = (report.get("partition") or {}).get("alpha")
+    ax.set_title(f"Fed MobiLLM, preset {report['preset']}: {report['devices']} devices, Dirichlet({alpha})",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_federated_arrivals(report: Mapping[str, Any], path: Path) -> Path:
+    """Top: samples landing per virtual-time bin. Bottom: each class's share of the sample-steps the shared model
+    trained on in that bin (stacked), with the pooled data's shares as the reference on the right."""
+    tl = report["methods"]["fed_mobillm"]["timeline"]
+    edges, shares = tl["bin_edges_s"], tl["class_share"]
+    mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    width = edges[1] - edges[0] if len(edges) > 1 else 1.0
+    names = report.get("class_names") or [f"class {c}" for c in range(len(tl["pooled_class_share"]))]
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(1, 2))
+    top.bar(mids, tl["arrived_samples"], width=0.9 * width, color="0.5")
+    top.set_ylabel("samples uploaded")
+    top.set_title("Arrivals and what the shared model trained on (Fed MobiLLM, virtual clock)", fontsize=10)
+    base = [0.0] * len(mids)
+    for c, name in enumerate(names):
+        ys = [100 * row[c] for row in shares]
+        bottom.bar(mids, ys, width=0.9 * width, bottom=base, color=COLORS[c % len(COLORS)], label=name)
+        base = [b + y for b, y in zip(base, ys)]
+    ref = 0.0
+    for c, share in enumerate(tl["pooled_class_share"]):
+        bottom.bar(edges[-1] + width, 100 * share, width=0.9 * width, bottom=ref, color=COLORS[c % len(COLORS)],
+                   hatch="//", edgecolor="w")
+        ref += 100 * share
+    bottom.text(edges[-1] + width, 101, "pooled", ha="center", fontsize=8)
+    bottom.set_ylim(0, 108)
+    bottom.set_ylabel("share of training steps (%)")
+    bottom.set_xlabel("simulated time (s)")
+    bottom.legend(fontsize=8, ncols=min(len(names), 5), loc="lower left")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_federated(report: Mapping[str, Any], out: Path) -> list[Path]:
+    """The federated benchmark's two figures into ``out``; the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [plot_federated_accuracy(report, out / "federated_accuracy.png")]
+    if (report["methods"].get("fed_mobillm") or {}).get("timeline"):
+        paths.append(plot_federated_arrivals(report, out / "federated_arrivals.png"))
+    return paths
+
+
 def plot(report: Mapping[str, Any], out: Path, link: str = "50mbit") -> list[Path]:
-    """Write the three figures into ``out``; the files written."""
+    """Write the figures of a compare (three) or federated (two) JSON into ``out``; the files written."""
+    if "methods" in report and "preset" in report:
+        return plot_federated(report, out)
     out.mkdir(parents=True, exist_ok=True)
     return [
         plot_memory(report["rows"], out / "compare_memory.png"),
@@ -137,7 +211,7 @@ def plot(report: Mapping[str, Any], out: Path, link: str = "50mbit") -> list[Pat
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", type=Path, help="the output of benchmarks/compare.py")
+    p.add_argument("json", type=Path, help="the output of benchmarks/compare.py or benchmarks/federated.py")
     p.add_argument("--out", type=Path, default=Path("docs/img"))
     p.add_argument("--link", default="50mbit", help="the link of the time-to-accuracy figure")
     args = p.parse_args()

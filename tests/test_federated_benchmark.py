@@ -181,3 +181,40 @@ def test_fedavg_batches_pad_right_and_keep_the_order():
     x, mask, y = batches[0]
     assert x.tolist() == [[5, 6, 9], [1, 2, 3]] and mask.tolist() == [[1, 1, 0], [1, 1, 1]] and y.tolist() == [1, 0]
     assert batches[1][0].tolist() == [[4]] and batches[1][2].tolist() == [2]
+
+
+def _ran(**figures) -> dict:
+    return {"status": "ran", "curve": [{"t": 1.0, "val_acc": 0.5}, {"t": 90.0, "val_acc": 0.6}], **figures}
+
+
+def test_targets_name_each_threshold_and_say_when_fedavg_never_reached_it():
+    fed = _ran(val_acc=0.86, device_compute_s_per_device=2.0, bytes_up_per_device=1e5, bytes_down_per_device=9e5,
+               sim_time_to_target_s=10.0)
+    methods = {"fed_mobillm": fed, "centralized_pae": _ran(val_acc=0.87), "single": _ran(val_acc=0.80),
+               "fedavg_lora": _ran(val_acc=0.7, device_compute_s_per_device=100.0, bytes_up_per_device=1e7,
+                                   bytes_down_per_device=1e7, sim_time_to_target_s=None, rounds=20,
+                                   best_val_acc=0.7)}
+    t = fb.targets(methods, 0.85)
+    assert t["accuracy_within_2_points_of_centralized_pae"]["met"] is True
+    assert t["shared_above_single_by_3_points"]["value"] == pytest.approx(0.06)
+    assert t["device_compute_95_percent_below_fedavg_lora"]["value"] == pytest.approx(0.98)
+    assert t["bytes_90_percent_below_fedavg_lora"]["value"] == pytest.approx(0.95)
+    time = t["time_to_target_5x_faster_than_fedavg_lora"]
+    assert time["bound"] == "at least" and time["value"] == pytest.approx(9.0) and "not reach" in time["reason"]
+    methods["fedavg_lora"]["sim_time_to_target_s"] = 40.0
+    assert fb.targets(methods, 0.85)["time_to_target_5x_faster_than_fedavg_lora"] | {} == {
+        "threshold": 5.0, "target_acc": 0.85, "value": 4.0, "bound": "exact", "met": False}
+    methods["centralized_pae"] = {"status": "not run"}
+    assert "accuracy_within_2_points_of_centralized_pae" not in fb.targets(methods, 0.85)
+
+
+def test_the_federated_figures_are_written(results, tmp_path):
+    spec = importlib.util.spec_from_file_location("plot", Path(__file__).resolve().parents[1] / "benchmarks" / "plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    report = {"preset": "smoke", "devices": 4, "partition": {"alpha": 0.5}, "target_acc": 0.5,
+              "class_names": ["a", "b", "c"], "methods": json.loads(json.dumps(results))}
+    paths = plot.plot(report, tmp_path / "img")
+    assert [p.name for p in paths] == ["federated_accuracy.png", "federated_arrivals.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
