@@ -181,12 +181,14 @@ class Settings:
     seed: int = 0
     #: the uploads' codec, applied to the held-out taps before the side network (what the server trained on)
     codec: str | None = None
+    #: randomized response on the label before a keyed transform (the ``device`` and ``federation`` spaces)
+    rr_epsilon: float | None = None
 
     @classmethod
     def of(cls, preset: Preset, seed: int, target_acc: float = TARGET_ACC) -> Settings:
         return cls(preset.batch_size, preset.lr, preset.arrival_epochs, preset.final_replay_epochs, preset.evals,
                    preset.sync_rounds, preset.single_epochs, preset.centralized_epochs, target_acc, seed,
-                   preset.codec)
+                   preset.codec, preset.rr_epsilon)
 
 
 # --------------------------------------------------------------------------- the federation (pure data)
@@ -217,8 +219,10 @@ class SimDevice:
     upload: Upload | None = None
     busy_s: float = 0.0
     size: int = 0
-    #: the shard's labels in upload order: the benchmark's own bookkeeping (who weighed when), never sent
+    #: the shard's labels and zero-shot logits in upload order: the benchmark's own bookkeeping (who weighed
+    #: when; the same uploads in another target space; the label attacks' ground truth), never sent
     labels: list[int] = field(default_factory=list)
+    logits: torch.Tensor | None = None
 
     @property
     def compute_s(self) -> float:
@@ -241,6 +245,8 @@ class Federation:
     #: for the methods that need the real backbones (fedavg_lora): the partition, each type's alias and the data
     #: module's arguments; None on synthetic uploads
     source: dict[str, Any] | None = None
+    #: the devices' target space (``device``: a key and a head per device)
+    target_space: str = "device"
 
     @property
     def active(self) -> list[SimDevice]:
@@ -249,7 +255,7 @@ class Federation:
 
     def module(self, types: Mapping[str, int] | None = None) -> FedSideModule:
         return FedSideModule(dict(self.types if types is None else types), self.k, self.out_dim,
-                             lr=self.settings.lr, seed=self.settings.seed)
+                             target_space=self.target_space, lr=self.settings.lr, seed=self.settings.seed)
 
     def trainer(self, types: Mapping[str, int] | None = None) -> FedTrainer:
         return FedTrainer(self.module(types), batch_size=self.settings.batch_size,
@@ -653,6 +659,107 @@ def run_fedavg_lora(fed: Federation, preset: Preset) -> dict[str, Any]:
                        "device compute and bytes are averaged over every device with data (unselected ones add 0)")
 
 
+# --------------------------------------------------------------------------- target spaces and label attacks
+
+TARGET_SPACE_ORDER = ("device", "federation", "plain")
+
+
+def respace(fed: Federation, space: str) -> Federation:
+    """The same federation (activations, sample keys, arrivals, profiles) with every device's targets formed in
+    another target space from its own labels and zero-shot logits: ``device`` (a key per device), ``federation``
+    (one key all devices share, never the server's) or ``plain`` (the paper's ``onehot(y) - softmax(z_b)``). The
+    keyed spaces draw randomized response from the upload's sample keys, the same way in both."""
+    from lightning_mobillm.fed.device import make_target_transform
+    from lightning_mobillm.privacy import prediction_difference
+
+    classes = next(iter(fed.eval_sets.values())).logits.shape[1]
+    seed, rr = fed.settings.seed, fed.settings.rr_epsilon
+    devices, out_dim = [], classes
+    for i, dev in enumerate(fed.devices):
+        if space == "plain":
+            transform = make_target_transform("plain", classes)
+        else:
+            key = _key(seed, "federation") if space == "federation" else _key(seed, "respace", i)
+            transform = make_target_transform(space, classes, key, out_dim=fed.out_dim, rr_epsilon=rr)
+        out_dim = transform.out_dim
+        upload = dev.upload
+        if upload is not None:
+            delta = prediction_difference(torch.tensor(dev.labels), dev.logits)
+            keys = list(upload.keys) if transform.needs_sample_keys else None
+            upload = replace(upload, targets=transform.forward(delta, keys).float().contiguous(), target_space=space)
+        devices.append(replace(dev, transform=transform, upload=upload))
+    return replace(fed, devices=devices, out_dim=out_dim, target_space=space)
+
+
+def _label_privacy():
+    """``benchmarks/label_privacy.py``'s attacks (loaded by path: the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    if "label_privacy" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("label_privacy", Path(__file__).with_name("label_privacy.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["label_privacy"]
+
+
+def label_attacks(fed: Federation) -> dict[str, Any]:
+    """What an honest-but-curious server learns about the labels from the targets it received, per target space.
+
+    The server sees each upload's targets and its device id. In the ``plain`` and ``federation`` spaces every
+    device's targets live in one space, so the attacks pool all of them; in the ``device`` space each device is
+    attacked on its own samples (its key is its own). The server recomputes the backbone's zero-shot logits
+    exactly (the last aligned tap is always the last block, and the head is public); the attacks get the
+    devices' own logits, which is the same thing. Attacks from ``benchmarks/label_privacy.py``: (a) argmax,
+    (b) EM least squares undoing an affine key, (c) k-means named by the zero-shot signal; a group's accuracy is
+    its best attack chosen with the true labels (an upper bound on a server that must pick blindly). Reference:
+    the zero-shot prediction's accuracy on the same samples. Label advantage = attack - reference."""
+    lp = _label_privacy()
+    active = [d for d in fed.active if d.logits is not None]
+    classes = next(iter(fed.eval_sets.values())).logits.shape[1]
+    pooled = fed.target_space in ("plain", "federation")
+    groups = [active] if pooled else [[d] for d in active]
+    correct = reference = total = 0.0
+    chosen: dict[str, int] = {}
+    for group in groups:
+        t = torch.cat([d.upload.targets.float() for d in group])
+        y = torch.tensor([label for d in group for label in d.labels])
+        p = torch.softmax(torch.cat([d.logits for d in group]).float(), -1)
+        sig = {"zs": (p.argmax(1), p)}
+        res = lp.attack_argmax(t, y, sig, classes)
+        if len(y) >= 2 * classes + 2:
+            res |= lp.attack_linear(t, y, p, sig, classes)
+        if len(y) >= 4 * classes:
+            res |= lp.attack_cluster(t, y, p, sig, classes, seed=fed.settings.seed)
+        res["reference"] = lp.acc(p.argmax(1), y)
+        value, name = lp.best(res)
+        chosen[name.split("[")[0]] = chosen.get(name.split("[")[0], 0) + 1
+        correct += value * len(y)
+        reference += res["reference"] * len(y)
+        total += len(y)
+    return {"attack_acc": correct / total, "reference_acc": reference / total,
+            "label_advantage": (correct - reference) / total, "samples": int(total),
+            "groups": len(groups), "best_attacks": chosen,
+            "attacked": "all devices pooled" if pooled else "each device on its own samples"}
+
+
+def run_target_spaces(fed: Federation, spaces: Sequence[str] = TARGET_SPACE_ORDER) -> dict[str, dict[str, Any]]:
+    """Fed MobiLLM (asynchronous, replay on) in each target space on the same federation, with the label attacks
+    on what the server received: accuracy against label privacy."""
+    out: dict[str, dict[str, Any]] = {}
+    for space in spaces:
+        t0 = time.perf_counter()
+        other = respace(fed, space)
+        entry = run_fed_mobillm(other)
+        out[space] = {k: entry.get(k) for k in ("val_acc", "val_acc_min", "val_acc_max", "best_val_acc",
+                                                  "sim_time_to_target_s", "bytes_down_per_device")}
+        out[space]["out_dim"] = other.out_dim
+        out[space]["heads"] = "one per device" if space == "device" else "one shared"
+        out[space]["label_attacks"] = label_attacks(other)
+        out[space]["wall_s"] = time.perf_counter() - t0
+    return out
+
+
 def targets(methods: Mapping[str, Mapping[str, Any]], target_acc: float) -> dict[str, dict[str, Any]]:
     """Issue 10's targets on ``small`` for Fed MobiLLM against its baselines, each with the measured value, the
     threshold and ``met`` (``None`` when a method it needs did not run). Time to target against FedAvg-LoRA that
@@ -834,14 +941,14 @@ def build_federation(preset: Preset, seed: int, cpu_gflops: float, log: Callable
             device_id = f"device-{d:03d}"
             transform = make_target_transform("device", len(class_names), _key(seed, "target", d),
                                               out_dim=preset.out_dim, rr_epsilon=preset.rr_epsilon)
-            dev = SimDevice(device_id, key, profiles[d], transform, size=len(partition.indices[d]),
-                            labels=[int(train.labels[t]) for t in partition.indices[d]])
+            dev = SimDevice(device_id, key, profiles[d], transform, size=len(partition.indices[d]))
             if dev.size:
                 worker = DeviceWorker(backbone, class_names, transform, device=device_id, codec=preset.codec,
                                       batch_size=preset.forward_batch_size, k=k, backbone_type=key,
                                       secret=_key(seed, "secret", d))
                 run = worker.upload(LocalShard.from_split(train, partition.indices[d]))
                 dev.upload, dev.busy_s = run.uploads[0], run.busy_s
+                dev.labels, dev.logits = run.local.labels.tolist(), run.local.backbone_logits.float()
                 forward_s += run.busy_s
             devices[d] = dev
         # the pooled held-out set, forwarded once for every device of this type (their local evaluations)
@@ -1036,10 +1143,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--cpu-gflops", type=float, default=None,
                    help="fix this CPU's GFLOPS for the profiles' speeds instead of measuring it")
     p.add_argument("--target-acc", type=float, default=TARGET_ACC)
+    p.add_argument("--target-spaces", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run Fed MobiLLM in the device, federation and plain target spaces, with label attacks")
     p.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
                    help="run the live row: a serve --role fed process and one device process per backbone over gRPC")
     args = p.parse_args(argv)
-    methods = args.methods.split(",")
+    methods = [m for m in args.methods.split(",") if m]  # "" runs none (e.g. only --target-spaces)
     if unknown := sorted(set(methods) - set(METHODS)):
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     preset = PRESETS[args.preset]
@@ -1089,6 +1198,13 @@ def main(argv: Sequence[str] | None = None) -> None:
               flush=True)
 
     run_methods(fed, methods, preset, on_done=done)
+    if args.target_spaces:
+        report["target_spaces"] = run_target_spaces(fed)
+        write_json(out_path, report)
+        for space, row in report["target_spaces"].items():
+            la = row["label_attacks"]
+            print(f"target space {space}: val acc {row['val_acc']:.3f}, label attack {la['attack_acc']:.3f} "
+                  f"(zero-shot {la['reference_acc']:.3f}, advantage {la['label_advantage']:+.3f})", flush=True)
     if args.live:
         import tempfile
 

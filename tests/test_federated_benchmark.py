@@ -53,7 +53,7 @@ def _device(i: int, key: str, n: int, speed: float) -> fb.SimDevice:
     if n:
         acts, labels, logits = _samples(key, n, seed=100 + i, classes=[i % CLASSES, (i + 1) % CLASSES])
         parts = pack_acts(acts, torch.ones(n, dtype=torch.int64), "int8")
-        dev.labels = labels.tolist()
+        dev.labels, dev.logits = labels.tolist(), logits
         dev.upload = fb.Upload(device=dev.id, backbone_type=key, keys=[f"d{i}-{j}" for j in range(n)],
                                acts={k: v for k, v in parts.items() if k != "lengths"}, codec="int8",
                                targets=transform.forward(prediction_difference(labels, logits)))
@@ -218,3 +218,22 @@ def test_the_federated_figures_are_written(results, tmp_path):
     assert [p.name for p in paths] == ["federated_accuracy.png", "federated_arrivals.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
+
+
+def test_target_spaces_trade_accuracy_for_label_privacy():
+    """Same uploads, three target spaces: the plain residual gives its labels away to argmax; a key per device
+    leaves the server no better than far less; each space still learns."""
+    torch.manual_seed(0)
+    fed = _federation(rr_epsilon=None)
+    rows = fb.run_target_spaces(fed)
+    assert list(rows) == ["device", "federation", "plain"]
+    assert rows["plain"]["out_dim"] == CLASSES and rows["device"]["out_dim"] == OUT
+    assert rows["plain"]["label_attacks"]["attack_acc"] == 1.0  # argmax(onehot(y) - p) = y
+    assert rows["plain"]["label_attacks"]["attacked"] == "all devices pooled"
+    assert rows["device"]["label_attacks"]["groups"] == 3  # one group per device with data
+    for space, row in rows.items():
+        la = row["label_attacks"]
+        assert la["samples"] == 24 + 24 + 16 and la["label_advantage"] == pytest.approx(
+            la["attack_acc"] - la["reference_acc"])
+        assert row["val_acc"] > max(fed.eval_sets[k].zero_shot_acc for k in fed.eval_sets) + 0.1, space
+    assert rows["device"]["label_attacks"]["attack_acc"] < 1.0
