@@ -143,3 +143,50 @@ def test_a_fed_server_and_two_devices_with_different_backbones(tmp_path, tiny_ll
     finally:
         for proc in procs:
             stop_process(proc, 30)
+
+
+def test_virtual_devices_in_one_process_over_grpc(tmp_path, tiny_llama_dir, tiny_data_file):
+    """One ``fit`` process runs two virtual devices (``partition_ids``) of one tiny backbone on one copy of its
+    weights: the server (tokens file) sees two devices with their own identities, tokens (``token_file`` with
+    ``{device_id}``), samples and heads."""
+    names = ["fleet-0", "fleet-1"]
+    tokens = {name: new_token() for name in names}
+    (tmp_path / "tokens.txt").write_text("".join(f"{n} {hash_token(t)}\n" for n, t in tokens.items()))
+    (tmp_path / "device").mkdir()
+    for name, token in tokens.items():
+        (tmp_path / "device" / f"{name}.token").write_text(token + "\n")
+    kind = BackboneType.of(BackboneConfig(source=str(tiny_llama_dir))).key
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+           "LIGHTNING_MOBILLM_CACHE": str(tmp_path / "cache")}
+    env.pop("MOBILLM_TOKEN", None)
+    procs: list[subprocess.Popen] = []
+    try:
+        server, ready = start_serve(
+            ["--config", str(SERVER_RECIPE), "--server.allowed_backbones", json.dumps([kind])],
+            log_path=tmp_path / "server.stderr", cwd=tmp_path, env=env)
+        procs.append(server)
+        cwd = tmp_path / "device"
+        args = [sys.executable, "-m", "lightning_mobillm", "fit", "--config", str(DEVICE_RECIPE),
+                "--model.init_args.backbone.source", str(tiny_llama_dir),
+                "--model.init_args.server", f"127.0.0.1:{ready['port']}",
+                "--model.init_args.partition_ids", "[0, 1]", "--model.init_args.device_id", "fleet",
+                "--model.init_args.token_file", str(cwd / "{device_id}.token"),
+                "--data.init_args.data_files", str(tiny_data_file)]
+        with (cwd / "stdout").open("w") as out, (cwd / "stderr").open("w") as err:
+            proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        procs.append(proc)
+        proc.communicate(timeout=150)
+        assert proc.returncode == 0, (cwd / "stderr").read_text()[-4000:]
+        summary = json.loads((cwd / "runs" / "fed-tiny" / "version_0" / "summary.json").read_text())
+        sizes = summary["partition"]["sizes"]
+        assert summary["partition_id"] == [0, 1] and summary["samples_uploaded"] == sum(sizes)
+        per_device = {d["device_id"]: d for d in summary["fed"]["devices"]}
+        assert set(per_device) == set(names)
+        for i, name in enumerate(names):
+            assert per_device[name]["samples_uploaded"] == sizes[i] >= 10
+            assert per_device[name]["evaluation"]["val_samples"] > 0
+        assert summary["fed"]["server_stats"]["totals"]["devices"] == 2
+        assert summary["fed"]["evaluation"]["devices_evaluated"] == 2
+    finally:
+        for p in procs:
+            stop_process(p, 30)
