@@ -45,6 +45,20 @@ def tiny_gemma_dir(tmp_path, tiny_llama_dir) -> Path:
     return folder
 
 
+def _env(tmp_path: Path) -> dict[str, str]:
+    """Offline, unbuffered, and the devices' keystores in this test's cache folder (never ~/.cache)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+           "LIGHTNING_MOBILLM_CACHE": str(tmp_path / "cache")}
+    env.pop("MOBILLM_TOKEN", None)
+    return env
+
+
+def _serve(tmp_path: Path, env: dict[str, str], allowed: list[str], *extra: str):
+    """``serve`` with the tiny server recipe in ``tmp_path`` (its ``tokens.txt``), these types allowed."""
+    return start_serve(["--config", str(SERVER_RECIPE), "--server.allowed_backbones", json.dumps(allowed), *extra],
+                       log_path=tmp_path / "server.stderr", cwd=tmp_path, env=env)
+
+
 def test_a_fed_server_and_two_devices_with_different_backbones(tmp_path, tiny_llama_dir, tiny_gemma_dir,
                                                                 tiny_data_file):
     backbones = {"phone-llama": tiny_llama_dir, "phone-gemma": tiny_gemma_dir}
@@ -53,18 +67,12 @@ def test_a_fed_server_and_two_devices_with_different_backbones(tmp_path, tiny_ll
     assert len(set(types.values())) == 2
     tokens = {name: new_token() for name in [*backbones, "observer"]}
     (tmp_path / "tokens.txt").write_text("".join(f"{name} {hash_token(tok)}\n" for name, tok in tokens.items()))
-    # the devices' keystores go to this test's cache folder, never ~/.cache
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
-           "LIGHTNING_MOBILLM_CACHE": str(tmp_path / "cache")}
-    env.pop("MOBILLM_TOKEN", None)
+    env = _env(tmp_path)
     procs: list[subprocess.Popen] = []
     try:
         # the server: the tiny recipe, with the two types allowed and checkpoints rare, so that the upload log
         # (what the server keeps of every upload) is still there to be read when the devices are done
-        server, ready = start_serve(
-            ["--config", str(SERVER_RECIPE), "--server.allowed_backbones", json.dumps(sorted(types.values())),
-             "--server.checkpoint_every_n_steps", "1000000"],
-            log_path=tmp_path / "server.stderr", cwd=tmp_path, env=env)
+        server, ready = _serve(tmp_path, env, sorted(types.values()), "--server.checkpoint_every_n_steps", "1000000")
         procs.append(server)
         address, server_pid = f"127.0.0.1:{ready['port']}", int(ready["pid"])
         assert server_pid == server.pid
@@ -156,14 +164,10 @@ def test_virtual_devices_in_one_process_over_grpc(tmp_path, tiny_llama_dir, tiny
     for name, token in tokens.items():
         (tmp_path / "device" / f"{name}.token").write_text(token + "\n")
     kind = BackboneType.of(BackboneConfig(source=str(tiny_llama_dir))).key
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
-           "LIGHTNING_MOBILLM_CACHE": str(tmp_path / "cache")}
-    env.pop("MOBILLM_TOKEN", None)
+    env = _env(tmp_path)
     procs: list[subprocess.Popen] = []
     try:
-        server, ready = start_serve(
-            ["--config", str(SERVER_RECIPE), "--server.allowed_backbones", json.dumps([kind])],
-            log_path=tmp_path / "server.stderr", cwd=tmp_path, env=env)
+        server, ready = _serve(tmp_path, env, [kind])
         procs.append(server)
         cwd = tmp_path / "device"
         args = [sys.executable, "-m", "lightning_mobillm", "fit", "--config", str(DEVICE_RECIPE),
