@@ -541,8 +541,9 @@ def _fedavg_group(fed: Federation, preset: Preset, data: Any, key: str, alias: s
     head = LastTokenHead(int(model.config.hidden_size), len(data.class_names), 0.1)
     params = {f"lora.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     params.update({f"head.{n}": p for n, p in head.named_parameters()})
-    state = {"global": {n: p.detach().clone() for n, p in params.items()}}
-    nbytes = sum(t.numel() * t.element_size() for t in state["global"].values())
+    # adapters and head travel in float16 both ways, as Fed MobiLLM's downloads do (the same policy for both)
+    state = {"global": {n: p.detach().half().float() for n, p in params.items()}}
+    nbytes = sum(t.numel() * 2 for t in state["global"].values())
     returned: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
     points: list[dict[str, float]] = []
 
@@ -574,7 +575,7 @@ def _fedavg_group(fed: Federation, preset: Preset, data: Any, key: str, alias: s
                 loss.backward()
                 opt.step()
         busy = time.perf_counter() - t0
-        returned[j] = ({n: p.detach().clone() for n, p in params.items()}, len(ids))
+        returned[j] = ({n: p.detach().half().float() for n, p in params.items()}, len(ids))
         for what, value in (("compute", busy / dev.profile.speed), ("up", nbytes), ("down", nbytes)):
             tally[what][dev.id] = tally[what].get(dev.id, 0.0) + value
         return DeviceWork(busy, nbytes, nbytes)
@@ -594,7 +595,8 @@ def _fedavg_group(fed: Federation, preset: Preset, data: Any, key: str, alias: s
         got = [returned[u.device] for u in rnd.returned if u.device in returned]
         if got:
             total = sum(n for _, n in got)
-            state["global"] = {name: sum(st[name] * (n / total) for st, n in got) for name in state["global"]}
+            state["global"] = {name: sum(st[name] * (n / total) for st, n in got).half().float()
+                               for name in state["global"]}
         tally["server_busy_s"] += time.perf_counter() - t0
         returned.clear()
         points.append({"t": rnd.end, "val_acc": evaluate()})
@@ -654,7 +656,7 @@ def run_fedavg_lora(fed: Federation, preset: Preset) -> dict[str, Any]:
                   groups=groups,
                   note="one FedAvg group per backbone type (FedAvg averages only within one architecture); "
                        f"PEFT LoRA r {preset.fedavg_lora_r} on q_proj/v_proj + a head at the loss token, bf16 "
-                       f"autocast over fp32 weights, {preset.fedavg_fraction:.0%} of a group's devices per round, "
+                       f"autocast over fp32 weights, adapters and head sent as float16 both ways, {preset.fedavg_fraction:.0%} of a group's devices per round, "
                        f"{preset.fedavg_local_epochs} local epoch(s); server_busy_s is the measured averaging; "
                        "device compute and bytes are averaged over every device with data (unselected ones add 0)")
 
@@ -936,7 +938,7 @@ def build_federation(preset: Preset, seed: int, cpu_gflops: float, log: Callable
                                        alpha=preset.alpha, min_partition_size=preset.min_partition_size,
                                        num_classes=len(class_names))
         mine = [d for d in range(preset.devices) if aliases[d] == alias]
-        forward_s = 0.0
+        forward_s, duplicates = 0.0, 0
         for d in mine:
             device_id = f"device-{d:03d}"
             transform = make_target_transform("device", len(class_names), _key(seed, "target", d),
@@ -947,7 +949,8 @@ def build_federation(preset: Preset, seed: int, cpu_gflops: float, log: Callable
                                       batch_size=preset.forward_batch_size, k=k, backbone_type=key,
                                       secret=_key(seed, "secret", d))
                 run = worker.upload(LocalShard.from_split(train, partition.indices[d]))
-                dev.upload, dev.busy_s = run.uploads[0], run.busy_s
+                dev.upload, dev.busy_s, dev.size = run.uploads[0], run.busy_s, len(run)
+                duplicates += worker.duplicates_dropped
                 dev.labels, dev.logits = run.local.labels.tolist(), run.local.backbone_logits.float()
                 forward_s += run.busy_s
             devices[d] = dev
@@ -961,6 +964,7 @@ def build_federation(preset: Preset, seed: int, cpu_gflops: float, log: Callable
         per_type[key] = {"alias": alias, "devices": len(mine), "samples": samples, "load_s": load_s,
                          "forward_busy_s": forward_s, "busy_s_per_sample": forward_s / samples if samples else None,
                          "eval_forward_s": feats.busy_s, "eval_samples": len(feats),
+                         "duplicates_dropped": duplicates,
                          "zero_shot_val_acc": eval_sets[key].zero_shot_acc}
         log(f"{key}: {len(mine)} devices, {samples} samples forwarded in {forward_s:.1f} s; held-out set "
             f"({len(feats)}) in {feats.busy_s:.1f} s; zero-shot {eval_sets[key].zero_shot_acc:.3f}")

@@ -157,6 +157,20 @@ def test_the_same_shard_twice_gives_the_same_upload(backbone, shard, samples):
             assert x == y, f.name
 
 
+def test_a_repeated_sample_is_uploaded_once(backbone, shard, samples):
+    """Real corpora repeat documents; a repeat has the same key (the server would refuse the upload), so the
+    worker sends it once and counts the rest."""
+    worker = _worker(backbone, samples[2], codec="int8")
+    doubled = LocalShard([*shard.input_ids, shard.input_ids[0], shard.input_ids[1]],
+                         [*shard.labels, shard.labels[0], shard.labels[1]])
+    run = worker.upload(doubled, max_samples=3)
+    keys = [k for up in run.uploads for k in up.keys]
+    assert keys == worker.sample_keys(shard) and worker.duplicates_dropped == 2
+    assert len(run) == len(shard)
+    worker.upload(shard)
+    assert worker.duplicates_dropped == 0
+
+
 @pytest.mark.parametrize("codec", ["int8", "int4", "int8o", "fp16"])
 def test_no_label_token_id_or_text_in_an_upload(backbone, shard, samples, codec):
     texts, _, names = samples

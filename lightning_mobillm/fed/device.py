@@ -302,6 +302,8 @@ class DeviceWorker:
         self.target_space = target_space
         self.codec = codec
         self.outlier_channels = outlier_channels
+        #: samples of the last shard given to :meth:`iter_uploads` that repeated an earlier one (sent once)
+        self.duplicates_dropped = 0
         self.batch_size = batch_size
         self.k = k
         self.backbone_type = backbone_type or BackboneType.of(backbone).key
@@ -334,9 +336,20 @@ class DeviceWorker:
     def iter_uploads(self, shard: LocalShard, max_samples: int | None = None) -> Iterator[tuple[Upload, LocalRecord]]:
         """Forward ``shard`` in chunks of at most ``max_samples`` samples (all at once when None), yielding each
         chunk's :class:`Upload` and :class:`LocalRecord` as soon as it is built: at most one chunk's
-        activations are held. Each upload's ``device_compute_s`` is the busy time of its own chunk."""
-        n = len(shard)
+        activations are held. Each upload's ``device_compute_s`` is the busy time of its own chunk.
+
+        A sample whose tokens repeat an earlier one of ``shard`` (real corpora hold duplicates: BBC News has
+        about a hundred) has the same key and is the same sample: it is forwarded and uploaded once, and the
+        repeats are counted in ``duplicates_dropped`` (the server refuses an upload that repeats a key)."""
         self._check_labels(shard.labels)
+        first: dict[str, int] = {}
+        for i, key in enumerate(self.sample_keys(shard)):
+            first.setdefault(key, i)
+        self.duplicates_dropped = len(shard) - len(first)
+        if self.duplicates_dropped:
+            keep = sorted(first.values())
+            shard = LocalShard([shard.input_ids[i] for i in keep], [shard.labels[i] for i in keep])
+        n = len(shard)
         if max_samples is None:
             max_samples = max(n, 1)
         if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:

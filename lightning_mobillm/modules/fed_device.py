@@ -98,6 +98,7 @@ class _Member:
     pending: list[LocalShard] = field(default_factory=list)
     samples_uploaded: int = 0
     skipped_uploaded: int = 0
+    duplicates: int = 0
     recovered: int = 0
     download_bytes: int = 0
     server_stats: dict[str, Any] = field(default_factory=dict)
@@ -466,6 +467,7 @@ class FedDeviceModule(L.LightningModule):
             self.device_stats.train_bytes_down += after["bytes_down"] - before["bytes_down"]
             if acks:
                 self.device_stats.last_train_reply = acks[-1]
+        member.duplicates += member.worker.duplicates_dropped
 
     def on_train_epoch_end(self) -> None:
         for member in self.members:
@@ -599,6 +601,7 @@ class FedDeviceModule(L.LightningModule):
                 "shard_size": sum(len(m.shard) for m in self.members),
                 "samples_skipped_already_uploaded": self.skipped_uploaded,
                 "samples_recovered_after_a_crash": sum(m.recovered for m in self.members),
+                "samples_dropped_as_duplicates": sum(m.duplicates for m in self.members),
                 "upload_busy_s": self.device_stats.device_busy_s,
                 "eval_busy_s": self.eval_busy_s,
                 "download_bytes": self.download_bytes,
