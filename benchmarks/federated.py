@@ -121,6 +121,8 @@ class Preset:
         centralized_epochs: epochs of centralised PAE per backbone type.
         fedavg_rounds, fedavg_fraction, fedavg_local_epochs, fedavg_lora_r: the FedAvg-LoRA baseline's rounds
             (per backbone-type group), share of a group's devices per round, local epochs and LoRA rank.
+        head_rank: the shared side networks' neck (``FedSideModule(head_rank=...)``; None: a d* x out_dim head
+            per device).
     """
 
     devices: int
@@ -150,6 +152,7 @@ class Preset:
     fedavg_fraction: float = 0.5
     fedavg_local_epochs: int = 1
     fedavg_lora_r: int = 8
+    head_rank: int | None = None
 
 
 TWO = ("smollm2-135m", "gemma3-270m")
@@ -183,12 +186,14 @@ class Settings:
     codec: str | None = None
     #: randomized response on the label before a keyed transform (the ``device`` and ``federation`` spaces)
     rr_epsilon: float | None = None
+    #: ``FedSideModule``'s ``head_rank`` (None: no neck)
+    head_rank: int | None = None
 
     @classmethod
     def of(cls, preset: Preset, seed: int, target_acc: float = TARGET_ACC) -> Settings:
         return cls(preset.batch_size, preset.lr, preset.arrival_epochs, preset.final_replay_epochs, preset.evals,
                    preset.sync_rounds, preset.single_epochs, preset.centralized_epochs, target_acc, seed,
-                   preset.codec, preset.rr_epsilon)
+                   preset.codec, preset.rr_epsilon, preset.head_rank)
 
 
 # --------------------------------------------------------------------------- the federation (pure data)
@@ -255,7 +260,8 @@ class Federation:
 
     def module(self, types: Mapping[str, int] | None = None) -> FedSideModule:
         return FedSideModule(dict(self.types if types is None else types), self.k, self.out_dim,
-                             target_space=self.target_space, lr=self.settings.lr, seed=self.settings.seed)
+                             target_space=self.target_space, head_rank=self.settings.head_rank, lr=self.settings.lr,
+                             seed=self.settings.seed)
 
     def trainer(self, types: Mapping[str, int] | None = None) -> FedTrainer:
         return FedTrainer(self.module(types), batch_size=self.settings.batch_size,
@@ -1143,6 +1149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/federated_<preset>.json)")
     p.add_argument("--seed", type=int, default=0, help="partition, profiles, types, keys and the side networks")
     p.add_argument("--alpha", type=float, default=None, help="override the preset's Dirichlet alpha")
+    p.add_argument("--head-rank", type=int, default=None, help="override the preset's head_rank (a shared neck)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     p.add_argument("--cpu-gflops", type=float, default=None,
                    help="fix this CPU's GFLOPS for the profiles' speeds instead of measuring it")
@@ -1158,6 +1165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     preset = PRESETS[args.preset]
     if args.alpha is not None:
         preset = replace(preset, alpha=args.alpha)
+    if args.head_rank is not None:
+        preset = replace(preset, head_rank=args.head_rank)
     out_path = args.out or REPO / f"benchmarks/results/federated_{args.preset}.json"
     wall0 = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -102,6 +102,9 @@ class ServerConfig:
         fed_max_devices: devices a federation admits (those that uploaded or are connected); with the quota it
             bounds the upload cache (devices x quota x K x width x 4 bytes), also where a shared token lets any
             caller name new device ids.
+        fed_head_rank: None: each device's head maps the trunk's d* states to its targets; an integer r: a
+            shared neck maps them to r first and each head is r x out_dim (a small map a device's few samples
+            can fit).
         fed_download_dtype: the dtype of the parts a device downloads to evaluate (``float16`` halves the
             downlink of ``float32``; the device computes in fp32 either way).
     """
@@ -154,6 +157,7 @@ class ServerConfig:
     fed_max_samples_per_device: int | None = 4096
     fed_max_devices: int = 256
     fed_download_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    fed_head_rank: int | None = None
 
     #: limits that must be positive (a zero or negative one would refuse everything or nothing)
     _POSITIVE = ("max_frame_mb", "max_concurrent_rpcs", "max_calls_per_identity", "max_workers",
@@ -162,7 +166,7 @@ class ServerConfig:
                  "max_session_mb", "max_tokens_per_frame", "devices", "fed_batch_size", "fed_max_replay_steps",
                  "fed_max_devices")
     #: fed settings that are None (taken from the first hello, or unbounded) or a positive integer
-    _OPTIONAL_COUNTS = ("fed_k", "fed_out_dim", "fed_d_star", "fed_max_samples_per_device")
+    _OPTIONAL_COUNTS = ("fed_k", "fed_out_dim", "fed_d_star", "fed_max_samples_per_device", "fed_head_rank")
 
     def __post_init__(self) -> None:
         for key in self._POSITIVE:

@@ -159,6 +159,27 @@ def test_a_download_holds_the_trunk_its_projection_and_its_own_head_only():
         module.download("d9", B)
 
 
+def test_a_neck_makes_each_device_head_small_and_travels_with_the_download():
+    module = _module(head_rank=4)
+    assert module.components[:2] == ["trunk", "neck"] and module.head_width == 4
+    module.add_device("d1")
+    assert module.heads["d1"].proj.weight.shape == (OUT, 4)  # r x out_dim, not d* x out_dim
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    module.eval()
+    download = module.download("d1", B)
+    assert {"neck.weight", "neck.bias"} <= set(download.state) and download.config["head_rank"] == 4
+    acts = _acts(5, 16, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(download.build()(acts), module(acts, B, "d1"))
+    rebuilt = FedSideModule.rebuild(module.config(), module.structure())
+    rebuilt.load_state_dict(module.state_dict())  # the same structure, the neck included
+    assert len(module.configure_optimizers().param_groups) == len(rebuilt.configure_optimizers().param_groups)
+    with pytest.raises(ValueError, match="head_rank"):
+        _module(head_rank=0)
+
+
 def test_the_device_model_computes_what_the_server_does_and_composes_with_its_inverse():
     module = _module()
     module.add_device("d1")

@@ -78,9 +78,9 @@ SHARED_HEAD = "shared"
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}")
 _CONFIG_KEYS = ("k", "out_dim", "d_star", "target_space", "reduction", "normalize_taps", "activation",
-                "final_norm", "dropout", "lr", "weight_decay", "betas", "seed")
+                "final_norm", "dropout", "head_rank", "lr", "weight_decay", "betas", "seed")
 _DOWNLOAD_KEYS = ("k", "d_star", "width", "out_dim", "reduction", "normalize_taps", "activation", "final_norm",
-                  "backbone_type", "device", "target_space")
+                  "head_rank", "backbone_type", "device", "target_space")
 
 
 def check_device_id(device: object) -> str:
@@ -146,6 +146,10 @@ class FedSideModule(lightning.LightningModule):
         reduction, normalize_taps, activation, final_norm: the trunk's knobs
             (:class:`~lightning_mobillm.side.parallel_adapters.ParallelAdapterTrunk`).
         dropout: dropout before each head's linear map.
+        head_rank: ``None`` (default): each head maps the trunk's ``d*`` states to ``out_dim`` (``d* x out_dim``
+            weights per device). An integer ``r``: a shared linear ``neck`` maps the states to ``r`` first and
+            each head is ``r x out_dim``: a device's head becomes a small map a few dozen samples can fit, on a
+            subspace every device trains.
         lr, weight_decay, betas: AdamW's (constant learning rate: an asynchronous federation has no planned
             number of steps to schedule over; weight decay on matrices only, as :mod:`lightning_mobillm.optim`).
         seed: seeds the trunk and the heads.
@@ -164,6 +168,7 @@ class FedSideModule(lightning.LightningModule):
         activation: str = "gelu",
         final_norm: str = "layernorm",
         dropout: float = 0.0,
+        head_rank: int | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         betas: Sequence[float] = (0.9, 0.999),
@@ -174,12 +179,15 @@ class FedSideModule(lightning.LightningModule):
             raise ValueError(f"target_space must be one of {TARGET_SPACES}, got {target_space!r}")
         if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim < 1:
             raise ValueError(f"out_dim must be a positive integer, got {out_dim!r}")
+        if head_rank is not None and (isinstance(head_rank, bool) or not isinstance(head_rank, int)
+                                      or head_rank < 1):
+            raise ValueError(f"head_rank must be None or a positive integer, got {head_rank!r}")
         types = dict(types)
         d_star = shared_width(list(types.values()), d_star)
         self.save_hyperparameters({"k": k, "out_dim": out_dim, "d_star": d_star, "target_space": target_space,
                                    "reduction": reduction, "normalize_taps": bool(normalize_taps),
                                    "activation": activation, "final_norm": final_norm, "dropout": float(dropout),
-                                   "lr": float(lr), "weight_decay": float(weight_decay),
+                                   "head_rank": head_rank, "lr": float(lr), "weight_decay": float(weight_decay),
                                    "betas": [float(b) for b in betas], "seed": int(seed)})
         self.target_space = target_space
         self.out_dim = out_dim
@@ -191,6 +199,10 @@ class FedSideModule(lightning.LightningModule):
             k, d_star, reduction=reduction, normalize_taps=normalize_taps, activation=activation,
             final_norm=final_norm))
         self.components.append("trunk")
+        self.neck: nn.Linear | None = None
+        if head_rank is not None:
+            self.neck = _seeded(_seed("lightning_mobillm.fed.neck", seed), lambda: nn.Linear(d_star, head_rank))
+            self.components.append("neck")
         self.heads = nn.ModuleDict()
         if target_space != "device":
             self._add_head(SHARED_HEAD)
@@ -205,6 +217,11 @@ class FedSideModule(lightning.LightningModule):
     @property
     def shared_width(self) -> int:
         return self.alignment.shared_width
+
+    @property
+    def head_width(self) -> int:
+        """The width the heads read: ``head_rank`` with a neck, else ``d*``."""
+        return self.hparams["head_rank"] or self.shared_width
 
     @property
     def types(self) -> dict[str, int]:
@@ -263,7 +280,7 @@ class FedSideModule(lightning.LightningModule):
     def _add_head(self, key: str) -> None:
         ref = self.trunk.gate_alpha
         head = _seeded(_seed("lightning_mobillm.fed.head", self.hparams["seed"], key),
-                       lambda: LastTokenHead(self.shared_width, self.out_dim, dropout=self.hparams["dropout"]))
+                       lambda: LastTokenHead(self.head_width, self.out_dim, dropout=self.hparams["dropout"]))
         self.heads[_module_name(key)] = head.to(device=ref.device, dtype=ref.dtype)
         self.components.append(f"head:{key}")
 
@@ -271,6 +288,8 @@ class FedSideModule(lightning.LightningModule):
         """The module of a component name (``trunk``, ``type:<key>``, ``head:<key>``)."""
         if name == "trunk":
             return self.trunk
+        if name == "neck" and self.neck is not None:
+            return self.neck
         if name.startswith("type:"):
             return self.alignment.projection(name.removeprefix("type:"))
         if name.startswith("head:") and _module_name(name.removeprefix("head:")) in self.heads:
@@ -349,8 +368,10 @@ class FedSideModule(lightning.LightningModule):
 
     # ---- forward and loss --------------------------------------------------------------------------
     def features(self, acts: Tensor, backbone_type: str) -> Tensor:
-        """One type's taps ``[N, K, d_b]`` -> the trunk's per-sample states ``[N, d*]``."""
-        return self.trunk(self.alignment(acts, backbone_type))
+        """One type's taps ``[N, K, d_b]`` -> the per-sample states the heads read (``[N, d*]``, or
+        ``[N, head_rank]`` after the neck)."""
+        states = self.trunk(self.alignment(acts, backbone_type))
+        return states if self.neck is None else self.neck(states)
 
     def forward(self, acts: Tensor, backbone_type: str, devices: str | Sequence[str]) -> Tensor:
         """One type's taps ``[N, K, d_b]`` -> ``[N, out_dim]``, each sample read by its device's head
@@ -403,13 +424,17 @@ class FedSideModule(lightning.LightningModule):
         head = self.head(device)
         projection = self.alignment.projection(backbone_type)
         state: dict[str, Tensor] = {}
-        for prefix, part in (("projection.", projection), ("trunk.", self.trunk), ("head.", head)):
+        parts = [("projection.", projection), ("trunk.", self.trunk), ("head.", head)]
+        if self.neck is not None:
+            parts.insert(2, ("neck.", self.neck))
+        for prefix, part in parts:
             state.update({prefix + k: v.detach().to("cpu", dtype=dtype, copy=True)
                           for k, v in part.state_dict().items()})
         hp = self.hparams
         config = {"k": self.k, "d_star": self.shared_width, "width": self.types[backbone_type],
                   "out_dim": self.out_dim, "reduction": hp["reduction"], "normalize_taps": hp["normalize_taps"],
-                  "activation": hp["activation"], "final_norm": hp["final_norm"], "backbone_type": backbone_type,
+                  "activation": hp["activation"], "final_norm": hp["final_norm"], "head_rank": hp["head_rank"],
+                  "backbone_type": backbone_type,
                   "device": device, "target_space": self.target_space}
         return FedDownload(config, state)
 
@@ -453,14 +478,17 @@ class FedDeviceModel(nn.Module):
         self.trunk = ParallelAdapterTrunk(config["k"], config["d_star"], reduction=config["reduction"],
                                           normalize_taps=config["normalize_taps"], activation=config["activation"],
                                           final_norm=config["final_norm"])
-        self.head = LastTokenHead(config["d_star"], config["out_dim"], dropout=0.0)
+        rank = config["head_rank"]
+        self.neck = nn.Linear(config["d_star"], rank) if rank else None
+        self.head = LastTokenHead(rank or config["d_star"], config["out_dim"], dropout=0.0)
 
     def forward(self, acts: Tensor) -> Tensor:
         k, width = self.config["k"], self.config["width"]
         if not isinstance(acts, Tensor) or acts.ndim != 3 or tuple(acts.shape[1:]) != (k, width):
             got = list(acts.shape) if isinstance(acts, Tensor) else type(acts).__name__
             raise ValueError(f"acts must be [N, {k}, {width}] for {self.config['backbone_type']!r}, got {got}")
-        return self.head(self.trunk(self.projection(acts.to(self.projection.weight.dtype))))
+        states = self.trunk(self.projection(acts.to(self.projection.weight.dtype)))
+        return self.head(states if self.neck is None else self.neck(states))
 
     @torch.no_grad()
     def scores(self, acts: Tensor, backbone_logits: Tensor, transform: TargetTransform | None = None) -> Tensor:

@@ -271,7 +271,7 @@ class FedServer(FrameServer):
         if d_star > c.max_width:
             raise FrameError(f"the federation's shared width {d_star} exceeds max_width {c.max_width}")
         settings = {"d_star": d_star, "target_space": federation["target_space"], "lr": float(c.fed_lr),
-                    "seed": c.fed_seed}
+                    "head_rank": c.fed_head_rank, "seed": c.fed_seed}
         with torch.device("meta"):
             sizing = FedSideModule({}, federation["k"], federation["out_dim"], **settings)
         # the trunk, the first type's projection and the first head (the federation's smallest useful model)
