@@ -278,9 +278,13 @@ class FedSideModule(lightning.LightningModule):
         return True
 
     def _add_head(self, key: str) -> None:
+        """A new head starts at zero: until a device's samples train it, its outputs are the constant 0, never
+        random directions that would move the device's prediction away from its backbone's on classes its data
+        never shows (what a device with a few classes evaluates on the pooled set)."""
         ref = self.trunk.gate_alpha
-        head = _seeded(_seed("lightning_mobillm.fed.head", self.hparams["seed"], key),
-                       lambda: LastTokenHead(self.head_width, self.out_dim, dropout=self.hparams["dropout"]))
+        head = LastTokenHead(self.head_width, self.out_dim, dropout=self.hparams["dropout"])
+        nn.init.zeros_(head.proj.weight)
+        nn.init.zeros_(head.proj.bias)
         self.heads[_module_name(key)] = head.to(device=ref.device, dtype=ref.dtype)
         self.components.append(f"head:{key}")
 
