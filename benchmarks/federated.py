@@ -76,7 +76,7 @@ from lightning_mobillm.fed.clock import (
     run_rounds,
 )
 from lightning_mobillm.fed.device import evaluate_side
-from lightning_mobillm.fed.model import FedDownload, FedSideModule
+from lightning_mobillm.fed.model import DEFAULT_HEAD_RANK, FedDownload, FedSideModule
 from lightning_mobillm.fed.trainer import FedTrainer, simulate_async
 from lightning_mobillm.fed.upload import Upload
 from lightning_mobillm.privacy import TargetTransform
@@ -121,8 +121,8 @@ class Preset:
         centralized_epochs: epochs of centralised PAE per backbone type.
         fedavg_rounds, fedavg_fraction, fedavg_local_epochs, fedavg_lora_r: the FedAvg-LoRA baseline's rounds
             (per backbone-type group), share of a group's devices per round, local epochs and LoRA rank.
-        head_rank: the shared side networks' neck (``FedSideModule(head_rank=...)``; None: a d* x out_dim head
-            per device).
+        head_rank: the shared side networks' neck (``FedSideModule(head_rank=...)``, 16 as the server's default;
+            None: a d* x out_dim head per device).
     """
 
     devices: int
@@ -152,7 +152,7 @@ class Preset:
     fedavg_fraction: float = 0.5
     fedavg_local_epochs: int = 1
     fedavg_lora_r: int = 8
-    head_rank: int | None = None
+    head_rank: int | None = DEFAULT_HEAD_RANK
 
 
 TWO = ("smollm2-135m", "gemma3-270m")
@@ -187,7 +187,7 @@ class Settings:
     #: randomized response on the label before a keyed transform (the ``device`` and ``federation`` spaces)
     rr_epsilon: float | None = None
     #: ``FedSideModule``'s ``head_rank`` (None: no neck)
-    head_rank: int | None = None
+    head_rank: int | None = DEFAULT_HEAD_RANK
 
     @classmethod
     def of(cls, preset: Preset, seed: int, target_acc: float = TARGET_ACC) -> Settings:
@@ -856,10 +856,10 @@ def _synthetic_upload(device: str, key: str, width: int, k: int, out_dim: int, n
 
 
 def measure_step_costs(types: Mapping[str, int], k: int, out_dim: int, batch_size: int, steps: int = 8,
-                       seed: int = 0) -> dict[str, float]:
+                       seed: int = 0, head_rank: int | None = DEFAULT_HEAD_RANK) -> dict[str, float]:
     """Seconds per server step (``batch_size`` samples) per backbone type, measured once on a scratch trainer of
     the federation's shape (the median of ``steps`` steps after a warm-up)."""
-    module = FedSideModule(dict(types), k, out_dim)
+    module = FedSideModule(dict(types), k, out_dim, head_rank=head_rank)
     trainer = FedTrainer(module, batch_size=batch_size)
     out = {}
     for i, (key, width) in enumerate(types.items()):
@@ -983,7 +983,7 @@ def build_federation(preset: Preset, seed: int, cpu_gflops: float, log: Callable
         gc.collect()  # one backbone's weights at a time
     lost = stamp_arrivals(devices, seed)
     settings = Settings.of(preset, seed)
-    step_s = measure_step_costs(types, k, preset.out_dim, preset.batch_size, seed=seed)
+    step_s = measure_step_costs(types, k, preset.out_dim, preset.batch_size, seed=seed, head_rank=preset.head_rank)
     source = {"partition": partition, "aliases": {key: r["alias"] for key, r in per_type.items()},
               "data": dict(dataset="bbc_news", max_length=preset.max_length, seed=seed,
                            limit_train_samples=preset.limit_train_samples,
@@ -1153,7 +1153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="the JSON (default benchmarks/results/federated_<preset>.json)")
     p.add_argument("--seed", type=int, default=0, help="partition, profiles, types, keys and the side networks")
     p.add_argument("--alpha", type=float, default=None, help="override the preset's Dirichlet alpha")
-    p.add_argument("--head-rank", type=int, default=None, help="override the preset's head_rank (a shared neck)")
+    p.add_argument("--head-rank", type=int, default=None, help="override the preset's head_rank (a shared neck; 0: none)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     p.add_argument("--cpu-gflops", type=float, default=None,
                    help="fix this CPU's GFLOPS for the profiles' speeds instead of measuring it")
@@ -1170,7 +1170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.alpha is not None:
         preset = replace(preset, alpha=args.alpha)
     if args.head_rank is not None:
-        preset = replace(preset, head_rank=args.head_rank)
+        preset = replace(preset, head_rank=args.head_rank or None)
     out_path = args.out or REPO / f"benchmarks/results/federated_{args.preset}.json"
     wall0 = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

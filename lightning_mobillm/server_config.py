@@ -102,9 +102,9 @@ class ServerConfig:
         fed_max_devices: devices a federation admits (those that uploaded or are connected); with the quota it
             bounds the upload cache (devices x quota x K x width x 4 bytes), also where a shared token lets any
             caller name new device ids.
-        fed_head_rank: None: each device's head maps the trunk's d* states to its targets; an integer r: a
-            shared neck maps them to r first and each head is r x out_dim (a small map a device's few samples
-            can fit).
+        fed_head_rank: an integer r (default 16): a shared neck maps the trunk's d* states to r first and each
+            device's head is r x out_dim (a small map a device's few samples can fit); None: no neck, each head
+            maps the d* states to its targets.
         fed_download_dtype: the dtype of the parts a device downloads to evaluate (``float16`` halves the
             downlink of ``float32``; the device computes in fp32 either way).
     """
@@ -157,7 +157,7 @@ class ServerConfig:
     fed_max_samples_per_device: int | None = 4096
     fed_max_devices: int = 256
     fed_download_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    fed_head_rank: int | None = None
+    fed_head_rank: int | None = 16
 
     #: limits that must be positive (a zero or negative one would refuse everything or nothing)
     _POSITIVE = ("max_frame_mb", "max_concurrent_rpcs", "max_calls_per_identity", "max_workers",

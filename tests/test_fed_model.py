@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from lightning_mobillm.fed.alignment import AlignmentError
-from lightning_mobillm.fed.model import SHARED_HEAD, FedBatch, FedDownload, FedPart, FedSideModule
+from lightning_mobillm.fed.model import (
+    DEFAULT_HEAD_RANK,
+    SHARED_HEAD,
+    FedBatch,
+    FedDownload,
+    FedPart,
+    FedSideModule,
+)
 from lightning_mobillm.privacy import make_transform, prediction_difference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (see conftest)
@@ -17,6 +24,7 @@ K, OUT = 2, 6
 
 
 def _module(**kwargs) -> FedSideModule:
+    kwargs.setdefault("head_rank", None)  # no neck unless a test asks for one: d* x out_dim heads
     return FedSideModule({A: 12, B: 16}, K, kwargs.pop("out_dim", OUT), reduction=4, **kwargs)
 
 
@@ -125,8 +133,9 @@ def test_new_devices_and_types_join_a_running_optimizer_as_named_groups():
     assert not any("tiny-a" in k or "tiny-b" in k for k in changed)  # the other types' projections did not move
 
 
-def test_initial_weights_do_not_depend_on_the_order_devices_and_types_joined():
-    one, two = _module(), FedSideModule({B: 16, A: 12}, K, OUT, reduction=4)
+@pytest.mark.parametrize("head_rank", [None, 4])
+def test_initial_weights_do_not_depend_on_the_order_devices_and_types_joined(head_rank):
+    one, two = _module(head_rank=head_rank), FedSideModule({B: 16, A: 12}, K, OUT, reduction=4, head_rank=head_rank)
     for device in ("x", "y"):
         one.add_device(device)
     for device in ("y", "x"):
@@ -135,7 +144,7 @@ def test_initial_weights_do_not_depend_on_the_order_devices_and_types_joined():
     assert s1.keys() == s2.keys()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert not any(s1[k].any() for k in s1 if k.startswith("heads."))  # every head starts at zero
-    other = _module(seed=1)
+    other = _module(seed=1, head_rank=head_rank)
     assert not torch.equal(s1["trunk.adapters.0.down.weight"], other.state_dict()["trunk.adapters.0.down.weight"])
 
 
@@ -188,6 +197,8 @@ def test_a_neck_makes_each_device_head_small_and_travels_with_the_download():
     assert len(module.configure_optimizers().param_groups) == len(rebuilt.configure_optimizers().param_groups)
     with pytest.raises(ValueError, match="head_rank"):
         _module(head_rank=0)
+    default = FedSideModule({A: 12}, K, OUT)  # a neck unless told otherwise
+    assert default.head_width == DEFAULT_HEAD_RANK and default.components[:2] == ["trunk", "neck"]
 
 
 def test_the_device_model_computes_what_the_server_does_and_composes_with_its_inverse():
