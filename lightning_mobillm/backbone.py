@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -269,6 +269,34 @@ def load_hf_model(config: BackboneConfig, *, lm_head: bool) -> tuple[nn.Module, 
     return model, path
 
 
+def verbalizer_token_ids(tokenizer: Any, words: list[str]) -> list[int]:
+    """The first token id of ``" " + word`` for each class's verbalizer word (a zero-shot prompt's answer).
+
+    Leading tokens that decode to pure whitespace (some SentencePiece tokenizers split off ``"▁"``) are
+    skipped. Warns if two words share their first token (their logits, and so their classes' priors, would
+    be identical: give the classes words of their own).
+    """
+    ids: list[int] = []
+    for name in words:
+        toks = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
+        while len(toks) > 1 and not tokenizer.decode(toks[:1]).strip():
+            toks = toks[1:]
+        if not toks:
+            raise ValueError(f"The class name {name!r} tokenizes to nothing")
+        ids.append(int(toks[0]))
+    seen: dict[int, str] = {}
+    for name, i in zip(words, ids):
+        if i in seen:
+            warnings.warn(
+                f"The class names {seen[i]!r} and {name!r} share their first token "
+                f"{tokenizer.convert_ids_to_tokens(i)!r} (id {i}); their verbalizer logits are identical",
+                stacklevel=2,
+            )
+        else:
+            seen[i] = name
+    return ids
+
+
 def loss_token_index(attention_mask: torch.Tensor, is_decoder: bool) -> torch.Tensor:
     """``[B]`` index of the token that enters the loss.
 
@@ -400,30 +428,8 @@ class FrozenBackbone:
         return loss_token_index(attention_mask, self.is_decoder)
 
     def verbalizer_token_ids(self, class_names: list[str]) -> list[int]:
-        """The first token id of ``" " + name`` for each class name (the verbalizer of a zero-shot prompt).
-
-        Leading tokens that decode to pure whitespace (some SentencePiece tokenizers split off ``"▁"``)
-        are skipped. Warns if two names share their first token.
-        """
-        ids: list[int] = []
-        for name in class_names:
-            toks = self.tokenizer(" " + name, add_special_tokens=False)["input_ids"]
-            while len(toks) > 1 and not self.tokenizer.decode(toks[:1]).strip():
-                toks = toks[1:]
-            if not toks:
-                raise ValueError(f"The class name {name!r} tokenizes to nothing")
-            ids.append(int(toks[0]))
-        seen: dict[int, str] = {}
-        for name, i in zip(class_names, ids):
-            if i in seen:
-                warnings.warn(
-                    f"The class names {seen[i]!r} and {name!r} share their first token "
-                    f"{self.tokenizer.convert_ids_to_tokens(i)!r} (id {i}); their verbalizer logits are identical",
-                    stacklevel=2,
-                )
-            else:
-                seen[i] = name
-        return ids
+        """:func:`verbalizer_token_ids` with this backbone's tokenizer."""
+        return verbalizer_token_ids(self.tokenizer, class_names)
 
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()

@@ -28,6 +28,7 @@ from lightning_mobillm.baselines import (
     FullFineTuneClassifier,
     LadderSideTuningClassifier,
     LoRAClassifier,
+    MeZOClassifier,
     SplitLearningClassifier,
 )
 from lightning_mobillm.callbacks import ActivationCache, DeviceMonitor, QuantizedTransfer
@@ -87,6 +88,7 @@ METHODS: dict[str, Method] = {
     "recipes/baselines/full_ft.yaml": Method(FullFineTuneClassifier, SingleDeviceStrategy, ON_DEVICE),
     "recipes/baselines/lora.yaml": Method(LoRAClassifier, SingleDeviceStrategy, ON_DEVICE),
     "recipes/baselines/lst.yaml": Method(LadderSideTuningClassifier, SingleDeviceStrategy, ON_DEVICE),
+    "recipes/baselines/mezo.yaml": Method(MeZOClassifier, SingleDeviceStrategy, ON_DEVICE),
     "recipes/baselines/split.yaml": Method(SplitLearningClassifier, SingleDeviceStrategy, ON_DEVICE),
     **{f"recipes/fed/{name}.yaml": Method(FedDeviceModule, SingleDeviceStrategy, (DeviceMonitor,))
        for name in ("smollm2-135m-bbc", "smollm2-135m-bbc-fleet", "gemma3-270m-bbc", "qwen2.5-coder-0.5b-bbc",
