@@ -93,6 +93,24 @@ def test_class_order_sorted_and_given(json_file, tokenizer):
     assert given.split_dataset("train").labels == [remap[y] for y in derived.split_dataset("train").labels]
 
 
+def test_verbalizers_give_each_class_its_word(json_file):
+    def words(verbalizers):
+        return TextClassificationDataModule(dataset="json", data_files=json_file,
+                                            verbalizers=verbalizers).verbalizer_words
+
+    assert words(None) == ["a_news", "b_tech", "c_sport"]  # the class names
+    assert words({"c_sport": "sport", "a_news": "news", "b_tech": "technology"}) == ["news", "technology", "sport"]
+    assert words(["news", "tech", "sport"]) == ["news", "tech", "sport"]
+    with pytest.raises(ValueError, match=r"no word for the classes \['b_tech'\]"):
+        words({"a_news": "news", "c_sport": "sport"})
+    with pytest.raises(ValueError, match=r"classes the data has not: \['d_arts'\]"):
+        words({"a_news": "news", "b_tech": "tech", "c_sport": "sport", "d_arts": "arts"})
+    with pytest.raises(ValueError, match="2 words for 3 classes"):
+        words(["news", "tech"])
+    with pytest.raises(ValueError, match="non-empty string"):
+        words(["news", " ", "sport"])
+
+
 def test_unknown_label_is_named(json_file, tokenizer):
     dm = TextClassificationDataModule(dataset="json", data_files=json_file, class_names=["a_news", "b_tech"])
     with pytest.raises(ValueError, match="c_sport"):

@@ -79,6 +79,7 @@ def test_the_two_point_estimate_is_the_directional_derivative(tiny_llama_dir, wo
         module.zero_grad()
         closure().backward()
     exact = sum(float((p.grad * z).sum()) for p, z in zip(params, _z(params, 5)))
+    assert abs(exact) > 1e-3  # the trainable weights are on the path to the loss
     assert g == pytest.approx(exact, rel=0.02, abs=1e-4)
     with torch.no_grad():
         assert loss == pytest.approx(float(closure()), rel=1e-3)
@@ -156,6 +157,17 @@ def test_mezo_minimises_with_loss_evaluations_only():
         optimizer.step(loss)
     assert float(loss()) - floor < 0.05 * (start - floor)
     assert theta.grad is None
+
+
+def test_the_verbalizer_comes_from_the_data_modules_words(tiny_llama_dir, tiny_data_file, tmp_path):
+    data = TextClassificationDataModule(dataset="json", data_files=str(tiny_data_file), tokenizer=str(tiny_llama_dir),
+                                        verbalizers={"money": "tech", "sport": "money", "tech": "sport"})
+    module = MeZOClassifier(BackboneConfig(source=str(tiny_llama_dir)), data.num_classes)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    tokenizer = data.tokenizer
+    assert module.label_token_ids == [tokenizer.convert_tokens_to_ids(w) for w in ("tech", "money", "sport")]
 
 
 def test_bad_settings_are_named(tiny_llama_dir, word_tokenizer):

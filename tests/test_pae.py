@@ -229,3 +229,18 @@ def test_the_default_defence_randomises_labels_with_keyed_stable_coins():
     torch.testing.assert_close(first, module.device_targets(z, labels, ids, mask))  # same sample, same coin
     with pytest.raises(ValueError, match="input_ids"):
         module.device_targets(z, labels)
+
+
+def test_the_prior_reads_the_data_modules_verbalizer_words(tiny_llama_dir, tiny_data_file):
+    from lightning_mobillm.backbone import FrozenBackbone
+
+    backbone = FrozenBackbone(BackboneConfig(source=str(tiny_llama_dir)))
+    module = AdditiveAdapterModule(backbone=BackboneConfig(source=str(tiny_llama_dir)), num_classes=3)
+    ids = {}
+    for verbalizers in (None, ["tech", "money", "sport"]):
+        data = TextClassificationDataModule(dataset="json", data_files=str(tiny_data_file), verbalizers=verbalizers)
+        module.device_setup(backbone, data)
+        ids[verbalizers is None] = module.backbone_label_token_ids
+    vocab = backbone.tokenizer.convert_tokens_to_ids
+    assert ids[True] == [vocab(w) for w in ("money", "sport", "tech")]  # the class names, sorted
+    assert ids[False] == [vocab(w) for w in ("tech", "money", "sport")]

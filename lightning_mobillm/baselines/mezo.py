@@ -9,7 +9,7 @@ footprint of inference. The price is steps: the estimate has the variance of one
 the paper trains for tens of thousands of them.
 
 As in the paper, the classifier is prompt-based: the logits are the LM head's scores of the verbalizer
-tokens (the class names' first tokens, or the words a recipe gives) at the loss token, so step 0 is the
+tokens (the first tokens of the data module's ``verbalizer_words``) at the loss token, so step 0 is the
 backbone's zero-shot prediction rather than a random head that zeroth-order steps would take long to fit.
 What trains are LoRA adapters (PEFT; B starts at zero, so the model starts exactly at zero-shot), the
 "MeZO (LoRA)" variant of the paper; ``trainable: all`` perturbs every weight (full-parameter MeZO).
@@ -48,9 +48,6 @@ class MeZOClassifier(OnDeviceClassifier):
         eps: the perturbation scale.
         trainable: ``lora`` (adapters on ``target_modules``) or ``all`` (every weight of the backbone).
         r, alpha, target_modules: the LoRA adapters (``trainable: lora``).
-        verbalizers: the word(s) whose first token scores each class, in the data module's class order
-            (default: the class names). Give words that tokenize apart when class names share a first
-            token (``search_creative_work`` and ``search_screening_event`` would score the same).
         weight_decay: decoupled weight decay per step (``theta -= lr * weight_decay * theta``).
         **kwargs: see :class:`~lightning_mobillm.baselines.common.OnDeviceClassifier` (``warmup_ratio``,
             ``betas``, ``dropout`` and ``label_smoothing`` play no part here).
@@ -66,7 +63,6 @@ class MeZOClassifier(OnDeviceClassifier):
         r: int = 8,
         alpha: int = 16,
         target_modules: list[str] | None = None,
-        verbalizers: list[str] | None = None,
         weight_decay: float = 0.0,
         **kwargs: Any,
     ) -> None:
@@ -101,12 +97,13 @@ class MeZOClassifier(OnDeviceClassifier):
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def setup(self, stage: str) -> None:
-        """The verbalizer, from the data module's class names (or ``verbalizers``) and the backbone's tokenizer."""
+        """The verbalizer: the data module's ``verbalizer_words`` (its class names unless the recipe gives
+        ``data.verbalizers``) through the backbone's tokenizer."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.label_token_ids is None:
-            words = self.hparams["verbalizers"] or getattr(datamodule, "class_names", None)
+            words = getattr(datamodule, "verbalizer_words", None) or getattr(datamodule, "class_names", None)
             if not words:
-                raise ValueError("MeZO needs the class names (the data module's class_names) or `verbalizers`")
+                raise ValueError("MeZO needs the data module's class names (or verbalizers) for its classifier")
             tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(self.backbone_config)
             self.set_verbalizer(tokenizer, list(words))
 

@@ -323,6 +323,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         class_names: the class list, fixing the label order. Needed only when labels are strings whose
             order matters; otherwise derived: ``ClassLabel`` names, the corpus' own list, or the sorted
             unique labels. Given with named labels, labels are remapped to this order.
+        verbalizers: the word that answers the prompt for each class, whose first token's LM-head logit is the
+            backbone's zero-shot score of the class (PAE's prior, MeZO's and Fed MobiLLM's classifier): a
+            mapping from class name to word, or a list in class order. Default: the class names. Give words
+            of their own to classes whose names share a first token (``search_creative_work`` and
+            ``search_screening_event``) or read poorly (``sport`` for a label ``sports``).
         prompt: template where ``{text}`` is replaced by the text, e.g. ``"Article: {text}\\nTopic:"``.
         max_length: maximum tokens per sample, special tokens included; only the text is truncated.
         batch_size: training batch size.
@@ -347,6 +352,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         text_field: str = "text",
         label_field: str = "label",
         class_names: list[str] | None = None,
+        verbalizers: dict[str, str] | list[str] | None = None,
         prompt: str = "Article: {text}\nTopic:",
         max_length: int = 128,
         batch_size: int = 8,
@@ -373,6 +379,14 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.data_files = data_files
         self.text_field, self.label_field = text_field, label_field
         self._given_class_names = list(class_names) if class_names is not None else None
+        if verbalizers is not None and not isinstance(verbalizers, (dict, list, tuple)):
+            raise ValueError(f"verbalizers must map class names to words, or list one word per class; got "
+                             f"{verbalizers!r}")
+        if verbalizers is not None and not all(isinstance(w, str) and w.strip()
+                                               for w in (verbalizers.values() if isinstance(verbalizers, dict)
+                                                         else verbalizers)):
+            raise ValueError(f"verbalizers: every word must be a non-empty string, got {verbalizers!r}")
+        self._verbalizers = dict(verbalizers) if isinstance(verbalizers, dict) else verbalizers
         self.prompt, self.max_length = prompt, max_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -401,6 +415,23 @@ class TextClassificationDataModule(L.LightningDataModule):
                 self._load()
         assert self._class_names is not None
         return list(self._class_names)
+
+    @property
+    def verbalizer_words(self) -> list[str]:
+        """One word per class, in class order: ``verbalizers`` if given, else the class names."""
+        names = self.class_names
+        given = self._verbalizers
+        if given is None:
+            return names
+        if isinstance(given, dict):
+            if missing := [n for n in names if n not in given]:
+                raise ValueError(f"verbalizers has no word for the classes {missing} (classes: {names})")
+            if extra := sorted(set(given) - set(names)):
+                raise ValueError(f"verbalizers names classes the data has not: {extra} (classes: {names})")
+            return [given[n] for n in names]
+        if len(given) != len(names):
+            raise ValueError(f"verbalizers lists {len(given)} words for {len(names)} classes ({names})")
+        return list(given)
 
     @property
     def num_classes(self) -> int:

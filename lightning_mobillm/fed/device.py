@@ -253,6 +253,8 @@ class DeviceWorker:
         backbone_type: the type key uploads carry (default: :meth:`BackboneType.of` the backbone).
         secret: the device's secret for sample keys (>= 16 bytes; a fresh one when None). Keep it to get the
             same keys after a restart.
+        verbalizers: one word per class whose first token scores it (default: the class names; the data
+            module's ``verbalizer_words``).
     """
 
     def __init__(
@@ -269,6 +271,7 @@ class DeviceWorker:
         k: int | None = None,
         backbone_type: str | None = None,
         secret: bytes | None = None,
+        verbalizers: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(device, str) or not device:
             raise ValueError(f"device must be a non-empty string, got {device!r}")
@@ -279,6 +282,8 @@ class DeviceWorker:
                              f"(plain is the identity; device and federation need a keyed transform)")
         if transform.num_classes != len(class_names):
             raise ValueError(f"the transform has {transform.num_classes} classes, class_names {len(class_names)}")
+        if verbalizers is not None and len(verbalizers) != len(class_names):
+            raise ValueError(f"verbalizers has {len(verbalizers)} words for {len(class_names)} classes")
         if codec not in codecs.CODECS:
             raise ValueError(f"unknown codec {codec!r}; choose one of {list(codecs.CODECS)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -307,7 +312,7 @@ class DeviceWorker:
         self.batch_size = batch_size
         self.k = k
         self.backbone_type = backbone_type or BackboneType.of(backbone).key
-        self.label_token_ids = backbone.verbalizer_token_ids(self.class_names)
+        self.label_token_ids = backbone.verbalizer_token_ids(list(verbalizers or self.class_names))
         # two keys of their own: the upload's sample keys, and the transform's per-sample randomness
         self._key_mac = hmac.new(secret, b"fed-upload-key", hashlib.sha256).digest()
         self._target_mac = hmac.new(secret, b"fed-target-sample-key", hashlib.sha256).digest()

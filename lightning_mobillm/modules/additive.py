@@ -122,11 +122,12 @@ class AdditiveAdapterModule(SideTuningModule):
 
     # ---- what the device does for PAE ---------------------------------------------------------------
     def device_setup(self, backbone: FrozenBackbone, datamodule: Any) -> None:
-        """The verbalizer: the class names' first tokens, whose LM-head logits are the backbone's prior."""
-        class_names = getattr(datamodule, "class_names", None)
-        if not class_names:
+        """The verbalizer: the first tokens of the data module's ``verbalizer_words`` (its class names unless
+        the recipe gives words), whose LM-head logits are the backbone's prior."""
+        words = getattr(datamodule, "verbalizer_words", None) or getattr(datamodule, "class_names", None)
+        if not words:
             raise ValueError("PAE needs the class names (the data module's class_names) for the verbalizer")
-        self.backbone_label_token_ids = backbone.verbalizer_token_ids(list(class_names))
+        self.backbone_label_token_ids = backbone.verbalizer_token_ids(list(words))
 
     def training_payload(self, batch: dict[str, Tensor], out: BackboneOutput) -> tuple[str, dict[str, Tensor]]:
         """A ``train_target`` frame: the device-defined target, never the label."""

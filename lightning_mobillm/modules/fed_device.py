@@ -363,7 +363,8 @@ class FedDeviceModule(L.LightningModule):
                 worker = DeviceWorker(backbone, class_names, transform, device=device_id,
                                       target_space=hp.target_space, codec=hp.codec,
                                       outlier_channels=hp.outlier_channels, batch_size=hp.forward_batch_size,
-                                      k=hp.k, backbone_type=kind, secret=keys["sample_secret"])
+                                      k=hp.k, backbone_type=kind, secret=keys["sample_secret"],
+                                      verbalizers=getattr(data, "verbalizer_words", None))
                 member = _Member(device_id, pid, keystore, worker, frozenset(partition.indices[pid]))
                 self.members.append(member)
                 member.client = self._connect(device_id, run_id=self.run_id, backbone_type=kind, k=hp.k,
