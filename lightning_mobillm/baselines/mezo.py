@@ -73,7 +73,7 @@ class MeZOClassifier(OnDeviceClassifier):
         if r < 1:
             raise ValueError(f"r must be >= 1, got {r}")
         super().__init__(backbone=backbone, num_classes=num_classes, lr=lr, weight_decay=weight_decay, **kwargs)
-        self.automatic_optimization = False  # no backward pass, no torch optimizer: the step is below
+        self.automatic_optimization = False  # no backward pass: training_step calls the MeZO optimizer itself
         self.encoder: nn.Module | None = None
         self.decoder: nn.Module | None = None
         self.label_token_ids: list[int] | None = None
@@ -132,9 +132,6 @@ class MeZOClassifier(OnDeviceClassifier):
         return logits
 
     # ------------------------------------------------------------------------------ the MeZO step
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-
     def configure_optimizers(self) -> MeZO:
         hp = self.hparams
         return MeZO([p for _, p in self.trainable_parameters()], lr=float(hp["lr"]), eps=float(hp["eps"]),
