@@ -157,7 +157,7 @@ class ServerConfig:
     fed_max_samples_per_device: int | None = 4096
     fed_max_devices: int = 256
     fed_download_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    fed_head_rank: int | None = 16
+    fed_head_rank: int | None = 16  # fed.model.DEFAULT_HEAD_RANK (a test keeps them equal)
 
     #: limits that must be positive (a zero or negative one would refuse everything or nothing)
     _POSITIVE = ("max_frame_mb", "max_concurrent_rpcs", "max_calls_per_identity", "max_workers",

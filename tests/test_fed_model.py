@@ -16,6 +16,7 @@ from lightning_mobillm.fed.model import (
     FedSideModule,
 )
 from lightning_mobillm.privacy import make_transform, prediction_difference
+from lightning_mobillm.server_config import ServerConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors (see conftest)
 
@@ -199,6 +200,8 @@ def test_a_neck_makes_each_device_head_small_and_travels_with_the_download():
         _module(head_rank=0)
     default = FedSideModule({A: 12}, K, OUT)  # a neck unless told otherwise
     assert default.head_width == DEFAULT_HEAD_RANK and default.components[:2] == ["trunk", "neck"]
+    # the server's config spells the same default (it stays free of torch, so it cannot import the constant)
+    assert ServerConfig().fed_head_rank == DEFAULT_HEAD_RANK
 
 
 def test_the_device_model_computes_what_the_server_does_and_composes_with_its_inverse():

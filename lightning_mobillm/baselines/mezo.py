@@ -34,6 +34,7 @@ from lightning_mobillm.backbone import (
     verbalizer_token_ids,
 )
 from lightning_mobillm.baselines.common import OnDeviceClassifier
+from lightning_mobillm.data.text_classification import verbalizer_words
 from lightning_mobillm.specs import BackboneConfig
 
 __all__ = ["MeZO", "MeZOClassifier"]
@@ -101,11 +102,9 @@ class MeZOClassifier(OnDeviceClassifier):
         ``data.verbalizers``) through the backbone's tokenizer."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.label_token_ids is None:
-            words = getattr(datamodule, "verbalizer_words", None) or getattr(datamodule, "class_names", None)
-            if not words:
-                raise ValueError("MeZO needs the data module's class names (or verbalizers) for its classifier")
+            words = verbalizer_words(datamodule, "MeZO")
             tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(self.backbone_config)
-            self.set_verbalizer(tokenizer, list(words))
+            self.set_verbalizer(tokenizer, words)
 
     def set_verbalizer(self, tokenizer: Any, words: Sequence[str]) -> None:
         """Score class ``i`` with the LM-head logit of ``words[i]``'s first token."""

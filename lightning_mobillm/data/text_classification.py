@@ -84,6 +84,15 @@ def stratified_split(labels: Sequence[int], total: int, seed: int | str) -> tupl
     return sorted(rest), sorted(taken)
 
 
+def verbalizer_words(datamodule: Any, method: str) -> list[str]:
+    """The words whose first tokens score the classes: the data module's ``verbalizer_words`` (its class names
+    unless the recipe gives ``data.verbalizers``), or its ``class_names`` for a data module without them."""
+    words = getattr(datamodule, "verbalizer_words", None) or getattr(datamodule, "class_names", None)
+    if not words:
+        raise ValueError(f"{method} needs the data module's class names (or data.verbalizers) for its verbalizer")
+    return list(words)
+
+
 def _round(x: float) -> int:
     return int(math.floor(x + 0.5 + 1e-9))
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_mobillm import protocol as P
+from lightning_mobillm.data.text_classification import verbalizer_words
 from lightning_mobillm.modules.side_tuning import SideTuningModule
 from lightning_mobillm.privacy import TargetTransform, keyed_sample_hashes, make_transform, new_key
 
@@ -124,10 +125,7 @@ class AdditiveAdapterModule(SideTuningModule):
     def device_setup(self, backbone: FrozenBackbone, datamodule: Any) -> None:
         """The verbalizer: the first tokens of the data module's ``verbalizer_words`` (its class names unless
         the recipe gives words), whose LM-head logits are the backbone's prior."""
-        words = getattr(datamodule, "verbalizer_words", None) or getattr(datamodule, "class_names", None)
-        if not words:
-            raise ValueError("PAE needs the class names (the data module's class_names) for the verbalizer")
-        self.backbone_label_token_ids = backbone.verbalizer_token_ids(list(words))
+        self.backbone_label_token_ids = backbone.verbalizer_token_ids(verbalizer_words(datamodule, "PAE"))
 
     def training_payload(self, batch: dict[str, Tensor], out: BackboneOutput) -> tuple[str, dict[str, Tensor]]:
         """A ``train_target`` frame: the device-defined target, never the label."""
