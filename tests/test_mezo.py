@@ -27,6 +27,7 @@ WORDS = ["money", "sport", "tech"]  # the tiny tokenizer's class words (tests/co
 def _module(tiny_llama_dir, word_tokenizer, **kwargs) -> MeZOClassifier:
     kwargs = {"lr": 1e-2, "eps": 1e-3, "r": 4, **kwargs}
     module = MeZOClassifier(BackboneConfig(source=str(tiny_llama_dir)), 3, **kwargs)
+    torch.manual_seed(0)  # PEFT draws LoRA's A from the global generator: the same adapters in every order
     module.configure_model()
     module.set_verbalizer(word_tokenizer, WORDS)
     return module
@@ -65,9 +66,10 @@ def test_step_zero_is_the_backbones_zero_shot_verbalizer_prediction(tiny_llama_d
 def test_the_two_point_estimate_is_the_directional_derivative(tiny_llama_dir, word_tokenizer, trainable):
     module = _module(tiny_llama_dir, word_tokenizer, trainable=trainable, eps=1e-3)
     params = _params(module)
+    gen = torch.Generator().manual_seed(0)  # the same point whatever ran before in this process
     with torch.no_grad():  # B starts at zero: move it so that every adapter matrix has a gradient
         for p in params:
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     batch = _batch()
     before = [p.detach().clone() for p in params]
     optimizer = module.configure_optimizers()
