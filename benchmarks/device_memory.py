@@ -8,6 +8,7 @@ and writes ``{"inference_peak_rss_mb", "mobillm_device_peak_rss_mb", "ratio", ..
 The converted backbone is put into the cache first, so neither child pays for the conversion.
 
     python benchmarks/device_memory.py --steps 20 --dtype float32 --out benchmarks/results/device_memory.json
+    python benchmarks/device_memory.py --steps 20 --dtype float32 --select all  # the paper's every token
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def child_mobillm(args) -> dict:
     model = SideTuningModule(backbone=BackboneConfig(source=args.model, dtype=args.dtype), num_classes=dm.num_classes)
     monitor = DeviceMonitor()
     trainer = L.Trainer(
-        strategy=ServerAssistedStrategy(pipeline_depth=1, embedded=ServerConfig(device="cpu", threads=1)),
+        strategy=ServerAssistedStrategy(pipeline_depth=1, select=args.select,
+                                        embedded=ServerConfig(device="cpu", threads=1)),
         accelerator="cpu",
         max_steps=args.steps,
         limit_val_batches=0,
@@ -110,6 +112,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--codec", default="int8")
+    p.add_argument("--select", default="auto", choices=["auto", "all", "loss"],
+                   help="the strategy's token selection (auto: the last token, for the side network's pool: last)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
@@ -132,6 +136,7 @@ def main() -> None:
         "model": args.model,
         "dtype": args.dtype,
         "codec": args.codec,
+        "select": args.select,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "steps": args.steps,

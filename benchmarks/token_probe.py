@@ -491,8 +491,7 @@ def run_fit(skip: int, args, select: str = "all") -> dict:
     workdir = Path(tempfile.mkdtemp(prefix=f"token_probe_fit{skip}{select}_", dir=args.fit_dir))
     cmd = [sys.executable, "-m", "lightning_mobillm", "fit", "--config", str(root / QUICKSTART),
            "--model.init_args.backbone.layers", layers, *shlex.split(args.fit_extra)]
-    if select != "all":
-        cmd += ["--trainer.strategy.init_args.select", select]
+    cmd += ["--trainer.strategy.init_args.select", select]  # the quickstart's own is auto
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(root)}
     t0 = time.perf_counter()
     log(f"fit, first {skip} blocks dropped, select {select}: {' '.join(shlex.quote(c) for c in cmd)} (in {workdir})")

@@ -29,10 +29,10 @@ import inspect
 import logging
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -107,19 +107,30 @@ class BackboneOutput:
     Attributes:
         acts: ``[N, L, d]`` packed taps: the selected tokens of all samples, concatenated in sample order
             (and position order within a sample); ``L`` = number of tapped layers, in the order of
-            ``tap_spec.layers``; in the backbone's dtype.
+            ``tap_spec.layers``; in the backbone's dtype. ``None`` when the forward wrote them to a ``sink``.
         lengths: ``[B]`` int64, the number of selected tokens of each sample (sums to ``N``).
         logits: ``[B, K]`` float32, the frozen LM head's logits restricted to ``label_token_ids`` at the
             loss token, or ``None`` when not requested.
     """
 
-    acts: torch.Tensor
+    acts: torch.Tensor | None
     lengths: torch.Tensor
     logits: torch.Tensor | None = None
+    sink: TapSink | None = None
 
     def split(self) -> tuple[torch.Tensor, ...]:
         """The per-sample ``[n_b, L, d]`` views of ``acts``."""
+        if self.acts is None:
+            raise RuntimeError("this forward wrote its taps to a sink; there is no acts tensor to split")
         return torch.split(self.acts, self.lengths.tolist(), dim=0)
+
+
+class TapSink(Protocol):
+    """Where a forward with ``sink=`` writes its taps, layer by layer, instead of an ``[N, L, d]`` tensor (the
+    device's codec: :class:`lightning_mobillm.transport.codecs.LayerEncoder`)."""
+
+    def write(self, j: int, x: torch.Tensor) -> None:
+        """Take tapped layer ``j``'s ``[N, d]`` selected tokens (they are not kept by the backbone)."""
 
 
 def _get_path(obj: object, path: str) -> object | None:
@@ -439,6 +450,7 @@ class FrozenBackbone:
         attention_mask: torch.Tensor,
         select: Literal["all", "loss"] = "all",
         label_token_ids: list[int] | None = None,
+        sink: Callable[[int, int, int], TapSink] | None = None,
     ) -> BackboneOutput:
         """Run the frozen backbone and return the packed taps (and optionally the verbalizer logits).
 
@@ -450,6 +462,9 @@ class FrozenBackbone:
                 (:meth:`loss_token_index`).
             label_token_ids: if given (decoders only), also return the LM head's logits for these token ids
                 at the loss token.
+            sink: ``sink(N, L, d)`` makes the :class:`TapSink` that each layer's hook hands its selected tokens
+                to as the forward runs (the device's codec quantises them into the frame), so the float
+                ``[N, L, d]`` stack is never allocated; the output then has ``acts=None`` and ``sink`` set.
         """
         if self.model is None:
             raise RuntimeError("This FrozenBackbone was closed")
@@ -483,7 +498,11 @@ class FrozenBackbone:
             lengths = torch.ones(bsz, dtype=torch.long, device=self.device)
             flat_index = torch.arange(bsz, device=self.device) * seqlen + loss_idx
         n_tokens = int(flat_index.numel())
-        acts = torch.empty(n_tokens, len(self.layers), self.hidden_size, dtype=self.dtype, device=self.device)
+        if sink is None:
+            acts = torch.empty(n_tokens, len(self.layers), self.hidden_size, dtype=self.dtype, device=self.device)
+            writer = None
+        else:
+            acts, writer = None, sink(n_tokens, len(self.layers), self.hidden_size)
 
         want_logits = label_token_ids is not None
         deepest = max(self.layers)
@@ -494,7 +513,11 @@ class FrozenBackbone:
 
             def hook(_module, _args, output):
                 hidden = _hidden_from_output(output)
-                acts[:, j] = hidden.reshape(bsz * seqlen, -1).index_select(0, flat_index)
+                selected = hidden.reshape(bsz * seqlen, -1).index_select(0, flat_index)
+                if writer is None:
+                    acts[:, j] = selected
+                else:
+                    writer.write(j, selected)
                 if layer == deepest and not want_logits:
                     raise _StopForward
 
@@ -527,7 +550,7 @@ class FrozenBackbone:
             finally:
                 for h in handles:
                     h.remove()
-        return BackboneOutput(acts=acts, lengths=lengths.to(torch.long), logits=logits)
+        return BackboneOutput(acts=acts, lengths=lengths.to(torch.long), logits=logits, sink=writer)
 
 
 def _to_right_padding(

@@ -27,6 +27,7 @@ from lightning_mobillm.backbone import (
     load_tokenizer,
 )
 from lightning_mobillm.specs import BackboneConfig
+from lightning_mobillm.transport import codecs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors and models (see conftest)
 
@@ -269,6 +270,29 @@ def test_select_loss_picks_the_loss_token(backbones, arch, padding):
     torch.testing.assert_close(
         loss.acts, _loss_rows(bb, full.acts, full.lengths.tolist()), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("select", ["all", "loss"])
+def test_a_sink_gets_every_layer_inside_the_forward_and_no_stack_is_made(backbones, arch, select):
+    """``sink=``: each hook hands its layer to the sink (the device's codec), which then holds what the
+    stack would have; the output has no ``acts``."""
+    bb = backbones[arch]
+    ids, mask = _batch("left", bb.is_decoder)
+    stacked = bb(ids, mask, select=select)
+    sinks = []
+
+    def make(n, layers, d):
+        sinks.append(codecs.LayerEncoder(n, layers, d, "int8"))
+        return sinks[-1]
+
+    out = bb(ids, mask, select=select, sink=make)
+    assert out.acts is None and out.sink is sinks[0] and len(sinks) == 1
+    assert torch.equal(out.lengths, stacked.lengths)
+    for name, part in codecs.encode(stacked.acts, "int8").items():
+        assert torch.equal(out.sink.parts()[name], part), name
+    with pytest.raises(RuntimeError, match="sink"):
+        out.split()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -482,3 +482,47 @@ def test_chunked_encoding_equals_encoding_at_once(codec, monkeypatch):
         assert torch.equal(whole[name], chunked[name]), name
     empty = codecs.encode(torch.zeros(0, 3, 8), codec)
     assert codecs.decode(empty, codec).shape == (0, 3, 8)
+
+
+# ---- LayerEncoder: encoding inside the taps, one layer at a time --------------------------------------------
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_by_layer_encoding_equals_encoding_the_stack(codec: str, dtype: torch.dtype) -> None:
+    acts, _ = _llm_acts(n=40, layers=5, d=33, seed=3)
+    acts = acts.to(dtype)
+    enc = codecs.LayerEncoder(40, 5, 33, codec, outlier_channels=4, measure=True)
+    for j in (3, 0, 4, 1, 2):  # any order: each layer has its own slot
+        enc.write(j, acts[:, j])
+    whole = codecs.encode(acts, codec, outlier_channels=4)
+    got = enc.parts()
+    assert got.keys() == whole.keys()
+    for name in whole:
+        assert got[name].dtype == whole[name].dtype and torch.equal(got[name], whole[name]), name
+    x = acts.float()
+    expected = float((codecs.decode(whole, codec) - x).norm() / x.norm())
+    assert enc.rel_error == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_layer_encoder_refuses_a_wrong_layer_and_an_unwritten_frame() -> None:
+    enc = codecs.LayerEncoder(4, 2, 8, "int8")
+    with pytest.raises(ValueError, match=r"expected activations \[4, 8\]"):
+        enc.write(0, torch.zeros(4, 9))
+    enc.write(0, torch.ones(4, 8))
+    with pytest.raises(RuntimeError, match=r"layers \[1\] were never written"):
+        enc.parts()
+    assert enc.rel_error is None  # not asked to measure
+    with pytest.raises(ValueError, match="unknown codec"):
+        codecs.LayerEncoder(4, 2, 8, "int3")
+
+
+def test_layer_encoder_turns_the_frame_float32_when_a_later_layer_has_outliers_beyond_fp16() -> None:
+    acts = torch.randn(6, 2, 16)
+    acts[:, 1, 5] = 1e6  # beyond float16: this layer's outlier values must stay float32
+    enc = codecs.LayerEncoder(6, 2, 16, "int8o", outlier_channels=2)
+    enc.write(0, acts[:, 0])
+    enc.write(1, acts[:, 1])
+    parts = enc.parts()
+    assert parts["oval"].dtype == torch.float32
+    got, whole = codecs.decode(parts, "int8o"), codecs.decode(codecs.encode(acts, "int8o", 2), "int8o")
+    assert torch.equal(got[:, 1], whole[:, 1])  # the layer beyond float16: exact
+    torch.testing.assert_close(got[:, 0], whole[:, 0], rtol=2**-10, atol=1e-6)  # written before: float16 rounding

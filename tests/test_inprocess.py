@@ -233,6 +233,58 @@ def test_pae_epochs_after_the_first_send_only_cached_keys(tmp_path, tiny_data_fi
     assert by_epoch[1] + by_epoch[2] == sum(len(c.request) for c, _, _ in later) < by_epoch[0] / 2
 
 
+# ---- select: auto --------------------------------------------------------------------------------------------
+def _fit_last_token_head(select: str, wire: list[Exchange], tmp_path, tiny_data_file,
+                         tiny_llama_dir) -> tuple[list[float], int, dict, list[Frame]]:
+    """One epoch of MobiLLM with a head pooling the last token, sent exactly (fp32): the server's losses,
+    the training frames' bytes, the device's summary and the training frames."""
+    wire.clear()
+    L.seed_everything(0, verbose=False)
+    data = _data(tiny_data_file, tiny_llama_dir)
+    module = SideTuningModule(backbone=BackboneConfig(source=str(tiny_llama_dir)), num_classes=data.num_classes,
+                              lr=1e-2, dropout=0.0, pool="last")
+    monitor = DeviceMonitor()
+    trainer = L.Trainer(
+        strategy=ServerAssistedStrategy(server="inprocess", select=select, embedded=_server()), accelerator="cpu",
+        max_epochs=1, callbacks=[QuantizedTransfer("fp32"), monitor], logger=CSVLogger(tmp_path, name=select),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    training = [(c, q, r) for c, (q, r) in zip(wire, _frames(wire, "mobillm")) if q.kind in TRAIN_KINDS]
+    assert len(training) == trainer.num_training_batches > 1
+    return ([r.header["loss"] for _, _, r in training], sum(len(c.request) for c, _, _ in training),
+            monitor.summary, [q for _, q, _ in training])
+
+
+def test_select_auto_sends_only_the_last_token_for_a_last_token_head_and_trains_the_same(
+        tmp_path, tiny_data_file, tiny_llama_dir, wire):
+    every, bytes_every, s_every, frames_every = _fit_last_token_head("all", wire, tmp_path, tiny_data_file,
+                                                                     tiny_llama_dir)
+    auto, bytes_auto, s_auto, frames_auto = _fit_last_token_head("auto", wire, tmp_path, tiny_data_file,
+                                                                 tiny_llama_dir)
+    # auto resolved to the loss token: one token per sample on the wire, where all sends every non-pad token
+    assert (s_auto["select"], s_every["select"]) == ("loss", "all")
+    assert all(bool((q.tensors["lengths"] == 1).all()) for q in frames_auto)
+    assert all(int(q.tensors["lengths"].min()) > 1 for q in frames_every)
+    assert bytes_auto < bytes_every / 4
+    # the side network is token-wise and the head pools the last token: the same losses, step for step
+    torch.testing.assert_close(torch.tensor(auto), torch.tensor(every), rtol=1e-5, atol=1e-6)
+
+
+def test_select_auto_resolves_from_the_module_pooling_and_the_backbone_kind():
+    def module(pool: str) -> SideTuningModule:
+        return SideTuningModule(num_classes=3, pool=pool)
+
+    assert module("last").token_selection(is_decoder=True) == "loss"
+    assert module("mean").token_selection(is_decoder=True) == "all"
+    # an encoder's loss token is its first ([CLS]): a last-token head there needs every token
+    assert module("last").token_selection(is_decoder=False) == "all"
+    assert module("first").token_selection(is_decoder=False) == "loss"
+    with pytest.raises(ValueError, match="select must be 'auto', 'all' or 'loss'"):
+        ServerAssistedStrategy(server="inprocess", select="some")
+
+
 # ---- a malformed frame in the middle of a run -------------------------------------------------------------
 #: what the server's error message names for each malformed frame below
 REFUSALS = {

@@ -77,7 +77,7 @@ class Method:
 MOBILLM = (QuantizedTransfer, DeviceMonitor, ModelCheckpoint)
 ON_DEVICE = (DeviceMonitor, ModelCheckpoint)
 METHODS: dict[str, Method] = {
-    QUICKSTART: Method(SideTuningModule, ServerAssistedStrategy, MOBILLM, "all", "int8"),
+    QUICKSTART: Method(SideTuningModule, ServerAssistedStrategy, MOBILLM, "auto", "int8"),
     "recipes/demo/qwen2.5-coder-1.5b-mobillm.yaml": Method(SideTuningModule, ServerAssistedStrategy, MOBILLM,
                                                            "all", "int8"),
     "recipes/pae/smollm2-bbc.yaml": Method(AdditiveAdapterModule, ServerAssistedStrategy,
@@ -415,7 +415,7 @@ def test_every_shipped_recipe_fits_the_servers_default_limits(recipe, cli_in, ti
     cli = cli_in([recipe], tiny_overrides)
     model, data, strategy = cli.model, cli.datamodule, cli.trainer.strategy
     (transfer,) = [c for c in cli.trainer.callbacks if isinstance(c, QuantizedTransfer)]
-    per_sample = data.hparams["max_length"] if strategy.select == "all" else 1
+    per_sample = 1 if strategy.select == "loss" else data.hparams["max_length"]  # auto: at most every token
     tokens = max(data.hparams["batch_size"], data.hparams["eval_batch_size"]) * per_sample
     frame_mb = _frame_bytes(tokens, taps, width, transfer.codec, transfer.outlier_channels) / 2**20
     assert tokens <= limits.max_tokens_per_frame

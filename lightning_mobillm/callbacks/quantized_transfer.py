@@ -8,6 +8,7 @@ import lightning as L
 import torch
 
 from lightning_mobillm.protocol import pack_acts, unpack_acts
+from lightning_mobillm.protocol.packing import acts_tensors
 from lightning_mobillm.transport import codecs
 
 
@@ -48,6 +49,22 @@ class QuantizedTransfer(L.Callback):
             x = acts.detach().float().cpu()
             err = unpack_acts(tensors, self.codec)[0] - x
             self.last_rel_error = float(err.norm() / x.norm().clamp_min(1e-12))
+        return tensors
+
+    def layer_encoder(self, n_tokens: int, n_layers: int, d: int) -> codecs.LayerEncoder:
+        """The sink of a backbone forward (``FrozenBackbone.forward(sink=...)``): each tapped layer is quantised
+        into the frame as the forward produces it, so the float ``[N, L, d]`` stack never exists. Every
+        ``measure_every_n_steps``-th frame also sums its relative error, layer by layer."""
+        measure = bool(self.measure_every_n_steps) and self._packed % self.measure_every_n_steps == 0
+        return codecs.LayerEncoder(n_tokens, n_layers, d, self.codec, self.outlier_channels, measure=measure)
+
+    def pack_written(self, encoder: codecs.LayerEncoder, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors of a frame whose activations a :meth:`layer_encoder` sink holds (what :meth:`pack`
+        gives for the same activations)."""
+        tensors = acts_tensors(encoder.parts(), lengths)
+        self._packed += 1
+        if encoder.rel_error is not None:
+            self.last_rel_error = encoder.rel_error
         return tensors
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -181,6 +181,14 @@ class SideTuningModule(lightning.LightningModule):
         """The side network's type and shape, from this module's hyperparameters."""
         return SideConfig(**{k: self.hparams[k] for k in SIDE_KNOBS if k in self.hparams})
 
+    def token_selection(self, is_decoder: bool) -> Literal["all", "loss"]:
+        """The tokens whose activations can reach the loss, which a strategy's ``select: auto`` sends. The side
+        network is token-wise (nothing mixes tokens before the head pools them), so a head that pools the loss
+        token (a decoder's last, an encoder's first) needs only that token (``loss``, the same loss at a
+        fraction of the bytes); any other pooling needs them ``all``."""
+        loss_pool = "last" if is_decoder else "first"
+        return "loss" if self.side_config.pool == loss_pool else "all"
+
     def server_hparams(self) -> dict[str, Any]:
         """What the server needs to train this module besides the side config (the optimiser, the loss);
         the hello carries the side config, tap spec, class count and planned steps separately."""

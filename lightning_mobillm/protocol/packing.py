@@ -25,9 +25,13 @@ def pack_acts(
 
     ``outlier_channels`` is the number of channels per layer that ``int8o`` / ``int4o`` keep in fp16.
     """
-    parts = codecs.encode(acts, codec, outlier_channels=outlier_channels)
+    return acts_tensors(codecs.encode(acts, codec, outlier_channels=outlier_channels), lengths)
+
+
+def acts_tensors(parts: dict[str, torch.Tensor], lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A frame's activation tensors from a codec's parts (``encode``'s, or a ``LayerEncoder``'s)."""
     out = {f"acts.{k}": v.contiguous() for k, v in parts.items()}
-    out["lengths"] = lengths.to(torch.int64).contiguous()
+    out["lengths"] = lengths.to(torch.int64).cpu().contiguous()
     return out
 
 

@@ -120,8 +120,10 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         tls_server_name: the name to check the server's certificate against, when it is not the address's host.
         pipeline_depth: training frames allowed in flight while the device forwards the next batch
             (0 = synchronous).
-        select: which tokens' activations are sent: ``all`` non-pad tokens (MobiLLM) or only the ``loss``
-            token (the PAE shortcut).
+        select: which tokens' activations are sent: ``auto`` (the default) asks the module which tokens can
+            reach its loss (:meth:`SideTuningModule.token_selection`: the loss token alone for a head pooling
+            it, the same loss for far fewer bytes); ``all`` non-pad tokens (the MobiLLM paper's
+            configuration); only the ``loss`` token (the PAE shortcut).
         inference: where validation/test/predict run the side network: on the ``server`` (during ``fit``
             always) or ``local``ly on the device with weights downloaded from the server.
         embedded: settings of the embedded server (ignored when ``server`` is set).
@@ -146,7 +148,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         tls_key_file: str | None = None,
         tls_server_name: str | None = None,
         pipeline_depth: int = 1,
-        select: Literal["all", "loss"] = "all",
+        select: Literal["auto", "all", "loss"] = "auto",
         inference: Literal["server", "local"] = "server",
         embedded: ServerConfig | None = None,
         device_id: str | None = None,
@@ -159,6 +161,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         super().__init__(device=backbone_device)
         if pipeline_depth < 0:
             raise ValueError(f"pipeline_depth must be >= 0, got {pipeline_depth}")
+        if select not in ("auto", "all", "loss"):
+            raise ValueError(f"select must be 'auto', 'all' or 'loss', got {select!r}")
         self.server_address = server
         self.token = read_token(token_env, token_file) or (None if server else uuid.uuid4().hex)
         self.token_env = token_env
@@ -205,9 +209,21 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
     def use_cache(self, cache: ActivationCache) -> None:
         """Let this callback name training samples so that the server can keep their activations."""
-        if self.select != "loss":
-            raise ValueError("ActivationCache needs trainer.strategy.init_args.select: loss (one token per sample)")
+        if self.token_select != "loss":
+            raise ValueError("ActivationCache needs one token per sample: trainer.strategy.init_args.select: loss "
+                             f"(or auto with a module that pools the loss token); it is {self.select!r}, which "
+                             f"sends {self.token_select!r} tokens")
         self.cache = cache
+
+    @property
+    def token_select(self) -> Literal["all", "loss"]:
+        """The tokens this run sends: ``select``, with ``auto`` resolved by the module and the backbone."""
+        if self.select != "auto":
+            return self.select
+        if self.backbone is None:
+            raise RuntimeError("select: auto is resolved once the backbone is loaded (setup_environment)")
+        choose = getattr(self.lightning_module, "token_selection", None)  # a module without it gets every token
+        return choose(self.backbone.is_decoder) if choose is not None else "all"
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -234,6 +250,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             self.transfer = QuantizedTransfer()
             log.info("no QuantizedTransfer callback configured; sending %s", self.transfer.codec)
         self.device_stats.run["codec"] = self.transfer.codec
+        self.device_stats.run["select"] = self.token_select
         super().setup(trainer)
         if self.client is None:
             self._connect()  # after checkpoint restore, so a resumed run finds its activation cache
@@ -347,12 +364,13 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         return self._resilient(lambda: self.client.pull_state())
 
     def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], BackboneOutput]:
-        """Run the backbone (with the LM-head logits the module composes with, if any) and quantise its
-        taps into frame tensors."""
-        out = self.backbone(batch["input_ids"], batch["attention_mask"], select=self.select,
-                            label_token_ids=self.lightning_module.backbone_label_token_ids)
+        """Run the backbone (with the LM-head logits the module composes with, if any), its taps quantised into
+        frame tensors inside the hooks as the forward runs (the float ``[N, L, d]`` stack never exists)."""
+        out = self.backbone(batch["input_ids"], batch["attention_mask"], select=self.token_select,
+                            label_token_ids=self.lightning_module.backbone_label_token_ids,
+                            sink=self.transfer.layer_encoder)
         self.device_stats.device_forwards += 1
-        return self.transfer.pack(out.acts, out.lengths), out
+        return self.transfer.pack_written(out.sink, out.lengths), out
 
     def _train_frame(self, step: int, batch: dict[str, Tensor], keys: list[str] | None) -> bytes:
         """Forward a training batch and build its frame; the module says what it carries besides the

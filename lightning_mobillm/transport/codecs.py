@@ -375,3 +375,76 @@ def payload_nbytes(shape: tuple[int, ...] | torch.Size, codec: str, outlier_chan
     if codec in _BASE:
         nbytes += math.prod(shape[:-1]) * min(outlier_channels, shape[-1]) * 2
     return nbytes
+
+
+class LayerEncoder:
+    """``encode`` of packed activations ``[N, L, d]`` written one tapped layer at a time, as the forward runs.
+
+    The backbone's hook for layer ``j`` hands its ``[N, d]`` selected tokens to :meth:`write`, which encodes
+    them and copies the result into parts allocated once for the whole frame, so the float ``[N, L, d]`` stack
+    never exists: the extra memory over inference is the frame itself and one layer's temporaries. Every codec
+    works per token and per layer (the outlier codecs choose their channels per layer), so :meth:`parts`
+    equals ``encode(acts, codec, outlier_channels)`` bit for bit once every layer has been written. (One
+    exception: when a later layer's outlier values exceed float16, the frame's ``oval`` turns float32 as
+    ``encode``'s does, but the layers written before keep their float16 rounding.)
+
+    With ``measure`` the relative error ``||decode(encode(x)) - x|| / ||x||`` of the whole frame is summed
+    layer by layer (:attr:`rel_error`), again without the stack.
+    """
+
+    def __init__(self, n_tokens: int, n_layers: int, d: int, codec: str, outlier_channels: int = 8,
+                 measure: bool = False) -> None:
+        _check_codec(codec)
+        if n_tokens < 0 or n_layers < 1 or d < 1:
+            raise ValueError(f"LayerEncoder needs N >= 0, L >= 1 and d >= 1, got {n_tokens}, {n_layers}, {d}")
+        self.codec, self.outlier_channels = codec, outlier_channels
+        self.shape = (n_tokens, n_layers, d)
+        # one layer's parts give every part's dtype and per-layer shape
+        probe = encode(torch.zeros(n_tokens, 1, d), codec, outlier_channels)
+        self._parts: dict[str, torch.Tensor] = {}
+        for name, part in probe.items():
+            if name == "d":
+                self._parts[name] = part
+            elif name == "oidx":
+                self._parts[name] = torch.empty(n_layers, *part.shape[1:], dtype=part.dtype)
+            else:
+                self._parts[name] = torch.empty(n_tokens, n_layers, *part.shape[2:], dtype=part.dtype)
+        self._written = [False] * n_layers
+        self.measure = measure
+        self._err_sq = 0.0
+        self._ref_sq = 0.0
+
+    def write(self, j: int, x: torch.Tensor) -> None:
+        """Encode layer ``j``'s ``[N, d]`` activations into the frame's parts."""
+        n, _, d = self.shape
+        if tuple(x.shape) != (n, d):
+            raise ValueError(f"layer {j}: expected activations [{n}, {d}], got {list(x.shape)}")
+        parts = encode(x.detach().cpu().unsqueeze(1), self.codec, self.outlier_channels)
+        for name, part in parts.items():
+            if name == "d":
+                continue
+            buf = self._parts[name]
+            if part.dtype != buf.dtype:  # outlier values beyond float16 in this layer: the frame sends float32
+                buf = self._parts[name] = buf.to(part.dtype)
+            if name == "oidx":
+                buf[j] = part[0]
+            else:
+                buf[:, j] = part[:, 0]
+        self._written[j] = True
+        if self.measure:
+            xf = x.detach().cpu().float()
+            self._err_sq += float((decode(parts, self.codec)[:, 0] - xf).square().sum())
+            self._ref_sq += float(xf.square().sum())
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The frame's parts, as ``encode`` gives them; every layer must have been written."""
+        if missing := [j for j, done in enumerate(self._written) if not done]:
+            raise RuntimeError(f"layers {missing} were never written")
+        return dict(self._parts)
+
+    @property
+    def rel_error(self) -> float | None:
+        """``||decode(parts) - acts|| / ||acts||`` over the layers written (``measure`` only)."""
+        if not self.measure:
+            return None
+        return math.sqrt(self._err_sq) / max(math.sqrt(self._ref_sq), 1e-12)
