@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,21 +158,6 @@ PRESETS: dict[str, Preset] = {
         val_check_interval=0.2,
         epochs_by_method={"pae": 3},
     ),
-    # small in bf16, fairly: the frozen backbones forward in bf16 (AMX here), the trained ones keep float32
-    # weights and train with bf16-mixed autocast
-    "bf16": Preset(
-        seed=0,
-        source="smollm2-135m",
-        dtype="bfloat16",
-        trained_precision="bf16-mixed",
-        max_length=128,
-        batch_size=8,
-        eval_batch_size=16,
-        limit_train_samples=800,
-        max_epochs=1,
-        val_check_interval=0.2,
-        epochs_by_method={"pae": 3},
-    ),
     # A few steps of every method: checks that each one runs, not what it reaches.
     "smoke": Preset(
         seed=0,
@@ -188,22 +173,6 @@ PRESETS: dict[str, Preset] = {
         steps_by_method={"mezo": 8},
         val_points=2,
     ),
-    # MeZO's own comparison: small's data and batch; MeZO gets 20 epochs' worth of steps (its two forwards per
-    # step cost about one LoRA step's forward and backward), LoRA and MobiLLM one epoch as in small.
-    "mezo": Preset(
-        seed=0,
-        source="smollm2-135m",
-        dtype="float32",
-        max_length=128,
-        batch_size=8,
-        eval_batch_size=16,
-        limit_train_samples=800,
-        max_epochs=1,
-        val_check_interval=0.2,
-        steps_by_method={"mezo": 2000},
-        val_points=10,
-        methods=("lora", "mobillm", "mezo"),
-    ),
     "full": Preset(
         seed=0,
         source="smollm2-135m",
@@ -216,6 +185,13 @@ PRESETS: dict[str, Preset] = {
         val_check_interval=0.5,
     ),
 }
+# small in bf16, fairly: the frozen backbones forward in bf16 (AMX here), the trained ones keep float32 weights
+# and train with bf16-mixed autocast
+PRESETS["bf16"] = replace(PRESETS["small"], dtype="bfloat16", trained_precision="bf16-mixed")
+# MeZO's own comparison: small's data and batch; MeZO gets 20 epochs' worth of steps (its two forwards per step
+# cost about one LoRA step's forward and backward), LoRA and MobiLLM one epoch as in small
+PRESETS["mezo"] = replace(PRESETS["small"], epochs_by_method={}, steps_by_method={"mezo": 2000}, val_points=10,
+                          methods=("lora", "mobillm", "mezo"))
 
 
 # --------------------------------------------------------------------------- derived configs
