@@ -7,7 +7,6 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_mobillm.protocol import pack_acts, unpack_acts
 from lightning_mobillm.protocol.packing import acts_tensors
 from lightning_mobillm.transport import codecs
 
@@ -41,16 +40,6 @@ class QuantizedTransfer(L.Callback):
         if use is not None:
             use(self)
 
-    def pack(self, acts: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Quantise packed activations ``[N, L, d]`` into the tensors of a frame."""
-        tensors = pack_acts(acts.detach().cpu(), lengths.cpu(), self.codec, outlier_channels=self.outlier_channels)
-        self._packed += 1
-        if self.measure_every_n_steps and (self._packed - 1) % self.measure_every_n_steps == 0:
-            x = acts.detach().float().cpu()
-            err = unpack_acts(tensors, self.codec)[0] - x
-            self.last_rel_error = float(err.norm() / x.norm().clamp_min(1e-12))
-        return tensors
-
     def layer_encoder(self, n_tokens: int, n_layers: int, d: int) -> codecs.LayerEncoder:
         """The sink of a backbone forward (``FrozenBackbone.forward(sink=...)``): each tapped layer is quantised
         into the frame as the forward produces it, so the float ``[N, L, d]`` stack never exists. Every
@@ -59,8 +48,8 @@ class QuantizedTransfer(L.Callback):
         return codecs.LayerEncoder(n_tokens, n_layers, d, self.codec, self.outlier_channels, measure=measure)
 
     def pack_written(self, encoder: codecs.LayerEncoder, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tensors of a frame whose activations a :meth:`layer_encoder` sink holds (what :meth:`pack`
-        gives for the same activations)."""
+        """The tensors of a frame whose activations a :meth:`layer_encoder` sink holds (what
+        ``protocol.pack_acts`` gives for the same activations)."""
         tensors = acts_tensors(encoder.parts(), lengths)
         self._packed += 1
         if encoder.rel_error is not None:

@@ -170,6 +170,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                     "server_name": tls_server_name}
         self.pipeline_depth = pipeline_depth
         self.select = select
+        self._auto_select: Literal["all", "loss"] | None = None  # what auto means for this module (setup_environment)
         self.inference = inference
         self.embedded = embedded or ServerConfig()
         self.device_id = device_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -217,13 +218,12 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
     @property
     def token_select(self) -> Literal["all", "loss"]:
-        """The tokens this run sends: ``select``, with ``auto`` resolved by the module and the backbone."""
+        """The tokens this run sends: ``select``, with ``auto`` resolved once the module is built."""
         if self.select != "auto":
             return self.select
-        if self.backbone is None:
+        if self._auto_select is None:
             raise RuntimeError("select: auto is resolved once the backbone is loaded (setup_environment)")
-        choose = getattr(self.lightning_module, "token_selection", None)  # a module without it gets every token
-        return choose(self.backbone.is_decoder) if choose is not None else "all"
+        return self._auto_select
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -244,6 +244,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         )
         if not module.is_built:
             module.build(self.backbone.tap_spec, num_classes=num_classes)
+        choose = getattr(module, "token_selection", None)  # a module without it gets every token
+        self._auto_select = choose(self.backbone.is_decoder) if choose is not None else "all"
 
     def setup(self, trainer) -> None:
         if self.transfer is None:  # callbacks' setup hooks ran before this one

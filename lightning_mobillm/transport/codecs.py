@@ -399,16 +399,7 @@ class LayerEncoder:
             raise ValueError(f"LayerEncoder needs N >= 0, L >= 1 and d >= 1, got {n_tokens}, {n_layers}, {d}")
         self.codec, self.outlier_channels = codec, outlier_channels
         self.shape = (n_tokens, n_layers, d)
-        # one layer's parts give every part's dtype and per-layer shape
-        probe = encode(torch.zeros(n_tokens, 1, d), codec, outlier_channels)
-        self._parts: dict[str, torch.Tensor] = {}
-        for name, part in probe.items():
-            if name == "d":
-                self._parts[name] = part
-            elif name == "oidx":
-                self._parts[name] = torch.empty(n_layers, *part.shape[1:], dtype=part.dtype)
-            else:
-                self._parts[name] = torch.empty(n_tokens, n_layers, *part.shape[2:], dtype=part.dtype)
+        self._parts: dict[str, torch.Tensor] = {}  # allocated from the first layer written (its dtypes, shapes)
         self._written = [False] * n_layers
         self.measure = measure
         self._err_sq = 0.0
@@ -420,6 +411,8 @@ class LayerEncoder:
         if tuple(x.shape) != (n, d):
             raise ValueError(f"layer {j}: expected activations [{n}, {d}], got {list(x.shape)}")
         parts = encode(x.detach().cpu().unsqueeze(1), self.codec, self.outlier_channels)
+        if not self._parts:
+            self._allocate(parts)
         for name, part in parts.items():
             if name == "d":
                 continue
@@ -435,6 +428,17 @@ class LayerEncoder:
             xf = x.detach().cpu().float()
             self._err_sq += float((decode(parts, self.codec)[:, 0] - xf).square().sum())
             self._ref_sq += float(xf.square().sum())
+
+    def _allocate(self, layer_parts: dict[str, torch.Tensor]) -> None:
+        """The whole frame's parts, shaped from one layer's (``[N, 1, ...]``, and ``oidx`` ``[1, k]``)."""
+        n, layers, _ = self.shape
+        for name, part in layer_parts.items():
+            if name == "d":
+                self._parts[name] = part
+            elif name == "oidx":
+                self._parts[name] = torch.empty(layers, *part.shape[1:], dtype=part.dtype)
+            else:
+                self._parts[name] = torch.empty(n, layers, *part.shape[2:], dtype=part.dtype)
 
     def parts(self) -> dict[str, torch.Tensor]:
         """The frame's parts, as ``encode`` gives them; every layer must have been written."""
