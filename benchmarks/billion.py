@@ -273,7 +273,7 @@ def main() -> None:
     from lightning_mobillm.assets import resolve_source
 
     t0 = time.perf_counter()
-    resolve_source(args.model)  # assemble and convert once here, not in the measured children
+    resolve_source(args.model, dtype=args.dtype)  # assemble and convert once here, not in the measured children
     print(f"backbone ready in {time.perf_counter() - t0:.1f} s", flush=True)
 
     out_path = Path(args.out)

@@ -28,10 +28,11 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ class Preset:
             steps than one epoch), validated ``val_points`` times, every ``steps // val_points`` steps.
         val_points: validations of a run budgeted in steps.
         methods: what ``--methods`` defaults to.
+        train_seed: ``seed_everything`` when set (``--seed``), the data split keeping ``seed``: runs of
+            several seeds then validate on the same documents.
     """
 
     seed: int
@@ -119,6 +122,7 @@ class Preset:
     steps_by_method: dict[str, int] = field(default_factory=dict)
     val_points: int = 10
     methods: tuple[str, ...] = DEFAULT_METHODS
+    train_seed: int | None = None
 
     def backbone_dtype(self, method: str) -> str:
         """The dtype ``method`` loads the backbone in: float32 for trained weights under mixed precision."""
@@ -209,7 +213,7 @@ def derive_config(recipe: Mapping[str, Any], method: str, preset: Preset, workdi
                 raise ValueError(f"{method}: the recipe has no mapping at {key!r} of {dotted}")
             node = node[key]
         node[leaf] = value
-    cfg["seed_everything"] = preset.seed
+    cfg["seed_everything"] = preset.seed if preset.train_seed is None else preset.train_seed
     cfg["data"]["init_args"].update(
         max_length=preset.max_length,
         batch_size=preset.batch_size,
@@ -316,7 +320,9 @@ def make_row(method: str, summary: Mapping[str, Any]) -> dict[str, Any]:
         return _ratio(summary.get(key), samples)
 
     return {
-        "device_peak_rss_mb": summary.get("device_peak_rss_mb"),
+        "device_peak_rss_mb": summary.get("device_peak_rss_mb"),  # the whole run's, loading included
+        "device_load_peak_rss_mb": summary.get("device_load_peak_rss_mb"),
+        "device_steady_peak_rss_mb": summary.get("device_steady_peak_rss_mb"),
         "device_busy_s_per_sample": per_sample("device_busy_s"),
         "bytes_up_per_sample": per_sample("bytes_up"),
         "bytes_down_per_sample": per_sample("bytes_down"),
@@ -449,7 +455,7 @@ def check_targets(rows: Rows) -> dict[str, dict[str, Any]]:
 
 
 def build_report(
-    preset_name: str,
+    preset_name: str | Preset,
     summaries: Mapping[str, Mapping[str, Any]],
     machine: Mapping[str, Any],
     target_acc: float,
@@ -463,7 +469,11 @@ def build_report(
     Device profiles are scaled against ``machine["cpu_gflops"][<preset dtype>]``. Failed methods have no
     time-to-accuracy and no curve.
     """
-    preset = PRESETS[preset_name]
+    if isinstance(preset_name, str):
+        preset = PRESETS[preset_name]
+    else:  # a preset with ``--seed``: named after the one it came from
+        preset = preset_name
+        preset_name = next((n for n, q in PRESETS.items() if q == replace(preset, train_seed=None)), "custom")
     cpu_gflops = machine.get("cpu_gflops", {}).get(preset.dtype)
     factors = {name: p.factor(cpu_gflops) for name, p in profiles.items()}
     rows = {m: make_row(m, s) for m, s in summaries.items()}
@@ -622,6 +632,40 @@ def format_tables(report: Mapping[str, Any]) -> str:
     return "\n\n".join(out)
 
 
+def seed_means(reports: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Mean and spread of each method's final validation accuracy over runs that differ only in their
+    training seed, and each method's mean gap to LoRA in points (issue 11's "within 1 point of LoRA as a
+    mean over 3 seeds"). Raises ``ValueError`` when the runs differ in anything but the seed."""
+    if not reports:
+        raise ValueError("no runs to average")
+
+    def same(settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in settings.items() if k not in ("train_seed", "methods", "workdir", "recipes",
+                                                                   "epochs_by_method", "steps_by_method")}
+
+    first = same(reports[0]["settings"])
+    for r in reports[1:]:
+        if (diff := sorted(k for k in first.keys() | same(r["settings"]).keys()
+                           if first.get(k) != same(r["settings"]).get(k))):
+            raise ValueError(f"the runs differ in {diff}, not only in their seed")
+    seeds = [r["settings"].get("train_seed", r["settings"].get("seed")) for r in reports]
+    accs: dict[str, list[float]] = {}
+    for r in reports:
+        for m, row in r["rows"].items():
+            if "error" not in row and row.get("val_acc") is not None:
+                accs.setdefault(m, []).append(row["val_acc"])
+    methods: dict[str, dict[str, Any]] = {}
+    for m, xs in accs.items():
+        methods[m] = {"runs": len(xs), "val_acc": xs, "mean": statistics.fmean(xs),
+                      "std": statistics.stdev(xs) if len(xs) > 1 else None}
+    lora = methods.get("lora")
+    for entry in methods.values():
+        complete = lora is not None and entry["runs"] == lora["runs"] == len(reports)
+        entry["points_vs_lora"] = 100 * (entry["mean"] - lora["mean"]) if complete else None
+        entry["within_1_point_of_lora"] = (entry["points_vs_lora"] >= -1.0) if complete else None
+    return {"settings": first, "seeds": seeds, "runs": list(names or []), "methods": methods}
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -652,11 +696,19 @@ def main() -> None:
         metavar="NAME=UP_MBIT[/DOWN_MBIT][@LATENCY_MS]",
         help="add or replace a link (repeatable)",
     )
+    p.add_argument("--seed", type=int, help="seed_everything of every method (the data split keeps the preset's)")
     p.add_argument("--dry-run", action="store_true", help="write the derived configs and print the commands")
     p.add_argument("--table-only", type=Path, metavar="JSON", help="print the tables of an existing JSON")
+    p.add_argument("--mean-of", type=Path, nargs="+", metavar="JSON",
+                   help="runs of several seeds: write their mean accuracies and gaps to LoRA to --out")
     args = p.parse_args()
     if args.table_only:
         print(format_tables(json.loads(args.table_only.read_text())))
+        return
+    if args.mean_of:
+        means = seed_means([json.loads(f.read_text()) for f in args.mean_of], [str(f) for f in args.mean_of])
+        write_json(args.out, means)
+        print(json.dumps(means["methods"], indent=2))
         return
     methods = args.methods.split(",") if args.methods else list(PRESETS[args.preset].methods)
     if unknown := sorted(set(methods) - set(METHODS)):
@@ -664,6 +716,8 @@ def main() -> None:
     profiles = {**PROFILES, **{q.name: q for q in args.profile}}
     links = {**LINKS, **{lk.name: lk for lk in args.link}}
     preset = PRESETS[args.preset]
+    if args.seed is not None:
+        preset = replace(preset, train_seed=args.seed)
     workdir = args.workdir.resolve()
 
     summaries: dict[str, dict[str, Any]] = {}
@@ -686,7 +740,10 @@ def main() -> None:
 
     from lightning_mobillm.assets import resolve_source
 
-    resolve_source(preset.source)  # convert the packaged model once, outside every method's timing
+    # convert the packaged model once, outside every method's timing: in the run's dtype (the frozen
+    # backbones) and in float32 (what LoRA and full fine-tuning train under bf16-mixed)
+    for dtype in dict.fromkeys((preset.dtype, "float32")):
+        resolve_source(preset.source, dtype=dtype)
     machine = machine_info()
     print(f"machine: {json.dumps(machine)}", flush=True)
     process_s: dict[str, float] = {}
@@ -694,7 +751,7 @@ def main() -> None:
     def report() -> dict[str, Any]:
         ordered = {m: summaries[m] for m in methods if m in summaries}
         return build_report(
-            args.preset, ordered, machine, args.target_acc, profiles, links, process_s, workdir
+            preset, ordered, machine, args.target_acc, profiles, links, process_s, workdir
         )
 
     for i, m in enumerate(methods, 1):

@@ -1,14 +1,19 @@
 """Device memory of MobiLLM fine-tuning against plain inference of the same backbone.
 
 Runs, each in a fresh device process, on real BBC News batches of 8 x 128 tokens:
-  (a) forward-only inference of the backbone (the Hugging Face model, LM head at the last position, no taps);
+  (a) forward-only inference of the backbone (the Hugging Face model, LM head at the last position, no taps),
+      loaded the same way as MobiLLM's;
   (b) MobiLLM ``fit`` steps through the ServerAssistedStrategy (the side network trains in a separate
-      server process, whose memory is not the device's);
-and writes ``{"inference_peak_rss_mb", "mobillm_device_peak_rss_mb", "ratio", ...}`` as JSON.
-The converted backbone is put into the cache first, so neither child pays for the conversion.
+      server process, whose memory is not the device's).
+Each child's peak resident memory is taken per phase (``lightning_mobillm.rss.PeakPhases``): ``load``
+(process start to the first step: imports, loading the backbone, the data), ``first_step`` and ``steady``
+(every later step). The yardstick is inference's steady-state peak: ``steady_ratio`` (``ratio``) is
+MobiLLM's steady-state peak over it, ``whole_run_ratio`` MobiLLM's whole-run peak (loading included)
+over it. The converted backbone is put into the cache first, so neither child pays for the conversion.
 
     python benchmarks/device_memory.py --steps 20 --dtype float32 --out benchmarks/results/device_memory.json
     python benchmarks/device_memory.py --steps 20 --dtype float32 --select all  # the paper's every token
+    python benchmarks/device_memory.py --steps 20 --dtype bfloat16 --out benchmarks/results/device_memory_bf16.json
 """
 
 from __future__ import annotations
@@ -25,14 +30,6 @@ from pathlib import Path
 from _children import report, run_child
 
 
-def _inference_peak_rss_mb() -> float:
-    """``lightning_mobillm.callbacks.peak_rss_mb`` for the inference child, which must not import the
-    callbacks package: that import alone raises the peak this child measures."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _data(batch_size: int, max_length: int, tokenizer):
     from lightning_mobillm.data import TextClassificationDataModule
 
@@ -44,12 +41,16 @@ def _data(batch_size: int, max_length: int, tokenizer):
 def child_inference(args) -> dict:
     import torch
 
+    # not the callbacks package (DeviceMonitor's): importing Lightning alone would raise the peak measured
     from lightning_mobillm.backbone import FrozenBackbone
+    from lightning_mobillm.rss import PeakPhases
     from lightning_mobillm.specs import BackboneConfig
 
+    phases = PeakPhases()
     bb = FrozenBackbone(BackboneConfig(source=args.model, dtype=args.dtype))
     dm = _data(args.batch_size, args.max_length, bb.tokenizer)
     dm.setup("fit")
+    phases.mark("load")
     t0 = time.perf_counter()
     steps = 0
     head = bb.model.get_output_embeddings()
@@ -64,15 +65,19 @@ def child_inference(args) -> dict:
             ).last_hidden_state
             head(hidden[:, -1])
             steps += 1
+            if steps == 1:
+                phases.mark("first_step")
             if steps >= args.steps:
                 break
-    return {"peak_rss_mb": _inference_peak_rss_mb(), "steps": steps, "s_per_step": (time.perf_counter() - t0) / steps}
+    phases.mark("steady")
+    return {"peaks_mb": phases.peaks_mb, "whole_run_peak_mb": phases.whole_run_mb, "separated": phases.separated,
+            "steps": steps, "s_per_step": (time.perf_counter() - t0) / steps}
 
 
 def child_mobillm(args) -> dict:
     import lightning as L
 
-    from lightning_mobillm.callbacks import DeviceMonitor, QuantizedTransfer, peak_rss_mb
+    from lightning_mobillm.callbacks import DeviceMonitor, QuantizedTransfer
     from lightning_mobillm.data import TextClassificationDataModule
     from lightning_mobillm.modules import SideTuningModule
     from lightning_mobillm.server_config import ServerConfig
@@ -97,8 +102,12 @@ def child_mobillm(args) -> dict:
     )
     t0 = time.perf_counter()
     trainer.fit(model, dm)
+    summary = monitor.summary
     return {
-        "peak_rss_mb": peak_rss_mb(),
+        "peaks_mb": {"load": summary["device_load_peak_rss_mb"], "first_step": summary["device_first_step_peak_rss_mb"],
+                     "steady": summary["device_steady_peak_rss_mb"]},
+        "whole_run_peak_mb": summary["device_peak_rss_mb"],
+        "separated": summary["device_rss_phases_separated"],
         "steps": trainer.global_step,
         "s_per_step": (time.perf_counter() - t0) / max(1, trainer.global_step),
         "server_pid": monitor.summary["server_pid"],
@@ -128,10 +137,12 @@ def main() -> None:
 
     from lightning_mobillm.assets import resolve_source
 
-    resolve_source(args.model)  # convert once here, not in the measured children
+    resolve_source(args.model, dtype=args.dtype)  # convert once here, not in the measured children
     results = {}
     for mode in ("inference", "mobillm"):
         results[mode] = run_child(__file__, mode, sys.argv[1:])
+    inf, mob = results["inference"], results["mobillm"]
+    steady_ratio = mob["peaks_mb"]["steady"] / inf["peaks_mb"]["steady"]
     out = {
         "model": args.model,
         "dtype": args.dtype,
@@ -140,9 +151,17 @@ def main() -> None:
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "steps": args.steps,
-        "inference_peak_rss_mb": results["inference"]["peak_rss_mb"],
-        "mobillm_device_peak_rss_mb": results["mobillm"]["peak_rss_mb"],
-        "ratio": results["mobillm"]["peak_rss_mb"] / results["inference"]["peak_rss_mb"],
+        "inference_peak_rss_mb": inf["peaks_mb"]["steady"],
+        "mobillm_device_peak_rss_mb": mob["peaks_mb"]["steady"],
+        "ratio": steady_ratio,
+        "steady_ratio": steady_ratio,
+        "whole_run_ratio": mob["whole_run_peak_mb"] / inf["peaks_mb"]["steady"],
+        "inference_whole_run_ratio": inf["whole_run_peak_mb"] / inf["peaks_mb"]["steady"],
+        "target": {"ratio_max": 1.10, "steady_met": steady_ratio <= 1.10,
+                   "whole_run_met": mob["whole_run_peak_mb"] / inf["peaks_mb"]["steady"] <= 1.10},
+        "phases_mb": {"inference": {**inf["peaks_mb"], "whole_run": inf["whole_run_peak_mb"]},
+                      "mobillm": {**mob["peaks_mb"], "whole_run": mob["whole_run_peak_mb"]}},
+        "phases_separated": inf["separated"] and mob["separated"],
         "inference_s_per_step": results["inference"]["s_per_step"],
         "mobillm_device_s_per_step": results["mobillm"]["s_per_step"],
         "device_and_server_pids_differ": results["mobillm"]["device_pid"] != results["mobillm"]["server_pid"],

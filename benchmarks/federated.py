@@ -1179,8 +1179,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"this CPU: {cpu_gflops:.1f} GFLOPS ({preset.dtype}, {'measured' if measured else 'given'})", flush=True)
     from lightning_mobillm.assets import resolve_source
 
-    for alias in preset.backbones:
-        resolve_source(alias)  # a packaged model's one-time conversion stays outside every measurement
+    for alias in preset.backbones:  # a packaged model's one-time conversion stays outside every measurement
+        for dtype in dict.fromkeys((preset.dtype, "float32")):  # the devices' dtype; FedAvg-LoRA's float32
+            resolve_source(alias, dtype=dtype)
     fed, record = build_federation(preset, args.seed, cpu_gflops, log=lambda s: print(s, flush=True))
     fed.settings.target_acc = args.target_acc
     report: dict[str, Any] = {

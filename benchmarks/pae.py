@@ -105,7 +105,7 @@ def main() -> None:
     from lightning_mobillm.assets import resolve_source
     from lightning_mobillm.transport import codecs
 
-    resolve_source(args.model)
+    resolve_source(args.model, dtype=args.dtype)
     rows = {}
     for run in args.runs.split(","):
         rows[run] = run_child(__file__, run, sys.argv[1:])

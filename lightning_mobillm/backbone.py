@@ -249,11 +249,17 @@ def _set_pad_token(tokenizer, source: str) -> None:
         )
 
 
+def resolve_backbone(config: BackboneConfig) -> str:
+    """The folder (or hub id) ``from_pretrained`` loads for ``config``, converted into the cache in the
+    run's dtype where that makes loading cheaper (:func:`lightning_mobillm.assets.storage_dtype`)."""
+    return resolve_source(config.source, config.gguf_file, revision=config.revision, dtype=config.dtype)
+
+
 def load_tokenizer(config: BackboneConfig):
     """The backbone's tokenizer (``PreTrainedTokenizerBase``), with a pad token set (eos if it had none)."""
     from transformers import AutoTokenizer
 
-    path = resolve_source(config.source, config.gguf_file, revision=config.revision)
+    path = resolve_backbone(config)
     kwargs = {"trust_remote_code": config.trust_remote_code}
     if config.revision is not None and not is_packaged(config.source) and config.gguf_file is None:
         kwargs["revision"] = config.revision
@@ -270,7 +276,7 @@ def load_hf_model(config: BackboneConfig, *, lm_head: bool) -> tuple[nn.Module, 
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    path = resolve_source(config.source, config.gguf_file, revision=config.revision)
+    path = resolve_backbone(config)
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}
     if config.revision is not None and path == config.source:
         kwargs["revision"] = config.revision

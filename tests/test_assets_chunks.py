@@ -112,8 +112,13 @@ def test_packaged_alias_goes_through_assembly(fake_parts, monkeypatch):
     assert seen["expected_sha256"] == entry.sha256
     assert out == str(assets.cache_dir() / "models" / f"fake-chunked-{entry.sha256[:16]}")
     assert assets.resolve_source(entry.alias, gguf_file="Fake-Model.gguf") == out
+    assert seen["dtype"] == "float32"
     with pytest.raises(ValueError, match="takes no gguf_file"):
         assets.resolve_source(entry.alias, gguf_file="other.gguf")
+    # a bfloat16 run gets a bfloat16 conversion of its own; a float32 or float16 run the packaged one
+    bf16 = assets.resolve_source(entry.alias, dtype="bfloat16")
+    assert seen["dtype"] == "bfloat16" and bf16 == out + "-bfloat16" and Path(seen["target"]) == Path(bf16)
+    assert assets.resolve_source(entry.alias, dtype="float16") == out == assets.resolve_source(entry.alias, dtype="float32")
 
 
 def test_registered_chunked_models():
@@ -146,5 +151,9 @@ def test_converted_folder_is_keyed_by_storage_dtype(monkeypatch, tmp_path):
     assert assets.converted_path(smol) == tmp_path / "models" / f"smollm2-135m-{smol.sha256[:16]}"
     assert qwen.dtype == "bfloat16"
     assert assets.converted_path(qwen).name == f"qwen2.5-coder-1.5b-{qwen.sha256[:16]}-bfloat16"
+    # a run narrower than the packaged dtype keeps a copy in its own dtype; a wider one does not
+    assert assets.converted_path(smol, "bfloat16").name == f"smollm2-135m-{smol.sha256[:16]}-bfloat16"
+    assert assets.converted_path(qwen, "float32") == assets.converted_path(qwen)
+    assert assets.converted_path(smol, "float16") == assets.converted_path(smol)
     with pytest.raises(ValueError, match="dtype must be one of"):
         assets.PackagedModel(alias="x", package="p", version="1", module="m", subpath="f.gguf", dtype="int8")

@@ -70,8 +70,10 @@ def test_fit_from_a_recipe(tmp_path, tiny_llama_dir, tiny_data_file):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "cli" / "version_0" / "summary.json").read_text())
     for key in ("device_pid", "server_pid", "bytes_up", "bytes_down", "device_peak_rss_mb", "steps", "val_acc",
-                "val_f1", "codec"):
+                "val_f1", "codec", "device_load_peak_rss_mb", "device_steady_peak_rss_mb"):
         assert summary[key] is not None, key
+    assert summary["device_steady_peak_rss_mb"] <= summary["device_peak_rss_mb"]
+    assert summary["device_load_peak_rss_mb"] <= summary["device_peak_rss_mb"]
     assert summary["codec"] == "int4" and summary["device_pid"] != summary["server_pid"]
     assert (tmp_path / "runs" / "cli" / "version_0" / "server.log").read_text().count("session") >= 1
     assert "provide both args and command line arguments" not in proc.stderr

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -434,3 +435,36 @@ def test_plots_are_written(report, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
     with pytest.raises(ValueError, match="no link"):
         plot.plot(report, tmp_path / "img", link="nope")
+
+
+def test_a_seed_changes_the_training_seed_not_the_split(tmp_path):
+    recipe = yaml.safe_load((compare.REPO / compare.METHODS["mobillm"]).read_text())
+    preset = replace(compare.PRESETS["small"], train_seed=7)
+    cfg = compare.derive_config(recipe, "mobillm", preset, tmp_path)
+    assert cfg["seed_everything"] == 7 and cfg["data"]["init_args"]["seed"] == compare.PRESETS["small"].seed
+    # the report of a seeded preset is still named after its preset, and records the seed
+    seeded = compare.build_report(preset, SUMMARIES, MACHINE, 0.9)
+    assert seeded["settings"]["preset"] == "small" and seeded["settings"]["train_seed"] == 7
+
+
+def test_seed_means_average_runs_that_differ_only_in_their_seed(report):
+    def run(seed, accs):
+        r = json.loads(json.dumps(report))
+        r["settings"]["train_seed"] = seed
+        for m, acc in accs.items():
+            r["rows"][m]["val_acc"] = acc
+        return r
+
+    runs = [run(0, {"lora": 0.90, "mobillm": 0.90, "pae": 0.87}), run(1, {"lora": 0.92, "mobillm": 0.91, "pae": 0.90}),
+            run(2, {"lora": 0.91, "mobillm": 0.91, "pae": 0.88})]
+    means = compare.seed_means(runs)
+    assert means["seeds"] == [0, 1, 2]
+    lora, mob, pae = (means["methods"][m] for m in ("lora", "mobillm", "pae"))
+    assert lora["mean"] == pytest.approx(0.91) and lora["std"] == pytest.approx(0.01)
+    assert mob["points_vs_lora"] == pytest.approx(-1.0 / 3) and mob["within_1_point_of_lora"] is True
+    assert pae["points_vs_lora"] == pytest.approx(-8.0 / 3) and pae["within_1_point_of_lora"] is False
+    assert "full_ft" not in means["methods"]  # it failed in every run
+    other = run(3, {"lora": 0.9})
+    other["settings"]["max_length"] = 256
+    with pytest.raises(ValueError, match="max_length"):
+        compare.seed_means([runs[0], other])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -13,18 +12,20 @@ import lightning as L
 import psutil
 
 from lightning_mobillm.callbacks.quantized_transfer import QuantizedTransfer
+from lightning_mobillm.rss import PeakPhases, peak_rss_mb
 from lightning_mobillm.stats import DeviceStats
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process since it started, in MiB (Linux ``ru_maxrss``)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class DeviceMonitor(L.Callback):
     """Logs per step ``comm/bytes_up``, ``comm/bytes_down`` (cumulative, counted where frames are
     serialised), ``time/device_step_s``, ``time/server_step_s``, ``mem/device_peak_rss_mb``; and at the
     end of ``fit`` writes ``summary.json`` into the run's log folder.
+
+    Memory is reported per phase (:class:`~lightning_mobillm.rss.PeakPhases`): ``device_load_peak_rss_mb``
+    from the process start to the first training batch (loading the backbone, setup, the sanity check),
+    ``device_first_step_peak_rss_mb`` for the first step (lazy allocations, optimizer state), and
+    ``device_steady_peak_rss_mb`` for the rest of ``fit``; ``device_peak_rss_mb`` is the whole run's.
+    The phases reset the process's high-water mark, so one monitor per process.
 
     It works for every method of the framework, on-device baselines included. A method that talks to a
     server keeps a :class:`~lightning_mobillm.stats.DeviceStats` (``device_stats`` on its strategy, or on
@@ -45,6 +46,7 @@ class DeviceMonitor(L.Callback):
         self.history: list[dict[str, float]] = []
         self.by_epoch: list[dict[str, float]] = []
         self.summary: dict[str, Any] = {}
+        self._phases = PeakPhases()
 
     @staticmethod
     def _stats(trainer: L.Trainer) -> DeviceStats | None:
@@ -76,6 +78,10 @@ class DeviceMonitor(L.Callback):
         self._samples = 0
         self.history = []
         self.by_epoch = []
+        self._phases = PeakPhases()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._phases.mark("load")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self._counters(trainer)
@@ -87,6 +93,8 @@ class DeviceMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._own_busy_s += time.perf_counter() - self._batch_t0
+        if "first_step" not in self._phases.peaks_mb:
+            self._phases.mark("first_step")
         labels = batch.get("labels") if isinstance(batch, dict) else None
         self._samples += int(labels.shape[0]) if labels is not None else 0
         stats = self._stats(trainer) or DeviceStats()
@@ -129,6 +137,9 @@ class DeviceMonitor(L.Callback):
         counters = self._counters(trainer)
         samples = stats.train_samples or self._samples or None
         transfer = next((c for c in trainer.callbacks if isinstance(c, QuantizedTransfer)), None)
+        peaks = self._phases.peaks_mb
+        if "first_step" in peaks:
+            self._phases.mark("steady")
 
         def per_sample(value: float | None) -> float | None:
             return value / samples if samples and value is not None else None
@@ -151,7 +162,11 @@ class DeviceMonitor(L.Callback):
             "train_samples": samples,
             "bytes_up_per_sample": per_sample(counters["bytes_up"]),
             "bytes_down_per_sample": per_sample(counters["bytes_down"]),
-            "device_peak_rss_mb": peak_rss_mb(),
+            "device_peak_rss_mb": self._phases.whole_run_mb,
+            "device_load_peak_rss_mb": peaks.get("load"),
+            "device_first_step_peak_rss_mb": peaks.get("first_step"),
+            "device_steady_peak_rss_mb": peaks.get("steady"),
+            "device_rss_phases_separated": self._phases.separated,
             "device_busy_s": counters["device_busy_s"],
             "device_busy_s_per_sample": per_sample(counters["device_busy_s"]),
             "train_bytes_up_by_epoch": {str(k): int(v["train_bytes_up"]) for k, v in stats.by_epoch.items()},

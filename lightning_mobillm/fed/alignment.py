@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_mobillm.assets import is_packaged, resolve_source
-from lightning_mobillm.backbone import FrozenBackbone, is_decoder_config
+from lightning_mobillm.assets import is_packaged
+from lightning_mobillm.backbone import FrozenBackbone, is_decoder_config, resolve_backbone
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 
 __all__ = [
@@ -129,7 +129,7 @@ def _hf_config(config: BackboneConfig):
     finds it)."""
     from transformers import AutoConfig
 
-    path = resolve_source(config.source, config.gguf_file, revision=config.revision)
+    path = resolve_backbone(config)
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}
     if config.revision is not None and path == config.source:
         kwargs["revision"] = config.revision
