@@ -468,3 +468,27 @@ def test_seed_means_average_runs_that_differ_only_in_their_seed(report):
     other["settings"]["max_length"] = 256
     with pytest.raises(ValueError, match="max_length"):
         compare.seed_means([runs[0], other])
+
+
+def test_the_harder_task_preset_replaces_the_data_and_pae_names_keeps_the_class_names(tmp_path):
+    preset = compare.PRESETS["multiemo"]
+    assert preset.dataset.startswith("bigbench:") and preset.target_acc < 0.9 and preset.zero_shot
+    for method in preset.methods:
+        recipe = yaml.safe_load((compare.REPO / compare.METHODS[method]).read_text())
+        data = compare.derive_config(recipe, method, preset, tmp_path)["data"]["init_args"]
+        assert (data["dataset"], data["prompt"], data["limit_eval_samples"]) == (
+            preset.dataset, preset.prompt, preset.limit_eval_samples), method
+        expected = None if method == "pae_names" else preset.verbalizers
+        assert data["verbalizers"] == expected, method
+    # a BBC preset leaves the recipes' data alone
+    recipe = yaml.safe_load((compare.REPO / compare.METHODS["pae"]).read_text())
+    data = compare.derive_config(recipe, "pae", compare.PRESETS["small"], tmp_path)["data"]["init_args"]
+    assert data["dataset"] == "bbc_news" and "verbalizers" not in data
+
+
+def test_zero_shot_rows_come_first_in_the_table(report):
+    with_zero_shot = {**report, "zero_shot": {"verbalizers": {"words": ["mixed", "bad"], "val_acc": 0.41,
+                                                              "val_samples": 10}, "seconds": 3.0}}
+    table = compare.format_tables(with_zero_shot)
+    first_row = table.splitlines()[2]
+    assert first_row.startswith("| zero-shot (verbalizers: mixed, bad) | 0 |") and "| 41.0 |" in first_row
