@@ -9,7 +9,7 @@ Each child's peak resident memory is taken per phase (``lightning_mobillm.rss.Pe
 (process start to the first step: imports, loading the backbone, the data), ``first_step`` and ``steady``
 (every later step). The yardstick is inference's steady-state peak: ``steady_ratio`` (``ratio``) is
 MobiLLM's steady-state peak over it, ``whole_run_ratio`` MobiLLM's whole-run peak (loading included)
-over it. The converted backbone is put into the cache first, so neither child pays for the conversion.
+over it. A third child (``imports``) records the resident memory each group of the device's imports adds. The converted backbone is put into the cache first, so neither child pays for the conversion.
 
     python benchmarks/device_memory.py --steps 20 --dtype float32 --out benchmarks/results/device_memory.json
     python benchmarks/device_memory.py --steps 20 --dtype float32 --select all  # the paper's every token
@@ -74,6 +74,35 @@ def child_inference(args) -> dict:
             "steps": steps, "s_per_step": (time.perf_counter() - t0) / steps}
 
 
+def child_imports(args) -> dict:
+    """Where MobiLLM's device process spends resident memory before any model is loaded: RSS after each
+    group of imports, in the order the device process makes them, and which optional packages Lightning
+    and torchmetrics pulled in (scipy and matplotlib when installed: the ``bench``/``test`` extras). Both
+    measured children import Lightning (the inference child for the data module), so this is what any
+    Lightning-based device pays, not a difference between them."""
+    import importlib
+    import sys
+
+    import psutil
+
+    proc = psutil.Process()
+    steps = [("python", []), ("torch + transformers", ["torch", "transformers", "transformers.models.auto"]),
+             ("lightning + torchmetrics", ["lightning.pytorch", "torchmetrics"]),
+             ("data module", ["lightning_mobillm.data"]),
+             ("grpc", ["grpc"]),
+             ("lightning_mobillm (device side)", ["lightning_mobillm.strategies", "lightning_mobillm.callbacks",
+                                                  "lightning_mobillm.modules"])]
+    rows, last = [], proc.memory_info().rss / 2**20
+    for name, modules in steps:
+        for m in modules:
+            importlib.import_module(m)
+        rss = proc.memory_info().rss / 2**20
+        rows.append({"imports": name, "rss_mb": rss, "delta_mb": rss - last})
+        last = rss
+    pulled = {m: m in sys.modules for m in ("scipy", "matplotlib", "sympy", "torch._dynamo", "pandas", "pyarrow")}
+    return {"rows": rows, "pulled": pulled}
+
+
 def child_mobillm(args) -> dict:
     import lightning as L
 
@@ -127,11 +156,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--out", default="benchmarks/results/device_memory.json")
-    p.add_argument("--child", choices=["inference", "mobillm"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["inference", "mobillm", "imports"], help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.child:
-        fn = child_inference if args.child == "inference" else child_mobillm
+        fn = {"inference": child_inference, "mobillm": child_mobillm, "imports": child_imports}[args.child]
         report(fn(args))
         return
 
@@ -139,7 +168,7 @@ def main() -> None:
 
     resolve_source(args.model, dtype=args.dtype)  # convert once here, not in the measured children
     results = {}
-    for mode in ("inference", "mobillm"):
+    for mode in ("inference", "mobillm", "imports"):
         results[mode] = run_child(__file__, mode, sys.argv[1:])
     inf, mob = results["inference"], results["mobillm"]
     steady_ratio = mob["peaks_mb"]["steady"] / inf["peaks_mb"]["steady"]
@@ -162,6 +191,7 @@ def main() -> None:
         "phases_mb": {"inference": {**inf["peaks_mb"], "whole_run": inf["whole_run_peak_mb"]},
                       "mobillm": {**mob["peaks_mb"], "whole_run": mob["whole_run_peak_mb"]}},
         "phases_separated": inf["separated"] and mob["separated"],
+        "imports": results["imports"],
         "inference_s_per_step": results["inference"]["s_per_step"],
         "mobillm_device_s_per_step": results["mobillm"]["s_per_step"],
         "device_and_server_pids_differ": results["mobillm"]["device_pid"] != results["mobillm"]["server_pid"],
