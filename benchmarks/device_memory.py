@@ -43,7 +43,7 @@ def child_inference(args) -> dict:
 
     # not the callbacks package (DeviceMonitor's): importing Lightning alone would raise the peak measured
     from lightning_mobillm.backbone import FrozenBackbone
-    from lightning_mobillm.rss import PeakPhases
+    from lightning_mobillm.rss import PeakPhases, rss_breakdown_mb
     from lightning_mobillm.specs import BackboneConfig
 
     phases = PeakPhases()
@@ -70,7 +70,7 @@ def child_inference(args) -> dict:
             if steps >= args.steps:
                 break
     phases.mark("steady")
-    return {"peaks_mb": phases.peaks_mb, "whole_run_peak_mb": phases.whole_run_mb, "separated": phases.separated,
+    return {"peaks_mb": phases.peaks_mb, "rss_now_mb": rss_breakdown_mb(), "whole_run_peak_mb": phases.whole_run_mb, "separated": phases.separated,
             "steps": steps, "s_per_step": (time.perf_counter() - t0) / steps}
 
 
@@ -132,7 +132,10 @@ def child_mobillm(args) -> dict:
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     summary = monitor.summary
+    from lightning_mobillm.rss import rss_breakdown_mb
+
     return {
+        "rss_now_mb": rss_breakdown_mb(),
         "peaks_mb": {"load": summary["device_load_peak_rss_mb"], "first_step": summary["device_first_step_peak_rss_mb"],
                      "steady": summary["device_steady_peak_rss_mb"]},
         "whole_run_peak_mb": summary["device_peak_rss_mb"],
@@ -191,6 +194,7 @@ def main() -> None:
         "phases_mb": {"inference": {**inf["peaks_mb"], "whole_run": inf["whole_run_peak_mb"]},
                       "mobillm": {**mob["peaks_mb"], "whole_run": mob["whole_run_peak_mb"]}},
         "phases_separated": inf["separated"] and mob["separated"],
+        "rss_at_end_mb": {"inference": inf.get("rss_now_mb"), "mobillm": mob.get("rss_now_mb")},
         "imports": results["imports"],
         "inference_s_per_step": results["inference"]["s_per_step"],
         "mobillm_device_s_per_step": results["mobillm"]["s_per_step"],

@@ -1,7 +1,7 @@
 """Peak resident memory of this process, whole-run and per phase (Linux), with no heavy imports.
 
-``ru_maxrss`` is the peak since the process started, so it is the loading's peak whenever loading costs
-more than training. To see the steady state on its own, :class:`PeakPhases` reads the kernel's
+``ru_maxrss`` is the peak since the process started (on Linux even the peak of the process image it
+was ``exec``-ed from), so it is the loading's peak whenever loading costs more than training. To see the steady state on its own, :class:`PeakPhases` reads the kernel's
 high-water mark (``VmHWM`` in ``/proc/self/status``) at the end of each phase and resets it (writing
 ``5`` to ``/proc/self/clear_refs``), so the next phase's peak is its own. The whole-run peak is the
 largest of the phases, which :func:`peak_rss_mb` keeps returning after a reset.
@@ -30,10 +30,29 @@ def _hwm_mb() -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process since it started, in MiB, resets by :class:`PeakPhases`
-    included (``ru_maxrss``, which alone would lose a peak a reset cleared)."""
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return max(maxrss, _before_reset_mb, _hwm_mb() or 0.0)
+    """Peak resident memory of this process since it started (or last ``exec``), in MiB, resets by
+    :class:`PeakPhases` included.
+
+    The kernel's ``VmHWM`` where ``/proc`` has it; else ``ru_maxrss``, which Linux carries across
+    ``exec``: a child started by a process holding 1 GB reports at least 1 GB there, whatever it uses.
+    """
+    hwm = _hwm_mb()
+    if hwm is None:
+        return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _before_reset_mb)
+    return max(hwm, _before_reset_mb)
+
+
+def rss_breakdown_mb() -> dict[str, float]:
+    """This process's resident memory now, by kind (``/proc/self/status``): ``anonymous`` (heaps, tensors,
+    thread stacks), ``file`` (mapped code and files: shared libraries, memory-mapped weights) and
+    ``shmem``; empty where ``/proc`` has no such fields."""
+    try:
+        text = _STATUS.read_text()
+    except OSError:
+        return {}
+    fields = dict(re.findall(r"^(\w+):\s+(\d+) kB", text, re.MULTILINE))
+    wanted = {"rss": "VmRSS", "anonymous": "RssAnon", "file": "RssFile", "shmem": "RssShmem"}
+    return {name: int(fields[key]) / 1024 for name, key in wanted.items() if key in fields}
 
 
 class PeakPhases:

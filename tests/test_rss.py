@@ -35,3 +35,17 @@ def test_without_proc_every_phase_reports_the_whole_run_peak(monkeypatch, tmp_pa
     phases = rss.PeakPhases()
     assert not phases.separated
     assert phases.mark("load") == pytest.approx(peak_rss_mb())
+
+
+def test_a_child_does_not_inherit_its_parents_peak(tmp_path):
+    """ru_maxrss survives exec (a child of a big parent reports the parent's size); peak_rss_mb must not."""
+    import subprocess
+    import sys
+
+    block = torch.ones(400 * 2**20 // 4)  # this process holds 400 MB more while it starts the child
+    code = "from lightning_mobillm.rss import peak_rss_mb; print(peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    del block
+    if not PeakPhases().separated:
+        pytest.skip("no /proc/self/status here")
+    assert float(out.stdout) < 200, out.stdout  # an interpreter and this small module, not 400 MB
