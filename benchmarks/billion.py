@@ -1,7 +1,8 @@
 """Device memory with a billion-parameter backbone (Qwen2.5-Coder-1.5B-Instruct, 1.78B parameters).
 
 Each row runs in a fresh child process on real BBC News batches (8 x 128 tokens by default) and
-reports the device process's peak resident memory (``ru_maxrss``, which includes the loading):
+reports the device process's peak resident memory (VmHWM: the whole run, loading included), and its
+peaks while loading and in steady state (``rss.PeakPhases``):
 
   inference  the frozen backbone forward only, LM head at the last position (the child of
              ``benchmarks/device_memory.py``);
@@ -208,9 +209,12 @@ def _child_numbers(row: Row, run: WatchedRun, run_dir: Path) -> dict[str, Any]:
         result = run.result()
         if result is None:
             raise ValueError("no RESULT line in its output")
+        peaks = result["peaks_mb"]
         return dict(
-            peak_rss_mb=round(result["peak_rss_mb"], 1),
-            peak_source="getrusage in the child",
+            peak_rss_mb=round(result["whole_run_peak_mb"], 1),
+            peak_source="VmHWM in the child (the whole run, loading included)",
+            load_peak_rss_mb=_round(peaks.get("load")),
+            steady_peak_rss_mb=_round(peaks.get("steady")),
             steps=result["steps"],
             s_per_step=round(result["s_per_step"], 2),
         )
@@ -218,7 +222,9 @@ def _child_numbers(row: Row, run: WatchedRun, run_dir: Path) -> dict[str, Any]:
     steps = int(summary["steps"])
     return dict(
         peak_rss_mb=round(summary["device_peak_rss_mb"], 1),
-        peak_source="summary.json device_peak_rss_mb",
+        peak_source="summary.json device_peak_rss_mb (the whole run, loading included)",
+        load_peak_rss_mb=_round(summary.get("device_load_peak_rss_mb")),
+        steady_peak_rss_mb=_round(summary.get("device_steady_peak_rss_mb")),
         steps=steps,
         s_per_step=round(summary["wall_s"] / max(1, steps), 2),  # fit wall time / steps, warm-up included
         server_pid=summary.get("server_pid"),
@@ -226,9 +232,22 @@ def _child_numbers(row: Row, run: WatchedRun, run_dir: Path) -> dict[str, Any]:
     )
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
 def ratios(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Every row's peak over the inference and the MobiLLM peaks (rows that have one)."""
+    """Every row's peak over the inference and the MobiLLM peaks (rows that have one), and every row's
+    steady-state and whole-run peaks over inference's steady-state peak (the issue's yardstick)."""
     out: dict[str, dict[str, float]] = {}
+    inf_steady = rows.get("inference", {}).get("steady_peak_rss_mb")
+    if inf_steady:
+        for key, name in (("steady_peak_rss_mb", "steady"), ("peak_rss_mb", "whole_run")):
+            out[f"{name}_vs_inference_steady"] = {
+                row_name: round(row[key] / inf_steady, 3)
+                for row_name, row in rows.items()
+                if row.get(key) is not None and not row.get("exceeded")
+            }
     for ref in ("inference", "mobillm"):
         base = rows.get(ref, {})
         if base.get("peak_rss_mb") is None or base.get("exceeded"):

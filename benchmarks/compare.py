@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -552,6 +552,23 @@ def build_report(
     }
 
 
+def merged_rows(earlier: Mapping[str, Any], preset: str, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier report of ``preset`` for the methods not in ``methods``, as summaries.
+
+    A row keeps every figure ``make_row`` reads (per-sample figures under their ``_per_sample`` names, the
+    validation history, the epochs), so the rebuilt report equals the earlier one for those methods, with
+    this run's machine measurement. Failed rows are carried as failures."""
+    if earlier.get("preset") != preset:
+        raise SystemExit(f"--merge: the report is of preset {earlier.get('preset')!r}, not {preset!r}")
+    return {m: dict(row) for m, row in earlier.get("rows", {}).items() if m not in methods}
+
+
+def order_methods(methods: Iterable[str], preferred: Sequence[str]) -> list[str]:
+    """``methods`` in the preset's order, then any others in the order given."""
+    methods = list(methods)
+    return [m for m in preferred if m in methods] + [m for m in methods if m not in preferred]
+
+
 def machine_info() -> dict[str, Any]:
     """CPU count and model, torch version and threads, and this CPU's matmul GFLOPS in float32 and bfloat16."""
     import torch
@@ -776,6 +793,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, help="seed_everything of every method (the data split keeps the preset's)")
     p.add_argument("--dry-run", action="store_true", help="write the derived configs and print the commands")
     p.add_argument("--table-only", type=Path, metavar="JSON", help="print the tables of an existing JSON")
+    p.add_argument("--merge", type=Path, metavar="JSON",
+                   help="an earlier report of the same preset: its rows stand for the methods not run now "
+                   "(--methods may be empty: then only the machine is re-measured and the report rebuilt)")
     p.add_argument("--mean-of", type=Path, nargs="+", metavar="JSON",
                    help="runs of several seeds: write their mean accuracies and gaps to LoRA to --out")
     args = p.parse_args()
@@ -787,7 +807,12 @@ def main() -> None:
         write_json(args.out, means)
         print(json.dumps(means["methods"], indent=2))
         return
-    methods = args.methods.split(",") if args.methods else list(PRESETS[args.preset].methods)
+    methods = [m for m in args.methods.split(",") if m] if args.methods is not None else list(
+        PRESETS[args.preset].methods
+    )
+    earlier: dict[str, Any] = {}
+    if args.merge:
+        earlier = merged_rows(json.loads(args.merge.read_text()), args.preset, methods)
     if unknown := sorted(set(methods) - set(METHODS)):
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     profiles = {**PROFILES, **{q.name: q for q in args.profile}}
@@ -833,9 +858,16 @@ def main() -> None:
 
     def report() -> dict[str, Any]:
         ordered = {m: summaries[m] for m in methods if m in summaries}
+        for m, row in earlier.items():
+            ordered.setdefault(m, row)
+            if row.get("process_wall_s") is not None:
+                process_s.setdefault(m, row["process_wall_s"])
+        ordered = {m: ordered[m] for m in order_methods(ordered, PRESETS[args.preset].methods)}
         built = build_report(
             preset, ordered, machine, target_acc, profiles, links, process_s, workdir
         )
+        if earlier:
+            built["settings"]["merged_from"] = {"file": str(args.merge), "methods": list(earlier)}
         if zero_shot is not None:
             built["zero_shot"] = zero_shot
         return built

@@ -492,3 +492,18 @@ def test_zero_shot_rows_come_first_in_the_table(report):
     table = compare.format_tables(with_zero_shot)
     first_row = table.splitlines()[2]
     assert first_row.startswith("| zero-shot (verbalizers: mixed, bad) | 0 |") and "| 41.0 |" in first_row
+
+
+def test_merged_rows_rebuild_the_same_report_and_refuse_another_preset(report):
+    earlier = json.loads(json.dumps(report))  # as read back from its JSON
+    rows = compare.merged_rows(earlier, "small", ["pae"])
+    assert "pae" not in rows and set(rows) == set(SUMMARIES) - {"pae"}
+    rebuilt = compare.build_report("small", {**rows, "pae": SUMMARIES["pae"]}, MACHINE, 0.9,
+                                   process_s={"lora": 60.0})
+    for m in SUMMARIES:
+        assert rebuilt["rows"][m] == earlier["rows"][m], m
+    assert rebuilt["time_to_accuracy"] == earlier["time_to_accuracy"]
+    assert rebuilt["targets"] == earlier["targets"]
+    assert compare.order_methods(["pae", "x", "lora"], ["lora", "mobillm", "pae"]) == ["lora", "pae", "x"]
+    with pytest.raises(SystemExit, match="bf16"):
+        compare.merged_rows(earlier, "bf16", [])
