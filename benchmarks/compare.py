@@ -574,17 +574,26 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     model = platform.processor() or platform.machine()
+    ident: dict[str, Any] = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        model = names[0] if names else model
+        fields: dict[str, str] = {}
+        for ln in cpuinfo.read_text().splitlines():
+            key, _, value = ln.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's
+        model = fields.get("model name", model)
+        # "AMD EPYC" names several generations: family/model tell them apart, and the matmul ISA sets the
+        # bf16 speed (two machines of the same name measured 209 and 914 bf16 GFLOPS)
+        flags = set(fields.get("flags", "").split())
+        ident = {
+            "cpu_family": fields.get("cpu family"),
+            "cpu_model_number": fields.get("model"),
+            "cpu_matmul_flags": sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2"))),
+        }
     return {
         "cpu_count": os.cpu_count(),
         "cpu_model": model,
+        **ident,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_gflops": {dtype: measure_cpu_gflops(dtype) for dtype in ("float32", "bfloat16")},
