@@ -6,7 +6,8 @@
 writes ``compare_memory.png`` (device peak memory per method), ``compare_bytes.png`` (bytes up and down
 per training sample, log scale; methods that train on the device send nothing and are labelled so) and
 ``compare_time_to_accuracy.png`` (validation accuracy against simulated time, one panel per device
-profile, for one link). From a federated JSON: ``federated_accuracy.png`` (accuracy on the pooled held-out set
+profile, for one link); a preset other than ``small`` names its files after it (``compare_bf16_memory.png``).
+From a federated JSON: ``federated_accuracy.png`` (accuracy on the pooled held-out set
 against simulated time, one line per method; centralised PAE has no clock and is a horizontal line) and
 ``federated_arrivals.png`` (uploads landing per virtual-time bin, and each class's share of the shared model's
 training steps in that bin against its share of the pooled data).
@@ -202,10 +203,13 @@ def plot(report: Mapping[str, Any], out: Path, link: str = "50mbit") -> list[Pat
     if "methods" in report and "preset" in report:
         return plot_federated(report, out)
     out.mkdir(parents=True, exist_ok=True)
+    # the small preset's figures keep their names; another preset's carry it: compare_bf16_memory.png, ...
+    preset = report.get("preset", "small")
+    name = "compare" if preset == "small" else f"compare_{preset}"
     return [
-        plot_memory(report["rows"], out / "compare_memory.png"),
-        plot_bytes(report["rows"], out / "compare_bytes.png"),
-        plot_time_to_accuracy(report, link, out / "compare_time_to_accuracy.png"),
+        plot_memory(report["rows"], out / f"{name}_memory.png"),
+        plot_bytes(report["rows"], out / f"{name}_bytes.png"),
+        plot_time_to_accuracy(report, link, out / f"{name}_time_to_accuracy.png"),
     ]
 
 

@@ -435,6 +435,8 @@ def test_plots_are_written(report, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
     with pytest.raises(ValueError, match="no link"):
         plot.plot(report, tmp_path / "img", link="nope")
+    bf16 = {**json.loads(json.dumps(report)), "preset": "bf16"}  # another preset does not overwrite small's
+    assert plot.plot(bf16, tmp_path / "img")[0].name == "compare_bf16_memory.png"
 
 
 def test_a_seed_changes_the_training_seed_not_the_split(tmp_path):
