@@ -177,7 +177,7 @@ PRESETS: dict[str, Preset] = {
         limit_train_samples=800,
         max_epochs=1,
         val_check_interval=0.2,
-        epochs_by_method={"pae": 3},
+        epochs_by_method={"pae": 3, "pae_names": 3},  # pae_names: PAE with other words, same budget
     ),
     # A few steps of every method: checks that each one runs, not what it reaches.
     "smoke": Preset(
@@ -190,7 +190,7 @@ PRESETS: dict[str, Preset] = {
         limit_train_samples=32,
         max_epochs=1,
         val_check_interval=1.0,
-        epochs_by_method={"pae": 2},
+        epochs_by_method={"pae": 2, "pae_names": 2},
         steps_by_method={"mezo": 8},
         val_points=2,
     ),
@@ -820,8 +820,10 @@ def main() -> None:
         PRESETS[args.preset].methods
     )
     earlier: dict[str, Any] = {}
+    merged_report: dict[str, Any] = {}
     if args.merge:
-        earlier = merged_rows(json.loads(args.merge.read_text()), args.preset, methods)
+        merged_report = json.loads(args.merge.read_text())
+        earlier = merged_rows(merged_report, args.preset, methods)
     if unknown := sorted(set(methods) - set(METHODS)):
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     profiles = {**PROFILES, **{q.name: q for q in args.profile}}
@@ -860,8 +862,8 @@ def main() -> None:
     print(f"machine: {json.dumps(machine)}", flush=True)
     process_s: dict[str, float] = {}
 
-    zero_shot = None
-    if preset.zero_shot:
+    zero_shot = merged_report.get("zero_shot")  # a merge keeps the earlier run's (same preset and data)
+    if preset.zero_shot and zero_shot is None:
         zero_shot = zero_shot_accuracy(preset)
         print(f"zero-shot: {json.dumps(zero_shot)}", flush=True)
 

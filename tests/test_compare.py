@@ -235,7 +235,9 @@ def test_the_bf16_preset_is_small_in_bf16_with_mixed_precision_for_trained_weigh
 
 def test_presets_epochs():
     small, full = compare.PRESETS["small"], compare.PRESETS["full"]
-    assert small.epochs("pae") == 3 and {small.epochs(m) for m in compare.METHODS if m != "pae"} == {1}
+    pae = ("pae", "pae_names")
+    assert small.epochs("pae") == 3 and {small.epochs(m) for m in compare.METHODS if m not in pae} == {1}
+    assert compare.PRESETS["smoke"].epochs("pae_names") == 2
     assert {full.epochs(m) for m in compare.METHODS} == {3} and compare.PRESETS["smoke"].epochs("pae") == 2
     assert (small.limit_train_samples, full.limit_train_samples, full.max_length) == (800, None, 256)
 
@@ -475,6 +477,7 @@ def test_seed_means_average_runs_that_differ_only_in_their_seed(report):
 def test_the_harder_task_preset_replaces_the_data_and_pae_names_keeps_the_class_names(tmp_path):
     preset = compare.PRESETS["multiemo"]
     assert preset.dataset.startswith("bigbench:") and preset.target_acc < 0.9 and preset.zero_shot
+    assert preset.epochs("pae_names") == preset.epochs("pae") == 3  # the same PAE, other words, same budget
     for method in preset.methods:
         recipe = yaml.safe_load((compare.REPO / compare.METHODS[method]).read_text())
         data = compare.derive_config(recipe, method, preset, tmp_path)["data"]["init_args"]
