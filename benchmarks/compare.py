@@ -742,15 +742,22 @@ def seed_means(reports: Sequence[Mapping[str, Any]], names: Sequence[str] | None
         raise ValueError("no runs to average")
 
     def same(settings: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in settings.items() if k not in ("train_seed", "methods", "workdir", "recipes",
+        kept = {k: v for k, v in settings.items() if k not in ("train_seed", "methods", "workdir", "recipes",
                                                                    "epochs_by_method", "steps_by_method")}
+        # a profile's factor is measured in each run (this CPU's GFLOPS), not a setting: the profiles must
+        # agree in their definitions only
+        kept["profiles"] = {n: {k: v for k, v in q.items() if k != "factor"}
+                            for n, q in settings.get("profiles", {}).items()}
+        return kept
 
     first = same(reports[0]["settings"])
     for r in reports[1:]:
         if (diff := sorted(k for k in first.keys() | same(r["settings"]).keys()
                            if first.get(k) != same(r["settings"]).get(k))):
             raise ValueError(f"the runs differ in {diff}, not only in their seed")
-    seeds = [r["settings"].get("train_seed", r["settings"].get("seed")) for r in reports]
+    # a run without --seed trained with the preset's seed
+    seeds = [r["settings"].get("train_seed") if r["settings"].get("train_seed") is not None
+             else r["settings"].get("seed") for r in reports]
     accs: dict[str, list[float]] = {}
     for r in reports:
         for m, row in r["rows"].items():
