@@ -70,6 +70,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # PAE with the class names as its verbalizer words, where the preset gives words of its own
     "pae_names": {"data.init_args.verbalizers": None},
 }
+
+
+def base_method(method: str) -> str:
+    """The method whose recipe ``method`` changes (``pae`` for ``pae_names``); itself if it has its own recipe.
+    A variant has its base's budget (epochs, steps) unless a preset gives it one."""
+    if method not in OVERRIDES:
+        return method
+    return next(m for m, recipe in METHODS.items() if recipe == METHODS[method] and m not in OVERRIDES)
+
+
 #: what ``--methods`` defaults to in a preset that does not name its own
 DEFAULT_METHODS = ("full_ft", "lora", "lst", "split", "mobillm", "mobillm_all", "pae")
 #: methods that train the backbone's own weights (all of them, LoRA adapters, or the device's split part, or
@@ -149,13 +159,18 @@ class Preset:
         """Lightning's ``trainer.precision`` of ``method`` (the frozen-backbone methods run in ``dtype``)."""
         return self.trained_precision if method in TRAINS_BACKBONE else "32"
 
+    def _budgeted(self, method: str) -> str:
+        """``method`` if the preset budgets it, else the method it is a variant of."""
+        return method if method in self.epochs_by_method or method in self.steps_by_method else base_method(method)
+
     def epochs(self, method: str) -> int | None:
         """Epochs of ``method``; ``None`` for a method budgeted in steps."""
+        method = self._budgeted(method)
         return None if method in self.steps_by_method else self.epochs_by_method.get(method, self.max_epochs)
 
     def steps(self, method: str) -> int:
         """Optimizer steps of ``method`` (``-1``: as many as its epochs take)."""
-        return self.steps_by_method.get(method, -1)
+        return self.steps_by_method.get(self._budgeted(method), -1)
 
     def val_every(self, method: str) -> float | int:
         """Lightning's ``val_check_interval``: a fraction of an epoch, or a step count for step budgets."""
@@ -177,7 +192,7 @@ PRESETS: dict[str, Preset] = {
         limit_train_samples=800,
         max_epochs=1,
         val_check_interval=0.2,
-        epochs_by_method={"pae": 3, "pae_names": 3},  # pae_names: PAE with other words, same budget
+        epochs_by_method={"pae": 3},
     ),
     # A few steps of every method: checks that each one runs, not what it reaches.
     "smoke": Preset(
@@ -190,7 +205,7 @@ PRESETS: dict[str, Preset] = {
         limit_train_samples=32,
         max_epochs=1,
         val_check_interval=1.0,
-        epochs_by_method={"pae": 2, "pae_names": 2},
+        epochs_by_method={"pae": 2},
         steps_by_method={"mezo": 8},
         val_points=2,
     ),
@@ -831,6 +846,8 @@ def main() -> None:
     if args.merge:
         merged_report = json.loads(args.merge.read_text())
         earlier = merged_rows(merged_report, args.preset, methods)
+    # a merge interleaves the earlier rows in the preset's order; otherwise the order asked for
+    order = order_methods([*methods, *earlier], PRESETS[args.preset].methods) if earlier else methods
     if unknown := sorted(set(methods) - set(METHODS)):
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     profiles = {**PROFILES, **{q.name: q for q in args.profile}}
@@ -867,7 +884,7 @@ def main() -> None:
         resolve_source(preset.source, dtype=dtype)
     machine = machine_info()
     print(f"machine: {json.dumps(machine)}", flush=True)
-    process_s: dict[str, float] = {}
+    process_s = {m: row["process_wall_s"] for m, row in earlier.items() if row.get("process_wall_s") is not None}
 
     zero_shot = merged_report.get("zero_shot")  # a merge keeps the earlier run's (same preset and data)
     if preset.zero_shot and zero_shot is None:
@@ -875,12 +892,8 @@ def main() -> None:
         print(f"zero-shot: {json.dumps(zero_shot)}", flush=True)
 
     def report() -> dict[str, Any]:
-        ordered = {m: summaries[m] for m in methods if m in summaries}
-        for m, row in earlier.items():
-            ordered.setdefault(m, row)
-            if row.get("process_wall_s") is not None:
-                process_s.setdefault(m, row["process_wall_s"])
-        ordered = {m: ordered[m] for m in order_methods(ordered, PRESETS[args.preset].methods)}
+        ran = {**earlier, **summaries}
+        ordered = {m: ran[m] for m in order if m in ran}
         built = build_report(
             preset, ordered, machine, target_acc, profiles, links, process_s, workdir
         )
