@@ -512,89 +512,38 @@ def fedavg_lora_todo(preset: Preset) -> dict[str, Any]:
                   "target_modules": ["q_proj", "v_proj"], "groups": "one FedAvg group per backbone type"})
 
 
-def _batches(ids: Sequence[Sequence[int]], labels: Sequence[int], batch_size: int, pad_id: int, order=None):
-    """Right-padded ``(input_ids, attention_mask, labels)`` batches in ``order`` (default: as given)."""
-    order = list(range(len(ids))) if order is None else list(order)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        width = max(len(ids[i]) for i in idx)
-        x = torch.full((len(idx), width), pad_id, dtype=torch.int64)
-        mask = torch.zeros((len(idx), width), dtype=torch.int64)
-        for row, i in enumerate(idx):
-            x[row, :len(ids[i])] = torch.tensor(list(ids[i]), dtype=torch.int64)
-            mask[row, :len(ids[i])] = 1
-        yield x, mask, torch.tensor([int(labels[i]) for i in idx], dtype=torch.int64)
-
-
 def _fedavg_group(fed: Federation, preset: Preset, data: Any, key: str, alias: str,
                   members: list[tuple[int, SimDevice]], tally: dict[str, Any]) -> dict[str, Any]:
     """One FedAvg-LoRA group (the devices of one backbone type): its rounds on its own clock. Adds each device's
     compute and bytes and the server's averaging seconds to ``tally``; returns the group's record and curve."""
-    from lightning_mobillm.backbone import add_lora, load_hf_model, load_tokenizer, loss_token_index
-    from lightning_mobillm.side.heads import LastTokenHead
-    from lightning_mobillm.specs import BackboneConfig
+    from lightning_mobillm.fed.lora import LoraClassifier
 
     s = fed.settings
     partition = fed.source["partition"]
-    config = BackboneConfig(source=alias, dtype="float32")
-    tokenizer = load_tokenizer(config)
-    data.set_tokenizer(tokenizer)
+    lora = LoraClassifier(alias, len(data.class_names), r=preset.fedavg_lora_r, seed=s.seed)
+    data.set_tokenizer(lora.tokenizer)
     train, val = data.split_dataset("train"), data.split_dataset("validation")
-    pad_id = int(tokenizer.pad_token_id)
-    torch.manual_seed(s.seed)
-    model, _ = load_hf_model(config, lm_head=False)
-    model = add_lora(model, preset.fedavg_lora_r, 2 * preset.fedavg_lora_r, 0.05, ["q_proj", "v_proj"])
-    head = LastTokenHead(int(model.config.hidden_size), len(data.class_names), 0.1)
-    params = {f"lora.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    params.update({f"head.{n}": p for n, p in head.named_parameters()})
     # adapters and head travel in float16 both ways, as Fed MobiLLM's downloads do (the same policy for both)
-    state = {"global": {n: p.detach().half().float() for n, p in params.items()}}
-    nbytes = sum(t.numel() * 2 for t in state["global"].values())
+    state = {"global": lora.state()}
+    nbytes = lora.nbytes
     returned: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
     points: list[dict[str, float]] = []
 
-    def load_global() -> None:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state["global"][n])
-
-    def logits_of(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = model(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state
-        idx = loss_token_index(mask, True)
-        return head(hidden[torch.arange(len(idx)), idx].float())
-
     def work(r: int, j: int) -> DeviceWork:
         i, dev = members[j]
-        load_global()
-        model.train()
-        head.train()
-        opt = torch.optim.AdamW(list(params.values()), lr=5e-4)
+        lora.load_state(state["global"])
         ids = [train.input_ids[t] for t in partition.indices[i]]
         ys = [train.labels[t] for t in partition.indices[i]]
-        t0 = time.perf_counter()
-        for epoch in range(preset.fedavg_local_epochs):
-            order = random.Random(f"fedavg/{s.seed}/{r}/{i}/{epoch}").sample(range(len(ids)), len(ids))
-            for x, mask, y in _batches(ids, ys, preset.forward_batch_size, pad_id, order):
-                loss = torch.nn.functional.cross_entropy(logits_of(x, mask), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        busy = time.perf_counter() - t0
-        returned[j] = ({n: p.detach().half().float() for n, p in params.items()}, len(ids))
+        busy = lora.train_local(ids, ys, epochs=preset.fedavg_local_epochs, batch_size=preset.forward_batch_size,
+                                lr=5e-4, order_seed=f"fedavg/{s.seed}/{r}/{i}")
+        returned[j] = (lora.state(), len(ids))
         for what, value in (("compute", busy / dev.profile.speed), ("up", nbytes), ("down", nbytes)):
             tally[what][dev.id] = tally[what].get(dev.id, 0.0) + value
         return DeviceWork(busy, nbytes, nbytes)
 
     def evaluate() -> float:
-        load_global()
-        model.eval()
-        head.eval()
-        correct = 0
-        with torch.no_grad():
-            for x, mask, y in _batches(val.input_ids, val.labels, 16, pad_id):
-                correct += int((logits_of(x, mask).argmax(-1) == y).sum())
-        return correct / max(len(val.labels), 1)
+        lora.load_state(state["global"])
+        return lora.evaluate(val.input_ids, val.labels, 16)
 
     def on_round(rnd) -> bool:
         t0 = time.perf_counter()

@@ -120,3 +120,20 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data_file(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny.jsonl")
+
+
+@pytest.fixture
+def tiny_gemma_dir(tmp_path, tiny_llama_dir) -> Path:
+    """A tiny random Gemma 3 of another width and depth than the tiny Llama (48 x 6 against 32 x 4), with the
+    same word-level tokenizer. (Not a Qwen2: transformers loads any tokenizer beside a ``qwen2`` config as its
+    own ``Qwen2Tokenizer``, which turns the tiny vocabulary's class names into nothing.)"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
+
+    folder = tmp_path / "tiny-gemma3"
+    torch.manual_seed(1)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=48, num_hidden_layers=6, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=12, intermediate_size=96, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    return folder

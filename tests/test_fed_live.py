@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 from safetensors import safe_open
 
 from lightning_mobillm.client import start_serve, stop_process
@@ -27,22 +25,6 @@ SERVER_RECIPE = REPO / "recipes" / "fed" / "tiny-server.yaml"
 DEVICE_RECIPE = REPO / "recipes" / "fed" / "tiny-device.yaml"
 #: tensors an uploaded frame may carry (docs/protocol.md, role fed): the codec's parts and the keyed targets
 UPLOAD_TENSORS = {"acts.q", "acts.scale", "acts.d", "acts.oidx", "acts.oval", "targets"}
-
-
-@pytest.fixture
-def tiny_gemma_dir(tmp_path, tiny_llama_dir) -> Path:
-    """A tiny random Gemma 3 of another width and depth than the tiny Llama (48 x 6 against 32 x 4), with the
-    same word-level tokenizer. (Not a Qwen2: transformers loads any tokenizer beside a ``qwen2`` config as its
-    own ``Qwen2Tokenizer``, which turns the tiny vocabulary's class names into nothing.)"""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
-
-    folder = tmp_path / "tiny-gemma3"
-    torch.manual_seed(1)
-    config = Gemma3TextConfig(vocab_size=64, hidden_size=48, num_hidden_layers=6, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=12, intermediate_size=96, pad_token_id=0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
-    return folder
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

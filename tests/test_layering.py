@@ -101,3 +101,13 @@ def test_a_device_run_loads_no_server_module(tiny_llama_dir, tiny_data_file, tmp
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["steps"] == 2 and result["server_pid"] not in (None, os.getpid())
     assert result["loaded"] == [], f"the device process loaded server modules: {result['loaded']}"
+
+
+def test_only_the_flower_apps_import_flower():
+    """Flower is an optional extra: nothing but the apps and their record helpers import ``flwr`` (the
+    settings, device and bridge halves of :mod:`lightning_mobillm.flower` are Flower-free)."""
+    graph = grimp.build_graph(PKG, include_external_packages=True, cache_dir=None)
+    importers = {m for m in graph.modules if m.startswith(PKG)
+                 and "flwr" in graph.find_modules_directly_imported_by(m)}
+    assert importers <= {f"{PKG}.flower.apps", f"{PKG}.flower.fedavg", f"{PKG}.flower.records"}, sorted(importers)
+    assert f"{PKG}.flower.apps" in importers

@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,9 +63,13 @@ __all__ = [
     "LocalRecord",
     "LocalShard",
     "META_KEYS",
+    "device_keys",
+    "device_transform",
     "evaluate_side",
     "make_target_transform",
 ]
+
+log = logging.getLogger(__name__)
 
 #: who can read an upload's targets (see :attr:`Upload.target_space`)
 TARGET_SPACES = ("device", "federation", "plain")
@@ -92,6 +100,38 @@ def make_target_transform(target_space: str, num_classes: int, key: bytes | str 
     if target_space not in TARGET_SPACES:
         raise ValueError(f"target_space must be one of {TARGET_SPACES}, got {target_space!r}")
     return make_defence(num_classes, key=key, **knobs)
+
+
+def device_keys(keystore: Path) -> dict[str, bytes]:
+    """A device's ``target_key`` (its transform's key in the ``device`` space) and ``sample_secret`` (its
+    sample keys): read from ``<keystore>/device-keys.json``, or drawn once and written there (mode 0600, never
+    overwritten). Keep the folder: the device's head on the server fits only this key."""
+    path = Path(keystore) / "device-keys.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return {name: bytes.fromhex(data[name]) for name in ("target_key", "sample_secret")}
+    keys = {"target_key": new_key(), "sample_secret": new_key()}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({name: value.hex() for name, value in keys.items()}, f)
+    log.info("new device keys in %s (keep them: the device's head on the server fits only this key)", path)
+    return keys
+
+
+def device_transform(target_space: str, num_classes: int, target_key: bytes, *, out_dim: int,
+                     rr_epsilon: float | None, federation_key_env: str = "MOBILLM_FED_KEY") -> TargetTransform:
+    """A device's target transform from its settings: the identity for ``plain``; the defence under
+    ``target_key`` (from :func:`device_keys`) for ``device``; under the shared hex key in
+    ``$federation_key_env`` for ``federation`` (never a config value)."""
+    if target_space == "plain":
+        return make_target_transform("plain", num_classes)
+    if target_space == "federation":
+        hexkey = os.environ.get(federation_key_env)
+        if not hexkey:
+            raise ValueError(f"the federation target space needs the shared key in ${federation_key_env} (hex)")
+        target_key = bytes.fromhex(hexkey.strip())
+    return make_target_transform(target_space, num_classes, target_key, out_dim=out_dim, rr_epsilon=rr_epsilon)
 
 
 # ---------------------------------------------------------------------------------------------- local data

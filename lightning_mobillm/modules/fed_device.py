@@ -67,10 +67,9 @@ from lightning_mobillm.backbone import FrozenBackbone
 from lightning_mobillm.client import ServerError, read_token
 from lightning_mobillm.fed.alignment import BackboneType, aligned_backbone_config
 from lightning_mobillm.fed.client import FedClient
-from lightning_mobillm.fed.device import DeviceWorker, LocalShard, make_target_transform
+from lightning_mobillm.fed.device import DeviceWorker, LocalShard, device_keys, device_transform
 from lightning_mobillm.fed.partition import Partition, make_partition
 from lightning_mobillm.modules.side_tuning import to_backbone_config
-from lightning_mobillm.privacy import new_key
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.stats import DeviceStats
 from lightning_mobillm.transport.link import Link
@@ -292,34 +291,10 @@ class FedDeviceModule(L.LightningModule):
     def tokenizer(self):
         return self._live.backbone.tokenizer if self._live is not None else None
 
-    @staticmethod
-    def _keys(keystore: Path) -> dict[str, bytes]:
-        """A device's target key and sample secret: read from its keystore, or drawn once and written there."""
-        path = keystore / "device-keys.json"
-        if path.exists():
-            data = json.loads(path.read_text())
-            return {name: bytes.fromhex(data[name]) for name in ("target_key", "sample_secret")}
-        keys = {"target_key": new_key(), "sample_secret": new_key()}
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({name: value.hex() for name, value in keys.items()}, f)
-        log.info("new device keys in %s (keep them: the device's head on the server fits only this key)",
-                 path)
-        return keys
-
     def _transform(self, num_classes: int, target_key: bytes):
         hp = self.hparams
-        if hp.target_space == "plain":
-            return make_target_transform("plain", num_classes)
-        if hp.target_space == "federation":
-            hexkey = os.environ.get(hp.federation_key_env)
-            if not hexkey:
-                raise ValueError(f"the federation target space needs the shared key in "
-                                 f"${hp.federation_key_env} (hex)")
-            target_key = bytes.fromhex(hexkey.strip())
-        return make_target_transform(hp.target_space, num_classes, target_key, out_dim=hp.out_dim,
-                                     rr_epsilon=hp.rr_epsilon)
+        return device_transform(hp.target_space, num_classes, target_key, out_dim=hp.out_dim,
+                                rr_epsilon=hp.rr_epsilon, federation_key_env=hp.federation_key_env)
 
     def _connect(self, device_id: str, **hello: Any) -> FedClient:
         hp = self.hparams
@@ -358,7 +333,7 @@ class FedDeviceModule(L.LightningModule):
         try:
             for device_id, pid in zip(self.device_ids, self.partition_ids, strict=True):
                 keystore = self.keystore_of(device_id)
-                keys = self._keys(keystore)
+                keys = device_keys(keystore)
                 transform = self._transform(len(class_names), keys["target_key"])
                 worker = DeviceWorker(backbone, class_names, transform, device=device_id,
                                       target_space=hp.target_space, codec=hp.codec,

@@ -1,0 +1,1 @@
+"""The Fed MobiLLM Flower app: thin entry points over :mod:`lightning_mobillm.flower` (see README.md here)."""
