@@ -176,11 +176,40 @@ def test_helpers_deal_types_evenly_and_measure_positive_step_costs():
 
 
 def test_fedavg_batches_pad_right_and_keep_the_order():
-    batches = list(fb._batches([[1, 2, 3], [4], [5, 6]], [0, 2, 1], 2, pad_id=9, order=[2, 0, 1]))
+    from lightning_mobillm.fed.lora import padded_batches
+
+    batches = list(padded_batches([[1, 2, 3], [4], [5, 6]], [0, 2, 1], 2, pad_id=9, order=[2, 0, 1]))
     assert len(batches) == 2
     x, mask, y = batches[0]
     assert x.tolist() == [[5, 6, 9], [1, 2, 3]] and mask.tolist() == [[1, 1, 0], [1, 1, 1]] and y.tolist() == [1, 0]
     assert batches[1][0].tolist() == [[4]] and batches[1][2].tolist() == [2]
+
+
+def test_the_fedavg_lora_device_model_trains_travels_in_float16_and_loads_strictly(tiny_llama_dir):
+    """FedAvg-LoRA's device model (shared by this benchmark and the Flower cross-check): only adapters and head
+    travel, rounded to float16; local training moves them; a state of another shape or name is refused."""
+    from lightning_mobillm.fed.lora import LoraClassifier
+
+    lora = LoraClassifier(str(tiny_llama_dir), 3, r=2, seed=0)
+    names = set(lora.params)
+    assert names and all(n.startswith(("lora.", "head.")) for n in names)
+    assert any("lora_A" in n for n in names) and not any("embed" in n for n in names)
+    before = lora.state()
+    assert all(torch.equal(t, t.half().float()) for t in before.values())  # float16-representable
+    assert lora.nbytes == sum(t.numel() * 2 for t in before.values())
+    ids, ys = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]] * 4, [0, 1, 2] * 4
+    busy = lora.train_local(ids, ys, epochs=2, batch_size=4, lr=1e-2, order_seed="t")
+    assert busy > 0 and any(not torch.equal(before[n], t) for n, t in lora.state().items())
+    assert 0.0 <= lora.evaluate(ids, ys) <= 1.0
+    lora.load_state(before)
+    assert all(torch.equal(before[n], t) for n, t in lora.state().items())
+    with pytest.raises(ValueError, match="missing"):
+        lora.load_state({n: t for n, t in before.items() if not n.startswith("head.")})
+    bad = dict(before)
+    first = next(iter(bad))
+    bad[first] = torch.zeros(1)
+    with pytest.raises(ValueError, match="shape"):
+        lora.load_state(bad)
 
 
 def _ran(**figures) -> dict:
