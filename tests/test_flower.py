@@ -104,3 +104,32 @@ def test_a_flower_simulation_of_four_nodes_of_two_types(tmp_path, monkeypatch, t
     assert summary["val_acc"] >= link - 0.1, (summary["val_acc"], link)
     zero = [n["evaluation"]["val_zero_shot_acc"] for n in summary["nodes_detail"].values()]
     assert summary["val_acc"] > sum(zero) / len(zero) + 0.1  # the shared side network learned
+
+
+def test_fedavg_lora_on_flowers_own_fedavg(tmp_path, monkeypatch, tiny_llama_dir, tiny_data_file):
+    """The cross-check: FedAvg-LoRA on Flower's ``FedAvg`` with the benchmark's device model, one backbone."""
+    from lightning_mobillm.flower.launch import FlowerProcesses
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LIGHTNING_MOBILLM_CACHE", str(cache))
+    summary_path = tmp_path / "summary.json"
+    overrides = tiny_run_config(tmp_path, tiny_data_file, [tiny_llama_dir],
+                                **{"method": "fedavg_lora", "flower.summary": str(summary_path),
+                                   "flower.min_nodes": NODES, "fedavg.rounds": 2, "fedavg.fraction_train": 0.5,
+                                   "fedavg.lora_r": 2, "fedavg.lr": 0.01})
+    flower = FlowerProcesses(tmp_path / "flower", env={"LIGHTNING_MOBILLM_CACHE": str(cache),
+                                                       "PYTHONPATH": str(REPO)})
+    try:
+        flower.start_superlink(simulation=True)
+        run = flower.run_app(overrides, f"num_supernodes={NODES} client_resources_num_cpus=1 init_args_num_cpus=2")
+        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+        assert summary_path.exists(), (run.stdout + run.stderr)[-4000:]
+        summary = json.loads(summary_path.read_text())
+    finally:
+        left = flower.stop()
+    assert not left, f"Flower processes still alive: {left}"
+    assert summary["method"] == "fedavg_lora" and summary["rounds"] == 2
+    assert [c["round"] for c in summary["curve"]] == [1, 2]
+    assert all(0.0 <= c["val_acc"] <= 1.0 for c in summary["curve"])
+    assert set(summary["train_metrics"]) == {"1", "2"}  # (JSON keys) the rounds' aggregated train metrics
+    assert summary["adapter_and_head_bytes"] > 0
