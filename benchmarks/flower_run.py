@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {"method": args.method, "backbones": args.backbones, "run-id": f"flower-{args.mode}",
                  "server.workdir": str(workdir / "server"), "flower.summary": str(summary_path),
                  "flower.min_nodes": args.nodes, "flower.wait_for_nodes_s": 600.0}
-    if args.run_config:
-        overrides.update(tomllib.loads("\n".join(args.run_config.split(" "))))
+    for key, value in re.findall(r'(\S+?)=("(?:[^"\\]|\\.)*"|\S+)', args.run_config):  # key=TOML value
+        overrides[key] = tomllib.loads(f"v = {value}")["v"]
     flower = FlowerProcesses(workdir / "flower", env={"PYTHONPATH": str(REPO)})
     record: dict = {"mode": args.mode, "nodes": args.nodes, "method": args.method,
                     "backbones": args.backbones.split(","), "run_config": overrides,

@@ -74,7 +74,7 @@ class FlowerProcesses:
         self.env = {**os.environ, **offline_env(), **(env or {}), "FLWR_HOME": str(self.home),
                     "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
                     "RAY_TMPDIR": str(self._ray_tmp)}
-        self.ports = {name: free_port() for name in ("control", "runtime", "fleet", "health")}
+        self.ports = {name: free_port() for name in ("runtime", "health")}
         self.procs: list[subprocess.Popen] = []
         self.owned: dict[int, Any] = {}
         self.peak_rss_mb = 0.0
@@ -96,8 +96,9 @@ class FlowerProcesses:
         """A SuperLink on this run's free ports; waits (bounded) until its health endpoint answers. With
         ``tls`` (``ca``, ``cert``, ``key``) it serves TLS; ``node_auth`` enables SuperNode authentication."""
         p = self.ports
-        args = ["flower-superlink", "--isolation", "subprocess", "--control-api-address", f"127.0.0.1:{p['control']}",
-                "--host", "127.0.0.1", "--port", str(p["runtime"]), "--fleet-api-address", f"127.0.0.1:{p['fleet']}",
+        # Flower 1.42 serves its runtime, control and fleet APIs over HTTP on one port (--port; the
+        # --*-api-address flags are deprecated); the gRPC health server has an address of its own
+        args = ["flower-superlink", "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(p["runtime"]),
                 "--health-server-address", f"127.0.0.1:{p['health']}"]
         args += ["--simulation"] if simulation else []
         if tls:
@@ -116,8 +117,8 @@ class FlowerProcesses:
         return proc
 
     def _wait_healthy(self, proc: subprocess.Popen, tls: bool, timeout_s: float) -> None:
-        """Bounded readiness: the SuperLink's runtime HTTP API answers ``/health``, or its control port
-        accepts connections (with TLS, where the HTTP probe would need the CA)."""
+        """Bounded readiness: the SuperLink's runtime HTTP API answers ``/health``, or (TLS) its
+        port accepts connections (with TLS, where the HTTP probe would need the CA)."""
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
@@ -125,7 +126,7 @@ class FlowerProcesses:
                                    f"{(self.workdir / 'superlink.log').read_text()[-3000:]}")
             try:
                 if tls:
-                    with socket.create_connection(("127.0.0.1", self.ports["control"]), timeout=1.0):
+                    with socket.create_connection(("127.0.0.1", self.ports["runtime"]), timeout=1.0):
                         return
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['runtime']}/health", timeout=1.0) as r:
                     if r.status == 200:
@@ -139,7 +140,7 @@ class FlowerProcesses:
     def start_supernode(self, name: str, node_config: str, *, tls_ca: Path | None = None,
                         auth_key: Path | None = None) -> subprocess.Popen:
         """A SuperNode dialling this run's SuperLink (TLS with ``tls_ca``; authenticated with ``auth_key``)."""
-        args = ["flower-supernode", "--superlink", f"127.0.0.1:{self.ports['fleet']}", "--isolation", "subprocess",
+        args = ["flower-supernode", "--superlink", f"127.0.0.1:{self.ports['runtime']}", "--isolation", "subprocess",
                 "--node-config", node_config, "--port", str(free_port())]
         args += ["--root-certificates", str(tls_ca)] if tls_ca else ["--insecure"]
         args += ["--auth-supernode-private-key", str(auth_key)] if auth_key else []
