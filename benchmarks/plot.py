@@ -190,11 +190,14 @@ def plot_federated_arrivals(report: Mapping[str, Any], path: Path) -> Path:
 
 
 def plot_federated(report: Mapping[str, Any], out: Path) -> list[Path]:
-    """The federated benchmark's two figures into ``out``; the files written."""
+    """The federated benchmark's two figures into ``out``; the files written. The ``small`` preset's keep their
+    names; another preset's carry it (``federated_medium_accuracy.png``)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [plot_federated_accuracy(report, out / "federated_accuracy.png")]
+    preset = report.get("preset", "small")
+    name = "federated" if preset == "small" else f"federated_{preset}"
+    paths = [plot_federated_accuracy(report, out / f"{name}_accuracy.png")]
     if (report["methods"].get("fed_mobillm") or {}).get("timeline"):
-        paths.append(plot_federated_arrivals(report, out / "federated_arrivals.png"))
+        paths.append(plot_federated_arrivals(report, out / f"{name}_arrivals.png"))
     return paths
 
 

@@ -244,7 +244,7 @@ def test_the_federated_figures_are_written(results, tmp_path):
     report = {"preset": "smoke", "devices": 4, "partition": {"alpha": 0.5}, "target_acc": 0.5,
               "class_names": ["a", "b", "c"], "methods": json.loads(json.dumps(results))}
     paths = plot.plot(report, tmp_path / "img")
-    assert [p.name for p in paths] == ["federated_accuracy.png", "federated_arrivals.png"]
+    assert [p.name for p in paths] == ["federated_smoke_accuracy.png", "federated_smoke_arrivals.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
 
