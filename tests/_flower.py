@@ -41,3 +41,22 @@ def tiny_run_config(tmp_path: Path, data_file: Path, backbones: list[Path], **ov
         "device.samples_per_message": 16, "device.keystore": "", "server.workdir": str(tmp_path / "server"),
         "server.device": "cpu", "server.allowed_backbones": "", "server.fed_k": 4, "server.fed_batch_size": 16,
         "server.fed_lr": 0.01, "server.fed_max_replay_steps": 60, "flower.min_nodes": 4, **overrides})
+
+
+def upload_over_our_link(server, node: int, device):
+    """``device`` (a :class:`~lightning_mobillm.flower.device.FlowerDevice`) uploads its shard to ``server`` over
+    our link (FedClient over the in-process link, as the bridge's node ``node``); returns the open client."""
+    from lightning_mobillm.fed.client import FedClient
+    from lightning_mobillm.flower.bridge import FederationBridge
+    from lightning_mobillm.transport.link import InProcessLink
+
+    hello = device.hello()
+    per_frame = device.settings.device["samples_per_message"]
+    client = FedClient(InProcessLink(server.handle, identity=FederationBridge.identity(node)),
+                       device_id=hello["device_id"], run_id=hello["run_id"], backbone_type=hello["backbone_type"],
+                       k=hello["k"], width=hello["width"], out_dim=hello["out_dim"], target_space=hello["target_space"],
+                       codec=hello["codec"], max_samples_per_frame=per_frame)
+    client.hello()
+    for up, _ in device.worker.iter_uploads(device.shard, per_frame):
+        client.upload(up)
+    return client

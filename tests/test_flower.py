@@ -15,15 +15,12 @@ import json
 from pathlib import Path
 
 import pytest
-from _flower import UPLOAD_TENSORS, tiny_run_config  # noqa: E402
+from _flower import UPLOAD_TENSORS, tiny_run_config, upload_over_our_link  # noqa: E402
 from conftest import write_tiny_dataset  # noqa: E402
 
-from lightning_mobillm.fed.client import FedClient
-from lightning_mobillm.flower.bridge import FederationBridge
 from lightning_mobillm.flower.device import HELLO_KEYS, PART_HEADER_KEYS, FlowerDevice
 from lightning_mobillm.flower.settings import FlowerSettings
 from lightning_mobillm.server.fed import FedServer
-from lightning_mobillm.transport.link import InProcessLink
 
 pytestmark = [pytest.mark.flower, pytest.mark.timeout(1200)]
 
@@ -35,17 +32,7 @@ def _link_accuracy(settings: FlowerSettings, workdir: Path) -> float:
     """The same federation over our link (FedClient over the in-process link): the nodes' mean accuracy."""
     server = FedServer(settings.server_config(workdir=str(workdir)), background=False)
     devices = [FlowerDevice(settings, i, NODES) for i in range(NODES)]
-    clients = []
-    for i, dev in enumerate(devices):
-        hello = dev.hello()
-        client = FedClient(InProcessLink(server.handle, identity=FederationBridge.identity(i)),
-                           device_id=hello["device_id"], run_id=hello["run_id"], backbone_type=hello["backbone_type"],
-                           k=hello["k"], width=hello["width"], out_dim=hello["out_dim"],
-                           target_space=hello["target_space"], codec=hello["codec"])
-        client.hello()
-        for up, _ in dev.worker.iter_uploads(dev.shard, settings.device["samples_per_message"]):
-            client.upload(up)
-        clients.append(client)
+    clients = [upload_over_our_link(server, i, dev) for i, dev in enumerate(devices)]
     server.run_pending()
     accs = []
     for dev, client in zip(devices, clients):

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from lightning_mobillm import protocol as P
-from lightning_mobillm.fed.client import FedClient
 from lightning_mobillm.flower.bridge import FederationBridge
 from lightning_mobillm.flower.device import HELLO_KEYS, PART_HEADER_KEYS, FlowerDevice
 from lightning_mobillm.flower.settings import (
@@ -27,11 +26,10 @@ from lightning_mobillm.flower.settings import (
 )
 from lightning_mobillm.server.fed import FedServer
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
-from lightning_mobillm.transport.link import InProcessLink
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-from _flower import REPO, UPLOAD_TENSORS, app_run_config, tiny_run_config  # noqa: E402
+from _flower import REPO, UPLOAD_TENSORS, app_run_config, tiny_run_config, upload_over_our_link  # noqa: E402
 
 
 @pytest.fixture
@@ -142,15 +140,8 @@ def test_the_bridge_equals_our_link(federation):
             for i, (hello, parts, _) in enumerate(uploads):
                 bridge.accept(i, hello, parts)
         else:
-            for i, ((hello, _, _), dev) in enumerate(zip(uploads, devices)):
-                client = FedClient(InProcessLink(server.handle, identity=FederationBridge.identity(i)),
-                                   device_id=hello["device_id"], run_id=hello["run_id"],
-                                   backbone_type=hello["backbone_type"], k=hello["k"], width=hello["width"],
-                                   out_dim=hello["out_dim"], target_space=hello["target_space"], codec=hello["codec"],
-                                   max_samples_per_frame=settings.device["samples_per_message"])
-                client.hello()
-                for up, _ in dev.worker.iter_uploads(dev.shard, settings.device["samples_per_message"]):
-                    client.upload(up)
+            for i, dev in enumerate(devices):
+                upload_over_our_link(server, i, dev)
         server.run_pending()
         states.append({k: v.clone() for k, v in server.trainer.module.state_dict().items()})
         server.close()

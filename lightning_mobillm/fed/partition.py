@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["IMPLEMENTATIONS", "SCHEMES", "SIZE_DISTRIBUTIONS", "Partition", "make_partition"]
+__all__ = ["IMPLEMENTATIONS", "SCHEMES", "SIZE_DISTRIBUTIONS", "Partition", "make_partition", "scheme_knobs"]
 
 SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "by_size")
 IMPLEMENTATIONS: tuple[str, ...] = ("builtin", "flwr_datasets", "auto")
@@ -146,6 +146,17 @@ class Partition:
         if include_indices:
             out["indices"] = [list(idx) for idx in self.indices]
         return out
+
+
+def scheme_knobs(scheme: str, *, alpha: float | None, min_partition_size: int) -> dict[str, Any]:
+    """The keyword arguments of :func:`make_partition` that ``scheme`` takes from a device's settings: ``alpha``
+    for ``"dirichlet"``, ``min_partition_size`` for every scheme but ``"iid"``."""
+    knobs: dict[str, Any] = {}
+    if scheme == "dirichlet":
+        knobs["alpha"] = alpha
+    if scheme != "iid":
+        knobs["min_partition_size"] = min_partition_size
+    return knobs
 
 
 def make_partition(

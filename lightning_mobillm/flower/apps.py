@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,8 +144,7 @@ def run_server(grid: Grid, settings: FlowerSettings) -> dict[str, Any]:
     from lightning_mobillm.server.fed import FedServer
 
     f = settings.flower
-    workdir = Path(settings.server.get("workdir") or "flower-fed-server").expanduser().resolve()
-    server = FedServer(settings.server_config(workdir=str(workdir)), background=False)
+    server = FedServer(settings.server_config(workdir=str(settings.workdir())), background=False)
     bridge = FederationBridge(server)
     t0 = time.monotonic()
     node_ids = _wait_for_nodes(grid, int(f["min_nodes"]), float(f["wait_for_nodes_s"]), float(f["poll_interval_s"]))
@@ -218,11 +215,7 @@ def run_server(grid: Grid, settings: FlowerSettings) -> dict[str, Any]:
     summary = _summary(settings, bridge, steps, failures, bytes_down, len(node_ids), upload_wall_s, train_wall_s,
                        time.monotonic() - t0)
     server.close()
-    path = Path(f["summary"]).expanduser() if f.get("summary") else workdir / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, path)
+    path = settings.write_summary(summary)
     log.info("Fed MobiLLM on Flower: val acc %s over %d nodes; summary in %s", summary["val_acc"],
              summary["nodes_evaluated"], path)
     return summary

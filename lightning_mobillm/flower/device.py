@@ -41,18 +41,14 @@ def node_data(settings: FlowerSettings, tokenizer: Any, partition_id: int, num_p
     """A node's data: the data module (tokenised with ``tokenizer``), the seeded partition of its training split
     over ``num_partitions`` nodes (``device.partition_*``, the same on every node) and the node's shard."""
     from lightning_mobillm.data import TextClassificationDataModule
-    from lightning_mobillm.fed.partition import make_partition
+    from lightning_mobillm.fed.partition import make_partition, scheme_knobs
 
     d = settings.device
     data = TextClassificationDataModule(**settings.data)
     data.set_tokenizer(tokenizer)
     data.setup("fit")
     train = data.split_dataset("train")
-    knobs: dict[str, Any] = {}
-    if d["partition_scheme"] == "dirichlet":
-        knobs["alpha"] = d["alpha"]
-    if d["partition_scheme"] != "iid":
-        knobs["min_partition_size"] = d["min_partition_size"]
+    knobs = scheme_knobs(d["partition_scheme"], alpha=d["alpha"], min_partition_size=d["min_partition_size"])
     partition = make_partition(list(train.labels), num_partitions, d["partition_scheme"], seed=d["partition_seed"],
                                implementation=d["partition_implementation"], **knobs)
     return data, partition, LocalShard.from_split(train, partition.indices[partition_id])

@@ -15,10 +15,7 @@ default actions FedAvg sends) and :func:`run_fedavg` is what the ServerApp runs 
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -110,10 +107,5 @@ def run_fedavg(grid: Grid, settings: FlowerSettings) -> dict[str, Any]:
                "adapter_and_head_bytes": sum(len(a.data) for a in initial.values()), "wall_s": time.monotonic() - t0,
                "train_metrics": {int(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
                "settings": {"data": settings.data, "device": settings.device, "fedavg": f}}
-    workdir = Path(settings.server.get("workdir") or "flower-fed-server").expanduser().resolve()
-    path = Path(fl["summary"]).expanduser() if fl.get("summary") else workdir / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=float))
-    os.replace(tmp, path)
+    settings.write_summary(summary)
     return summary

@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["DEVICE_DEFAULTS", "FEDAVG_DEFAULTS", "FLOWER_DEFAULTS", "METHODS", "FlowerSettings", "SettingsError"]
@@ -164,3 +167,17 @@ class FlowerSettings:
         from lightning_mobillm.server_config import ServerConfig
 
         return ServerConfig(**{**self.server, **overrides})
+
+    def workdir(self) -> Path:
+        """The server's folder (``server.workdir``, absolute; default ``flower-fed-server`` in the ServerApp's)."""
+        return Path(self.server.get("workdir") or "flower-fed-server").expanduser().resolve()
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        """Write ``summary.json`` (``flower.summary``, default ``<server.workdir>/summary.json``) atomically."""
+        path = Path(self.flower["summary"]).expanduser() if self.flower.get("summary") else (
+            self.workdir() / "summary.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=1, default=str))
+        os.replace(tmp, path)
+        return path

@@ -68,7 +68,7 @@ from lightning_mobillm.client import ServerError, read_token
 from lightning_mobillm.fed.alignment import BackboneType, aligned_backbone_config
 from lightning_mobillm.fed.client import FedClient
 from lightning_mobillm.fed.device import DeviceWorker, LocalShard, device_keys, device_transform
-from lightning_mobillm.fed.partition import Partition, make_partition
+from lightning_mobillm.fed.partition import Partition, make_partition, scheme_knobs
 from lightning_mobillm.modules.side_tuning import to_backbone_config
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.stats import DeviceStats
@@ -320,11 +320,7 @@ class FedDeviceModule(L.LightningModule):
         backbone = FrozenBackbone(aligned_backbone_config(self.backbone_config, hp.k), device="cpu")
         kind = BackboneType.of(backbone).key
         labels = list(data.split_dataset("train").labels)
-        knobs: dict[str, Any] = {}
-        if hp.partition_scheme == "dirichlet":
-            knobs["alpha"] = hp.alpha
-        if hp.partition_scheme != "iid":
-            knobs["min_partition_size"] = hp.min_partition_size
+        knobs = scheme_knobs(hp.partition_scheme, alpha=hp.alpha, min_partition_size=hp.min_partition_size)
         partition = make_partition(labels, hp.num_devices, hp.partition_scheme, seed=hp.partition_seed,
                                    implementation=hp.partition_implementation, **knobs)
         self._live = _Live(backbone, partition)
