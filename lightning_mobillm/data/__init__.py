@@ -1,5 +1,6 @@
 """Data modules and offline corpora."""
 
+from lightning_mobillm.data.instruction import IGNORE_INDEX, InstructionCollator, InstructionDataModule
 from lightning_mobillm.data.sources import OFFLINE_SOURCES, load_bbc_news, load_vitaminc
 from lightning_mobillm.data.text_classification import (
     PadCollator,
@@ -10,6 +11,9 @@ from lightning_mobillm.data.text_classification import (
 )
 
 __all__ = [
+    "IGNORE_INDEX",
+    "InstructionCollator",
+    "InstructionDataModule",
     "OFFLINE_SOURCES",
     "PadCollator",
     "TextClassificationDataModule",

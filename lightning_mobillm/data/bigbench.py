@@ -264,6 +264,38 @@ def classification_records(task: str, data: dict[str, Any] | None = None,
     return records, choices
 
 
+def generative_records(task: str, data: dict[str, Any] | None = None,
+                       download: bool = True) -> list[dict]:
+    """A generative task (examples with ``input`` and ``target``) as prompt/answer records.
+
+    Args:
+        task: the task name (for :func:`load_task` and the messages).
+        data: the parsed task (read with :func:`load_task` when None).
+        download: as :func:`task_json`.
+
+    Returns:
+        Records ``{"prompt": input, "answer": the first target, "references": every target}`` in the task's
+        order (a task may list several acceptable targets; metrics take the best match).
+
+    Raises:
+        ValueError: the task has no examples, or an example has no string ``input`` or no non-empty target.
+    """
+    data = load_task(task, download) if data is None else data
+    examples = data.get("examples")
+    if not examples:
+        raise ValueError(f"BIG-bench task {task!r} has no examples of its own")
+    records: list[dict] = []
+    for i, example in enumerate(examples):
+        target = example.get("target") if isinstance(example, dict) else None
+        targets = [target] if isinstance(target, str) else target
+        if (not isinstance(example.get("input"), str) or not isinstance(targets, list) or not targets
+                or not all(isinstance(t, str) and t.strip() for t in targets)):
+            raise ValueError(f"BIG-bench task {task!r}, example {i}: not a generative example (needs a string "
+                             f"'input' and a non-empty 'target' string or list of strings)")
+        records.append({"prompt": example["input"], "answer": targets[0], "references": list(targets)})
+    return records
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m lightning_mobillm.data.bigbench",
                                 description="Fetch BIG-bench 1.0.0 tasks into the cache and print their paths.")

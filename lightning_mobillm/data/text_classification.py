@@ -521,44 +521,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         )
 
     def _pad_token_id(self) -> int:
-        tok = self._tokenizer
-        for attr in ("pad_token_id", "eos_token_id"):
-            value = getattr(tok, attr, None)
-            if value is not None:
-                return int(value)
-        raise ValueError("the tokenizer has neither a pad_token_id nor an eos_token_id to pad with")
+        return pad_token_id(self._tokenizer)
 
     def _resolve_tokenizer(self) -> None:
-        if self._tokenizer is not None:
-            return
-        if self.tokenizer_name is not None:
-            from transformers import AutoTokenizer
-
-            self.set_tokenizer(AutoTokenizer.from_pretrained(self.tokenizer_name))
-            return
-        trainer = self._trainer_or_none()
-        if trainer is not None:
-            tok = getattr(trainer.strategy, "tokenizer", None)
-            if tok is not None:
-                self.set_tokenizer(tok)
-                return
-            config = getattr(trainer.lightning_module, "backbone_config", None)
-            if config is not None:
-                from lightning_mobillm.backbone import load_tokenizer
-
-                self.set_tokenizer(load_tokenizer(config))
-                return
-        raise RuntimeError(
-            "TextClassificationDataModule has no tokenizer: pass tokenizer='<folder or hub id>', call "
-            "set_tokenizer(), or attach it to a Trainer whose strategy has a `tokenizer` or whose "
-            "LightningModule has a `backbone_config`"
-        )
-
-    def _trainer_or_none(self) -> Any:
-        try:
-            return self.trainer
-        except RuntimeError:
-            return None
+        if self._tokenizer is None:
+            self.set_tokenizer(resolve_tokenizer(self, self.tokenizer_name))
 
     def _load(self) -> dict[str, RawSplit]:
         """Read the source, encode labels, make the three splits and apply the limits (cached)."""
@@ -640,6 +607,42 @@ class TextClassificationDataModule(L.LightningDataModule):
             train, named["validation"] = _select(train, rest), _select(train, val)
         named["train"] = train
         return {s: named[s] for s in SPLITS}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS token."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has neither a pad_token_id nor an eos_token_id to pad with")
+
+
+def resolve_tokenizer(datamodule: L.LightningDataModule, name: str | None) -> Any:
+    """The tokenizer a data module should use: ``name`` (a folder or hub id) when given, else its trainer's
+    strategy's ``tokenizer``, else the one of its LightningModule's ``backbone_config``."""
+    if name is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name)
+    try:
+        trainer = datamodule.trainer
+    except RuntimeError:
+        trainer = None
+    if trainer is not None:
+        tok = getattr(trainer.strategy, "tokenizer", None)
+        if tok is not None:
+            return tok
+        config = getattr(trainer.lightning_module, "backbone_config", None)
+        if config is not None:
+            from lightning_mobillm.backbone import load_tokenizer
+
+            return load_tokenizer(config)
+    raise RuntimeError(
+        f"{type(datamodule).__name__} has no tokenizer: pass tokenizer='<folder or hub id>', call "
+        "set_tokenizer(), or attach it to a Trainer whose strategy has a `tokenizer` or whose "
+        "LightningModule has a `backbone_config`"
+    )
 
 
 def _check_fields(source: str, columns: Sequence[str], *fields: str) -> None:
