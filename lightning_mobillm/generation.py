@@ -1,0 +1,82 @@
+"""Generation on the device with a trained side network, through the stock ``model.generate()``.
+
+While :class:`SideGeneration` is active, forward hooks on the tapped blocks keep each forward's taps and a
+forward pre-hook on the backbone's final norm replaces its input, the last block's hidden state, with
+``last_tap + W_o(trunk(taps))``: the same computation the server trains
+(:mod:`lightning_mobillm.side.causal_lm`), applied to every position the forward sees. The side network is
+token-wise, so decoding with the KV cache (one new position per step) needs nothing else: greedy decoding,
+sampling, beam search and streamers all work unchanged, and a side network whose ``W_o`` is zero gives exactly
+the backbone's own output.
+
+The side network is not a weight delta: it cannot be merged into the backbone's checkpoint (there is no
+``merge_and_unload``); ship its weights beside the backbone and wrap ``generate`` in :class:`SideGeneration`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_mobillm.backbone import _hidden_from_output, find_blocks
+from lightning_mobillm.side.causal_lm import ResidualLMHead
+
+__all__ = ["SideGeneration"]
+
+
+class SideGeneration:
+    """Hooks that make a Hugging Face causal LM generate with a side network (a context manager).
+
+    Args:
+        model: the backbone (a ``*ForCausalLM``), frozen.
+        layers: the tapped block indices, in the order the trunk was trained on; the last block must be one
+            of them (its output is the residual's base).
+        trunk: the side trunk, ``[N, L, d] -> [N, d_side]``.
+        head: the trained :class:`~lightning_mobillm.side.causal_lm.ResidualLMHead`.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], trunk: nn.Module, head: ResidualLMHead) -> None:
+        base = getattr(model, "base_model", model)
+        self.blocks = find_blocks(base)
+        self.norm = getattr(base, "norm", None)
+        if not isinstance(self.norm, nn.Module):
+            raise ValueError(f"{type(model).__name__} has no final norm (`base_model.norm`) to hook")
+        self.layers = [int(i) % len(self.blocks) for i in layers]
+        if len(self.blocks) - 1 not in self.layers:
+            raise ValueError(f"the last block ({len(self.blocks) - 1}) must be tapped: it is the residual's base; "
+                             f"tapped: {list(layers)}")
+        self.trunk, self.head = trunk, head
+        self._taps: dict[int, Tensor] = {}
+        self._handles: list[Any] = []
+
+    def _keep(self, j: int):
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            self._taps[j] = _hidden_from_output(output)
+
+        return hook
+
+    def _correct(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if len(self._taps) != len(self.layers):
+            raise RuntimeError(f"the final norm ran after {len(self._taps)} of {len(self.layers)} tapped blocks")
+        x = args[0]
+        bsz, seqlen, width = x.shape
+        param = next(self.trunk.parameters())
+        acts = torch.stack([self._taps[j] for j in range(len(self.layers))], dim=2)
+        acts = acts.reshape(bsz * seqlen, len(self.layers), width).to(param.dtype)
+        hidden = self.head(self.trunk(acts), x.reshape(bsz * seqlen, width))
+        self._taps.clear()
+        return (hidden.reshape(bsz, seqlen, width).to(x.dtype), *args[1:])
+
+    def __enter__(self) -> SideGeneration:
+        if self._handles:
+            raise RuntimeError("SideGeneration is already active")
+        self._handles = [self.blocks[layer].register_forward_hook(self._keep(j)) for j, layer in enumerate(self.layers)]
+        self._handles.append(self.norm.register_forward_pre_hook(self._correct))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._taps = [], {}

@@ -1,0 +1,127 @@
+"""The causal-LM side network: the backbone's output layer read apart, step 0 = the backbone, chunked loss,
+and device generation through hooks that computes exactly what the server trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_tiny_model
+
+from lightning_mobillm.backbone import FrozenBackbone
+from lightning_mobillm.generation import SideGeneration
+from lightning_mobillm.side.causal_lm import OutputLayer, ResidualLMHead, chunked_cross_entropy
+from lightning_mobillm.side.parallel_adapters import ParallelAdapterTrunk
+from lightning_mobillm.specs import BackboneConfig
+
+pytestmark = pytest.mark.timeout(180)
+
+LAYERS = [1, 3]  # the tiny models have 4 blocks; the last (3) is the residual's base
+
+
+def _block_taps(model, input_ids):
+    kept = {}
+    blocks = model.model.layers
+    handles = [blocks[layer].register_forward_hook(
+        lambda _m, _a, o, j=j: kept.__setitem__(j, (o[0] if isinstance(o, tuple) else o).detach()))
+        for j, layer in enumerate(LAYERS)]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=input_ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    acts = torch.stack([kept[j] for j in range(len(LAYERS))], dim=2)
+    return logits, acts.reshape(-1, len(LAYERS), acts.shape[-1])
+
+
+def _side(d, seed=0, zero=True):
+    torch.manual_seed(seed)
+    trunk = ParallelAdapterTrunk(len(LAYERS), d, reduction=4)
+    head = ResidualLMHead(trunk.out_features, d)
+    if not zero:
+        for p in [*trunk.parameters(), *head.parameters()]:
+            torch.nn.init.normal_(p, std=0.2)
+    return trunk.eval(), head.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_step_zero_reproduces_the_backbone_and_a_trained_side_matches_the_hooked_model(kind):
+    model = build_tiny_model(kind).eval()
+    ids = torch.randint(3, 64, (2, 9))
+    logits, acts = _block_taps(model, ids)
+    output = OutputLayer.from_model(model)
+    trunk, head = _side(model.config.hidden_size)
+    with torch.no_grad():
+        server = output(head(trunk(acts), acts[:, -1]))
+    torch.testing.assert_close(server, logits.reshape(-1, logits.shape[-1]), rtol=1e-5, atol=1e-5)
+    trunk, head = _side(model.config.hidden_size, zero=False)
+    with torch.no_grad():
+        server = output(head(trunk(acts), acts[:, -1])).reshape(logits.shape)
+        with SideGeneration(model, LAYERS, trunk, head):
+            device = model(input_ids=ids).logits
+        plain = model(input_ids=ids).logits  # the hooks are gone
+    assert (server - logits).abs().max() > 1e-2  # the side network changes the prediction
+    torch.testing.assert_close(device, server, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain, logits)
+
+
+def test_generate_with_a_zero_side_network_is_the_backbone_and_kv_cache_decoding_matches():
+    model = build_tiny_model("llama").eval()
+    ids = torch.randint(3, 64, (2, 6))
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    plain = model.generate(ids, **kw)
+    trunk, head = _side(model.config.hidden_size)
+    with SideGeneration(model, LAYERS, trunk, head):
+        assert torch.equal(model.generate(ids, **kw), plain)
+    trunk, head = _side(model.config.hidden_size, zero=False)
+    with SideGeneration(model, LAYERS, trunk, head):
+        cached = model.generate(ids, **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+        beams = model.generate(ids, num_beams=3, **kw)
+    assert torch.equal(cached, uncached)  # decoding one position at a time with the KV cache: the same tokens
+    assert not torch.equal(cached, plain) and beams.shape[0] == 2
+
+
+def test_the_last_block_must_be_tapped():
+    model = build_tiny_model("llama")
+    trunk, head = _side(model.config.hidden_size)
+    with pytest.raises(ValueError, match="the last block \\(3\\) must be tapped"):
+        SideGeneration(model, [0, 1], trunk, head)
+
+
+def test_output_layer_read_from_the_checkpoint_matches_the_device_digest(tiny_llama_dir):
+    backbone = FrozenBackbone(BackboneConfig(source=str(tiny_llama_dir), dtype="float32", layers=LAYERS))
+    digest = backbone.identity()["digest"]
+    read = OutputLayer.from_pretrained(tiny_llama_dir, expect_digest=digest)
+    mine = OutputLayer.from_model(backbone.model)
+    assert read.digest() == mine.digest() == digest
+    h = torch.randn(5, backbone.hidden_size)
+    torch.testing.assert_close(read(h), mine(h))
+    with pytest.raises(ValueError, match="do not match the digest the device declared"):
+        OutputLayer.from_pretrained(tiny_llama_dir, expect_digest="0" * 64)
+    with pytest.raises(ValueError, match="do not match the digest"):
+        OutputLayer.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16, expect_digest=digest)
+
+
+def test_chunked_cross_entropy_equals_the_whole_and_its_gradient():
+    model = build_tiny_model("gemma3")
+    output = OutputLayer.from_model(model)
+    h = torch.randn(37, model.config.hidden_size, requires_grad=True)
+    y = torch.randint(0, 64, (37,))
+    whole = F.cross_entropy(output(h), y)
+    (g_whole,) = torch.autograd.grad(whole, h)
+    chunked = chunked_cross_entropy(h, y, output, chunk_tokens=8)
+    (g_chunked,) = torch.autograd.grad(chunked, h)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(g_chunked, g_whole)
+    assert not any(p.requires_grad for p in output.norm.parameters()) and not output.weight.requires_grad
+    with pytest.raises(ValueError, match="37 tokens but labels 5"):
+        chunked_cross_entropy(h, y[:5], output)
+
+
+def test_the_side_head_keeps_the_output_layer_out_of_its_state_dict():
+    head = ResidualLMHead(16, 32)
+    assert set(head.state_dict()) == {"out.weight", "out.bias"}
+    assert head.out.weight.abs().sum() == 0
