@@ -1096,6 +1096,35 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def live_row(args: argparse.Namespace, preset: Preset, report: dict[str, Any]) -> None:
+    """Run the live row into ``report`` (``live``, or ``live_note`` saying why it is null)."""
+    if not args.live:
+        report["live_note"] = "not run (--no-live)"
+        return
+    import tempfile
+
+    live = run_live(preset, args.seed, Path(tempfile.mkdtemp(prefix="mobillm-fed-live-")), args.live_timeout_s)
+    report["live"] = live if live.get("status") == "ran" else None
+    if live.get("status") != "ran":
+        report["live_note"] = live
+    print(f"live: {live.get('status')}, val acc {live.get('val_acc')}", flush=True)
+
+
+def run_live_only(args: argparse.Namespace, preset: Preset, out_path: Path, wall0: float, cpu_gflops: float,
+                  measured: bool) -> None:
+    """``--methods "" --no-target-spaces``: only the live row, in a report of its own (merge its ``live`` into
+    the preset's full report by hand, saying so)."""
+    report: dict[str, Any] = {"preset": args.preset,
+                              "live": None, "methods": {}, "targets": {},
+                              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                              "versions": versions(), "machine": machine(cpu_gflops, preset.dtype, measured),
+                              "note": "the live row alone (no simulated method ran)"}
+    live_row(args, preset, report)
+    report["wall_s"] = time.perf_counter() - wall0
+    write_json(out_path, report)
+    print(f"\nwrote {out_path} in {report['wall_s']:.0f} s")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
@@ -1111,6 +1140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="also run Fed MobiLLM in the device, federation and plain target spaces, with label attacks")
     p.add_argument("--live", action=argparse.BooleanOptionalAction, default=True,
                    help="run the live row: a serve --role fed process and one device process per backbone over gRPC")
+    p.add_argument("--live-timeout-s", type=float, default=1800.0,
+                   help="how long the live row's device processes may take (three backbones on two cores: ~15 min)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]  # "" runs none (e.g. only --target-spaces)
     if unknown := sorted(set(methods) - set(METHODS)):
@@ -1131,6 +1162,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for alias in preset.backbones:  # a packaged model's one-time conversion stays outside every measurement
         for dtype in dict.fromkeys((preset.dtype, "float32")):  # the devices' dtype; FedAvg-LoRA's float32
             resolve_source(alias, dtype=dtype)
+    if not methods and not args.target_spaces:  # the live row alone: no simulated federation to build
+        run_live_only(args, preset, out_path, wall0, cpu_gflops, measured)
+        return
     fed, record = build_federation(preset, args.seed, cpu_gflops, log=lambda s: print(s, flush=True))
     fed.settings.target_acc = args.target_acc
     report: dict[str, Any] = {
@@ -1153,6 +1187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "versions": versions(),
         "machine": machine(cpu_gflops, preset.dtype, measured),
         "wall_s": None,
+        "targets": {},
     }
 
     def done(m: str, entry: dict[str, Any]) -> None:
@@ -1173,17 +1208,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"target space {space}: val acc {row['val_acc']:.3f}, label attack {la['attack_acc']:.3f} "
                   f"(zero-shot {la['reference_acc']:.3f}, advantage {la['label_advantage']:+.3f})", flush=True)
     if args.live:
-        import tempfile
-
         del fed
         gc.collect()
-        live = run_live(preset, args.seed, Path(tempfile.mkdtemp(prefix="mobillm-fed-live-")))
-        report["live"] = live if live.get("status") == "ran" else None
-        if live.get("status") != "ran":
-            report["live_note"] = live
-        print(f"live: {live.get('status')}, val acc {live.get('val_acc')}", flush=True)
-    else:
-        report["live_note"] = "not run (--no-live)"
+    live_row(args, preset, report)
     report["wall_s"] = time.perf_counter() - wall0
     write_json(out_path, report)
     print(summary_table(report["methods"]))
