@@ -454,9 +454,10 @@ class FrozenBackbone:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        select: Literal["all", "loss"] = "all",
+        select: Literal["all", "loss", "answer"] = "all",
         label_token_ids: list[int] | None = None,
         sink: Callable[[int, int, int], TapSink] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> BackboneOutput:
         """Run the frozen backbone and return the packed taps (and optionally the verbalizer logits).
 
@@ -465,17 +466,22 @@ class FrozenBackbone:
             attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding (left or right; the batch is
                 run right-padded and trimmed to its longest sample, so results do not depend on padding).
             select: ``"all"`` keeps every non-pad token in order; ``"loss"`` keeps one token per sample
-                (:meth:`loss_token_index`).
+                (:meth:`loss_token_index`); ``"answer"`` keeps the tokens ``positions`` marks, in order (a
+                generative run: the positions whose next token is in the answer).
             label_token_ids: if given (decoders only), also return the LM head's logits for these token ids
                 at the loss token.
             sink: ``sink(N, L, d)`` makes the :class:`TapSink` that each layer's hook hands its selected tokens
                 to as the forward runs (the device's codec quantises them into the frame), so the float
                 ``[N, L, d]`` stack is never allocated; the output then has ``acts=None`` and ``sink`` set.
+            positions: ``[B, T]`` bool, with ``select="answer"``: the tokens to keep (real tokens only; at least
+                one per sample), in the same layout as ``input_ids``.
         """
         if self.model is None:
             raise RuntimeError("This FrozenBackbone was closed")
-        if select not in ("all", "loss"):
-            raise ValueError(f"select must be 'all' or 'loss', got {select!r}")
+        if select not in ("all", "loss", "answer"):
+            raise ValueError(f"select must be 'all', 'loss' or 'answer', got {select!r}")
+        if (select == "answer") != (positions is not None):
+            raise ValueError("select='answer' takes the positions to keep, and only it does")
         if label_token_ids is not None and not self.is_decoder:
             raise ValueError(
                 f"label_token_ids needs a causal LM head; {self.tap_spec.arch} is an encoder backbone"
@@ -488,16 +494,25 @@ class FrozenBackbone:
         input_ids = input_ids.to(self.device, torch.long)
         attention_mask = attention_mask.to(self.device, torch.long)
         self.loss_token_index(attention_mask)  # validates: every sample has a token
-        input_ids, attention_mask = _to_right_padding(input_ids, attention_mask)
+        if positions is not None:
+            positions = positions.to(self.device, torch.bool)
+            if positions.shape != input_ids.shape:
+                raise ValueError(f"positions must be [B, T] like input_ids, got {tuple(positions.shape)}")
+            if bool((positions & (attention_mask == 0)).any()):
+                raise ValueError("positions marks a padding token")
+            if not bool(positions.any(dim=1).all()):
+                raise ValueError("positions marks no token of some sample: every sample needs one")
+        input_ids, attention_mask, positions = _to_right_padding(input_ids, attention_mask, positions)
         # drop all-pad trailing columns (batches padded to a fixed max_length cost only their longest sample)
         longest = int(attention_mask.sum(dim=1).max())
         if longest < attention_mask.shape[1]:
             input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
+            positions = None if positions is None else positions[:, :longest]
         bsz, seqlen = input_ids.shape
         loss_idx = self.loss_token_index(attention_mask)
 
-        if select == "all":
-            mask = attention_mask.bool()
+        if select in ("all", "answer"):
+            mask = attention_mask.bool() if positions is None else positions
             lengths = mask.sum(dim=1)
             flat_index = mask.reshape(-1).nonzero().squeeze(1)
         else:
@@ -560,16 +575,18 @@ class FrozenBackbone:
 
 
 def _to_right_padding(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move every row's real tokens to the front, keeping their order (a no-op for right-padded batches).
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Move every row's real tokens to the front, keeping their order (a no-op for right-padded batches);
+    ``positions`` (a per-token mask, if given) moves with them.
 
     A mask with holes (``1 0 1``) is compacted the same way: the masked tokens are simply not part of the input.
     """
     if attention_mask.shape[1] < 2 or not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-        return input_ids, attention_mask
+        return input_ids, attention_mask, positions
     order = torch.argsort((attention_mask == 0).to(torch.uint8), dim=1, stable=True)
-    return input_ids.gather(1, order), attention_mask.gather(1, order)
+    moved = None if positions is None else positions.gather(1, order)
+    return input_ids.gather(1, order), attention_mask.gather(1, order), moved
 
 
 def _accepts(module: nn.Module, name: str) -> bool:

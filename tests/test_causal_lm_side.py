@@ -125,3 +125,30 @@ def test_the_side_head_keeps_the_output_layer_out_of_its_state_dict():
     head = ResidualLMHead(16, 32)
     assert set(head.state_dict()) == {"out.weight", "out.bias"}
     assert head.out.weight.abs().sum() == 0
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_select_answer_keeps_exactly_the_marked_tokens_in_order(tiny_llama_dir, padding):
+    backbone = FrozenBackbone(BackboneConfig(source=str(tiny_llama_dir), dtype="float32", layers=LAYERS))
+    lengths = [7, 4, 6]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        cols = slice(0, n) if padding == "right" else slice(7 - n, 7)
+        ids[b, cols] = torch.randint(3, 64, (n,))
+        mask[b, cols] = 1
+    positions = torch.zeros(3, 7, dtype=torch.bool)
+    real = [mask[b].nonzero().flatten().tolist() for b in range(3)]
+    keep = [real[0][2:5], real[1][-1:], real[2][1:2] + real[2][4:6]]  # a hole in the last sample too
+    for b, cols in enumerate(keep):
+        positions[b, cols] = True
+    every = backbone(ids, mask, select="all")
+    chosen = backbone(ids, mask, select="answer", positions=positions)
+    offsets = torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0)
+    rows = [int(offsets[b]) + real[b].index(c) for b, cols in enumerate(keep) for c in cols]
+    assert chosen.lengths.tolist() == [3, 1, 3]
+    torch.testing.assert_close(chosen.acts, every.acts[rows])
+    with pytest.raises(ValueError, match="marks a padding token"):
+        backbone(ids, mask, select="answer", positions=mask == 0)
+    with pytest.raises(ValueError, match="takes the positions"):
+        backbone(ids, mask, select="answer")

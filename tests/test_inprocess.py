@@ -281,7 +281,7 @@ def test_select_auto_resolves_from_the_module_pooling_and_the_backbone_kind():
     # an encoder's loss token is its first ([CLS]): a last-token head there needs every token
     assert module("last").token_selection(is_decoder=False) == "all"
     assert module("first").token_selection(is_decoder=False) == "loss"
-    with pytest.raises(ValueError, match="select must be 'auto', 'all' or 'loss'"):
+    with pytest.raises(ValueError, match="select must be 'auto', 'all', 'loss' or 'answer'"):
         ServerAssistedStrategy(server="inprocess", select="some")
 
 

@@ -264,9 +264,21 @@ class SideTuningModule(lightning.LightningModule):
     def device_setup(self, backbone: FrozenBackbone, datamodule: Any) -> None:
         """Called on the device once the backbone is loaded, before the server is greeted."""
 
+    def token_positions(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """``[B, T]`` the tokens to send when :meth:`token_selection` says ``answer`` (None: not such a module)."""
+        return None
+
+    def device_labels(self, batch: dict[str, Tensor]) -> Tensor:
+        """The labels of a batch as the loss and the metrics see them: one class per sample."""
+        return batch["labels"]
+
+    def batch_size(self, batch: dict[str, Tensor]) -> int:
+        """Samples in a batch."""
+        return int(batch["labels"].shape[0])
+
     def training_payload(self, batch: dict[str, Tensor], out: BackboneOutput) -> tuple[str, dict[str, Tensor]]:
         """The frame kind and the tensors a training frame carries besides the activations: the labels."""
-        return P.TRAIN, {"labels": batch["labels"].to(torch.int64).cpu()}
+        return P.TRAIN, {"labels": self.device_labels(batch).to(torch.int64).cpu()}
 
     def device_scores(self, out: BackboneOutput, side_outputs: Tensor) -> Tensor:
         """Class scores on the device from the side network's outputs: its logits."""

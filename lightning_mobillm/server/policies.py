@@ -98,7 +98,7 @@ class PerDevicePolicy(ServerPolicy):
         result = engine.train_step(lambda: engine.model.compute_loss(batch))
         header = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                   "server_step_s": result.seconds, "server_steps": engine.step}
-        if not session.label_free:
+        if not session.label_free and not getattr(session, "labels_per_token", False):
             header["acc"] = float((result.outputs.argmax(-1) == batch["labels"]).float().mean())
         return header
 

@@ -1,6 +1,8 @@
 """The side server (MobiLLM / PAE): the frames of side-network sessions, from hello to bye.
 
-The server never loads a backbone and never sees text or token ids. A hello names a registered module
+The server never loads a backbone and never sees text; token ids reach it only as the labels of a generative
+session (``causal_lm``), whose hello also makes it read that backbone's frozen final norm and LM head from a
+checkpoint it allows (checked against the digest the device declares). A hello names a registered module
 (never an import path from the network) with its hyperparameters and the backbone's taps; the server
 builds it and hands it to its policy (:mod:`lightning_mobillm.server.policies`), which trains it through
 a Fabric engine. This module turns frames into validated batches (shapes against the session's taps,
@@ -39,6 +41,7 @@ log = logging.getLogger("lightning_mobillm.server")
 MODULE_REGISTRY: dict[str, str] = {
     "side_tuning": "lightning_mobillm.modules.side_tuning:SideTuningModule",
     "additive_adapter": "lightning_mobillm.modules.additive:AdditiveAdapterModule",
+    "causal_lm": "lightning_mobillm.modules.causal_lm:CausalLMSideModule",
 }
 
 
@@ -62,6 +65,8 @@ class SideSession(SessionBase):
     num_outputs: int
     module_name: str = ""
     label_free: bool = False
+    labels_per_token: bool = False  # a generative session: one label (the next token id) per sent position
+    label_bound: int = 0  # labels are in [0, label_bound): the class count, or the vocabulary size
     store: ActivationStore | None = None
     cache_folder: Path | None = None
     cache_token: str | None = None  # server-made; only the owner learns it (hello reply) and can reopen with it
@@ -127,6 +132,7 @@ class SideServer(FrameServer):
         super().__init__(config, **kwargs)
         self.policy = policy or PerDevicePolicy(self.config, self.fabric)
         self._caches: dict[Path, str] = {}  # open activation-cache folders -> the session key holding each
+        self._output_layers: dict[tuple, Any] = {}  # (source, dtype, digest) -> a backbone's frozen output layer
 
     # ---- hello ----------------------------------------------------------------------------------
     def _check_bounds(self, spec: TapSpec, h: dict) -> None:
@@ -140,6 +146,36 @@ class SideServer(FrameServer):
                 raise FrameError(f"hello asks for {value}{what}; this server allows at most {bound} ({key})")
         if h["total_steps"] > 10**9:
             raise FrameError("hello: total_steps is beyond any real run")
+
+    def _output_layer(self, backbone: dict, dtype: Any) -> Any:
+        """The final norm and LM head of the backbone a generative hello names, read by the server itself from a
+        checkpoint it allows (``allowed_backbones``, else the packaged models: a packaged alias, or an allowed
+        folder of that name) and checked against the digest the device declared; loaded once per server."""
+        from lightning_mobillm.assets import PACKAGED_MODELS, resolve_source
+        from lightning_mobillm.side.causal_lm import OutputLayer
+
+        name, digest = backbone.get("name"), backbone.get("digest")
+        if not name or not digest:
+            raise FrameError("a generative hello declares its backbone's name and output-layer digest")
+        if not isinstance(dtype, str) or dtype not in ("float32", "bfloat16", "float16"):
+            raise FrameError("hello: hparams.output_dtype must be float32, bfloat16 or float16")
+        allowed = self.config.allowed_backbones
+        sources = [a for a in (allowed if allowed is not None else PACKAGED_MODELS) if a == name or Path(a).name == name]
+        if not sources:
+            raise FrameError(f"this server does not load the output layer of backbone {name!r} (allowed: "
+                             f"{allowed if allowed is not None else sorted(PACKAGED_MODELS)})")
+        key = (sources[0], dtype, digest)
+        with self._lock:
+            cached = self._output_layers.get(key)
+        if cached is None:
+            try:
+                folder = resolve_source(sources[0], dtype=dtype)
+                cached = OutputLayer.from_pretrained(folder, getattr(torch, dtype), expect_digest=digest)
+            except (OSError, ValueError) as err:
+                raise FrameError(f"backbone {name!r}: {err}") from None
+            with self._lock:
+                self._output_layers[key] = cached
+        return cached
 
     def _build_module(self, h: dict, spec: TapSpec, num_classes: int, *, sizing_only: bool = False) -> Any:
         """Build the module a hello asks for, after sizing it on the meta device (nothing allocated) against
@@ -163,6 +199,9 @@ class SideServer(FrameServer):
             module.build(spec, num_classes=num_classes, num_outputs=h["num_outputs"])
         except (TypeError, ValueError, KeyError) as err:
             raise FrameError(f"hparams do not build {h['module']}: {err}") from None
+        if hasattr(module, "attach_output_layer"):
+            output = self._output_layer(h.get("backbone", {}), h["hparams"].get("output_dtype"))
+            module.attach_output_layer(output.copy_to(dtype=module.side_dtype, device=self.device))
         module.total_steps = h["total_steps"]
         return module
 
@@ -191,8 +230,11 @@ class SideServer(FrameServer):
             log.info("session %s reconnected at step %d (new secret; the old one is revoked)", key, live.step)
             return self._hello_reply(live, secret)
         module = self._build_module(h, spec, num_classes)
+        per_token = bool(getattr(type(module), "labels_per_token", False))
         session = SideSession(key, spec, h["num_outputs"], module_name=h["module"], backbone=backbone,
-                              label_free=bool(getattr(type(module), "label_free", False)))
+                              label_free=bool(getattr(type(module), "label_free", False)),
+                              labels_per_token=per_token,
+                              label_bound=int(module.label_bound) if per_token else h["num_outputs"])
         self.policy.attach(session, module, resume=h.get("resume", False))
         if cache is not None:
             self._open_store(session, owner, cache)
@@ -283,10 +325,12 @@ class SideServer(FrameServer):
             if y.shape != (lengths.numel(), session.num_outputs):
                 raise FrameError(f"targets shape {list(y.shape)} != [{lengths.numel()}, {session.num_outputs}]")
         else:
-            if y.shape != lengths.shape:
-                raise FrameError(f"labels shape {list(y.shape)} != lengths shape {list(lengths.shape)}")
-            if bool((y < 0).any()) or bool((y >= session.num_outputs).any()):
-                raise FrameError(f"labels must be in [0, {session.num_outputs})")
+            n = int(lengths.sum()) if session.labels_per_token else lengths.numel()
+            if y.shape != (n,):
+                raise FrameError(f"labels shape {list(y.shape)} != [{n}] (one per "
+                                 f"{'sent token' if session.labels_per_token else 'sample'})")
+            if bool((y < 0).any()) or bool((y >= session.label_bound).any()):
+                raise FrameError(f"labels must be in [0, {session.label_bound})")
         return y
 
     def _keys(self, session: SideSession, frame: Frame, batch_size: int | None) -> list[str] | None:

@@ -63,11 +63,11 @@ class OutputLayer:
     def hidden_size(self) -> int:
         return int(self.weight.shape[1])
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> OutputLayer:
-        self.norm.to(device=device, dtype=dtype)
-        self.weight = self.weight.to(device=device, dtype=dtype)
-        self.bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
-        return self
+    def copy_to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> OutputLayer:
+        """This layer on ``device`` in ``dtype`` (shares the tensors when nothing changes)."""
+        norm = copy.deepcopy(self.norm).to(device=device, dtype=dtype)
+        bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
+        return OutputLayer(norm, self.weight.to(device=device, dtype=dtype), bias, self.softcap)
 
     def __call__(self, hidden: Tensor) -> Tensor:
         """Logits ``[..., V]`` of hidden states ``[..., d]`` (in the layer's dtype)."""

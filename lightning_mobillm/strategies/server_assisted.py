@@ -123,7 +123,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         select: which tokens' activations are sent: ``auto`` (the default) asks the module which tokens can
             reach its loss (:meth:`SideTuningModule.token_selection`: the loss token alone for a head pooling
             it, the same loss for far fewer bytes); ``all`` non-pad tokens (the MobiLLM paper's
-            configuration); only the ``loss`` token (the PAE shortcut).
+            configuration); only the ``loss`` token (the PAE shortcut); the ``answer`` positions of a generative
+            module (those whose next token is in the answer: :meth:`SideTuningModule.token_positions`).
         inference: where validation/test/predict run the side network: on the ``server`` (during ``fit``
             always) or ``local``ly on the device with weights downloaded from the server.
         embedded: settings of the embedded server (ignored when ``server`` is set).
@@ -148,7 +149,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         tls_key_file: str | None = None,
         tls_server_name: str | None = None,
         pipeline_depth: int = 1,
-        select: Literal["auto", "all", "loss"] = "auto",
+        select: Literal["auto", "all", "loss", "answer"] = "auto",
         inference: Literal["server", "local"] = "server",
         embedded: ServerConfig | None = None,
         device_id: str | None = None,
@@ -161,8 +162,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         super().__init__(device=backbone_device)
         if pipeline_depth < 0:
             raise ValueError(f"pipeline_depth must be >= 0, got {pipeline_depth}")
-        if select not in ("auto", "all", "loss"):
-            raise ValueError(f"select must be 'auto', 'all' or 'loss', got {select!r}")
+        if select not in ("auto", "all", "loss", "answer"):
+            raise ValueError(f"select must be 'auto', 'all', 'loss' or 'answer', got {select!r}")
         self.server_address = server
         self.token = read_token(token_env, token_file) or (None if server else uuid.uuid4().hex)
         self.token_env = token_env
@@ -170,7 +171,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
                     "server_name": tls_server_name}
         self.pipeline_depth = pipeline_depth
         self.select = select
-        self._auto_select: Literal["all", "loss"] | None = None  # what auto means for this module (setup_environment)
+        self._auto_select: Literal["all", "loss", "answer"] | None = None  # what auto means for this module (setup_environment)
         self.inference = inference
         self.embedded = embedded or ServerConfig()
         self.device_id = device_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -217,7 +218,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.cache = cache
 
     @property
-    def token_select(self) -> Literal["all", "loss"]:
+    def token_select(self) -> Literal["all", "loss", "answer"]:
         """The tokens this run sends: ``select``, with ``auto`` resolved once the module is built."""
         if self.select != "auto":
             return self.select
@@ -368,9 +369,11 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
     def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], BackboneOutput]:
         """Run the backbone (with the LM-head logits the module composes with, if any), its taps quantised into
         frame tensors inside the hooks as the forward runs (the float ``[N, L, d]`` stack never exists)."""
+        module = self.lightning_module
+        positions = module.token_positions(batch) if self.token_select == "answer" else None
         out = self.backbone(batch["input_ids"], batch["attention_mask"], select=self.token_select,
-                            label_token_ids=self.lightning_module.backbone_label_token_ids,
-                            sink=self.transfer.layer_encoder)
+                            label_token_ids=module.backbone_label_token_ids,
+                            sink=self.transfer.layer_encoder, positions=positions)
         self.device_stats.device_forwards += 1
         return self.transfer.pack_written(out.sink, out.lengths), out
 
@@ -390,7 +393,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         trainer = self.lightning_module.trainer
         step = trainer.global_step
         t0 = time.perf_counter()
-        self.device_stats.train_samples += int(batch["labels"].numel())
+        self.device_stats.train_samples += self.lightning_module.batch_size(batch)
         keys = self.cache.sample_keys(batch["input_ids"], batch["attention_mask"]) if self.cache else None
         self._replay.add(step, batch, keys)  # before anything is sent: a crash from here on replays it
         self._next_step = step + 1
@@ -579,8 +582,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         scores = self._scores(batch)
-        labels = batch["labels"].to(scores.device)
         module = self.lightning_module
+        labels = module.device_labels(batch).to(scores.device)
         module.update_eval_metrics(stage, scores, labels, loss=module.device_eval_loss(scores, labels))
         return {"logits": scores}
 
