@@ -14,7 +14,8 @@ The side network is not a weight delta: it cannot be merged into the backbone's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from lightning_mobillm.backbone import _hidden_from_output, find_blocks
 from lightning_mobillm.side.causal_lm import ResidualLMHead
 
-__all__ = ["SideGeneration"]
+__all__ = ["SideGeneration", "generate_texts"]
 
 
 class SideGeneration:
@@ -80,3 +81,22 @@ class SideGeneration:
         for h in self._handles:
             h.remove()
         self._handles, self._taps = [], {}
+
+
+def generate_texts(model: Any, tokenizer: Any, batches: Iterable[dict[str, Tensor]], side: Any = None,
+                   layers: Sequence[int] | None = None, max_new_tokens: int = 32,
+                   **generate_kwargs: Any) -> list[tuple[int, str]]:
+    """``(index, text)`` of the tokens ``model.generate`` writes after each left-padded prompt of ``batches``
+    (greedy unless ``generate_kwargs`` say otherwise), with ``side`` (a trunk and a ``ResidualLMHead``, tapping
+    ``layers``) when given, else the backbone alone."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad, **generate_kwargs}
+    hooks = SideGeneration(model, list(layers or []), side.trunk, side.head) if side is not None else nullcontext()
+    out: list[tuple[int, str]] = []
+    with torch.inference_mode(), hooks:
+        for batch in batches:
+            ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+            new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            out += [(int(i), text.strip()) for i, text in zip(batch["index"], texts)]
+    return out

@@ -14,7 +14,7 @@ from conftest import write_tiny_dataset
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_mobillm import protocol as P
-from lightning_mobillm.callbacks import DeviceMonitor, QuantizedTransfer
+from lightning_mobillm.callbacks import DeviceMonitor, GenerationEval, QuantizedTransfer
 from lightning_mobillm.client import INPROCESS, ServerError
 from lightning_mobillm.data.instruction import IGNORE_INDEX, InstructionDataModule
 from lightning_mobillm.modules.causal_lm import CausalLMSideModule
@@ -50,17 +50,18 @@ def answers_file(tmp_path):
     return path
 
 
-def _run(tmp_path, answers_file, tiny_llama_dir, allowed, epochs=6, codec="fp32", layers=(1, 3)):
+def _run(tmp_path, answers_file, tiny_llama_dir, allowed, epochs=6, codec="fp32", layers=(1, 3), callbacks=(),
+         test_fraction=0.0):
     L.seed_everything(0, verbose=False)
     data = InstructionDataModule(dataset=str(answers_file), template="Article : {text} Topic :", max_length=24,
-                                 batch_size=8, eval_batch_size=16, val_fraction=0.2, test_fraction=0.0,
-                                 tokenizer=str(tiny_llama_dir))
+                                 batch_size=8, eval_batch_size=16, val_fraction=0.2, test_fraction=test_fraction,
+                                 tokenizer=str(tiny_llama_dir), generate_samples=12)
     module = CausalLMSideModule(backbone=BackboneConfig(source=str(tiny_llama_dir), layers=list(layers)), lr=3e-2,
                                 reduction=4, chunk_tokens=5)
     trainer = L.Trainer(
         strategy=ServerAssistedStrategy(server=INPROCESS, embedded=ServerConfig(device="cpu", threads=1,
                                                                                  allowed_backbones=allowed)),
-        accelerator="cpu", max_epochs=epochs, callbacks=[QuantizedTransfer(codec), DeviceMonitor()],
+        accelerator="cpu", max_epochs=epochs, callbacks=[QuantizedTransfer(codec), DeviceMonitor(), *callbacks],
         logger=CSVLogger(tmp_path, name="run"), enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, enable_checkpointing=False, default_root_dir=tmp_path)
     return trainer, module, data
@@ -110,3 +111,19 @@ def test_the_last_block_must_be_tapped(tmp_path, answers_file, tiny_llama_dir):
                                  layers=(0, 2))
     with pytest.raises(ValueError, match="needs the last block \\(3\\) tapped last"):
         trainer.fit(module, datamodule=data)
+
+
+def test_generation_on_the_device_learns_the_answers_and_predict_writes_them(tmp_path, answers_file, tiny_llama_dir):
+    gen = GenerationEval(metric="exact_match", max_new_tokens=3, output=str(tmp_path / "texts.jsonl"))
+    trainer, module, data = _run(tmp_path, answers_file, tiny_llama_dir, [str(tiny_llama_dir)], callbacks=[gen],
+                                 test_fraction=0.1)
+    zero_shot = trainer.validate(module, datamodule=data, verbose=False)[0]["val/exact_match"]
+    trainer.fit(module, datamodule=data)
+    trained = float(trainer.callback_metrics["val/exact_match"])
+    assert len(gen.last["texts"]) == 12 and gen.last["exact_match"] == pytest.approx(trained)
+    assert zero_shot < 0.2 and trained > 0.6  # the topic's name, then EOS stops the generation
+    trainer.predict(module, datamodule=data, return_predictions=False)
+    rows = [json.loads(line) for line in (tmp_path / "texts.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(len(data.split_dataset("test"))))
+    names = {r.answer for r in data.records("test")}
+    assert sum(r["text"] in names for r in rows) > 0.6 * len(rows)

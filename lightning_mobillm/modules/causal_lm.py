@@ -245,5 +245,16 @@ class CausalLMSideModule(SideTuningModule):
         if self._trainer is not None and values:
             self.log_dict(values, prog_bar=True)
 
+    #: ``generate`` arguments of :meth:`device_predict` (``max_new_tokens``, ``num_beams``, ``do_sample``...)
+    generate_kwargs: dict[str, Any] = {"max_new_tokens": 32}
+
+    def device_predict(self, backbone: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """``predict`` on the device: generate for a batch of left-padded prompts with the side network."""
+        from lightning_mobillm.generation import generate_texts  # device code: the server never imports it
+
+        produced = generate_texts(backbone.model, backbone.tokenizer, [batch], side=self._require_built(),
+                                  layers=backbone.layers, **self.generate_kwargs)
+        return {"index": [i for i, _ in produced], "texts": [t for _, t in produced]}
+
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return {"hidden": self._require_built()(batch["acts"].to(self.side_dtype), batch["lengths"])}

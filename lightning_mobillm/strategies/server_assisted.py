@@ -596,6 +596,9 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         return self._eval_step("test", batch)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, *args: Any) -> Any:
+        predict = getattr(self.lightning_module, "device_predict", None)
+        if predict is not None:  # a generative module writes texts on the device
+            return predict(self.backbone, batch)
         logits = self._scores(batch)
         return {"logits": logits, "preds": logits.argmax(-1), "index": batch.get("index")}
 
