@@ -31,10 +31,15 @@ from lightning_mobillm.baselines import (
     MeZOClassifier,
     SplitLearningClassifier,
 )
-from lightning_mobillm.callbacks import ActivationCache, DeviceMonitor, QuantizedTransfer
-from lightning_mobillm.data import TextClassificationDataModule
+from lightning_mobillm.callbacks import ActivationCache, DeviceMonitor, GenerationEval, QuantizedTransfer
+from lightning_mobillm.data import InstructionDataModule, TextClassificationDataModule
 from lightning_mobillm.engine import BYTES_PER_PARAMETER
-from lightning_mobillm.modules import AdditiveAdapterModule, FedDeviceModule, SideTuningModule
+from lightning_mobillm.modules import (
+    AdditiveAdapterModule,
+    CausalLMSideModule,
+    FedDeviceModule,
+    SideTuningModule,
+)
 from lightning_mobillm.strategies import ServerAssistedStrategy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +98,14 @@ METHODS: dict[str, Method] = {
     **{f"recipes/fed/{name}.yaml": Method(FedDeviceModule, SingleDeviceStrategy, (DeviceMonitor,))
        for name in ("smollm2-135m-bbc", "smollm2-135m-bbc-fleet", "gemma3-270m-bbc", "qwen2.5-coder-0.5b-bbc",
                     "tiny-device")},
+    "recipes/sft/smollm2-bbc-headlines.yaml": Method(CausalLMSideModule, ServerAssistedStrategy,
+                                                     (QuantizedTransfer, GenerationEval, DeviceMonitor, ModelCheckpoint),
+                                                     "auto", "int8o"),
 }
-OWN_CALLBACKS = (QuantizedTransfer, ActivationCache, DeviceMonitor, ModelCheckpoint)
+#: generative recipes (an InstructionDataModule): the tiny data's text is the prompt, its label the answer
+GENERATIVE = [r for r in RECIPES if r.startswith("recipes/sft/")]
+GENERATIVE_OVERRIDES = ["--data.init_args.prompt_field", "text", "--data.init_args.answer_field", "label"]
+OWN_CALLBACKS = (QuantizedTransfer, ActivationCache, GenerationEval, DeviceMonitor, ModelCheckpoint)
 
 
 def _yaml(path: str) -> dict:
@@ -195,7 +206,8 @@ def test_every_recipe_has_an_expected_method():
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_instantiates(recipe, cli_in, tiny_overrides, tiny_llama_dir, tmp_path):
     cfg, method = _yaml(recipe), METHODS[recipe]
-    cli = cli_in([recipe], tiny_overrides)
+    generative = recipe in GENERATIVE
+    cli = cli_in([recipe], tiny_overrides + (GENERATIVE_OVERRIDES if generative else []))
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
 
     # the model: the method's class, every init arg as the recipe sets it, the class count linked from data
@@ -208,10 +220,13 @@ def test_recipe_instantiates(recipe, cli_in, tiny_overrides, tiny_llama_dir, tmp
         if key == "embedded":
             got = {k: got[k] for k in value}
         assert (list(got) if isinstance(got, tuple) else got) == value, key
-    assert model.hparams["num_classes"] == 3 == data.num_classes
+    if generative:  # no classes: W_o's width is the backbone's (32 for the tiny Llama), known once it is built
+        assert type(data) is InstructionDataModule and model.hparams["num_classes"] is None
+    else:
+        assert model.hparams["num_classes"] == 3 == data.num_classes
+        assert type(data) is TextClassificationDataModule
 
     # the data module: every setting but the stand-in data set
-    assert type(data) is TextClassificationDataModule
     for key, value in _init_args(cfg["data"]).items():
         if key not in ("dataset", "data_files"):
             assert data.hparams[key] == value, key
@@ -412,7 +427,8 @@ def test_every_shipped_recipe_fits_the_servers_default_limits(recipe, cli_in, ti
     backbone = _init_args(cfg["model"])["backbone"]
     blocks, width = PACKAGED_SHAPES[backbone["source"]]
     taps = blocks if backbone.get("layers", "all") == "all" else len(backbone["layers"])
-    cli = cli_in([recipe], tiny_overrides)
+    generative = recipe in GENERATIVE
+    cli = cli_in([recipe], tiny_overrides + (GENERATIVE_OVERRIDES if generative else []))
     model, data, strategy = cli.model, cli.datamodule, cli.trainer.strategy
     (transfer,) = [c for c in cli.trainer.callbacks if isinstance(c, QuantizedTransfer)]
     per_sample = 1 if strategy.select == "loss" else data.hparams["max_length"]  # auto: at most every token
@@ -423,10 +439,10 @@ def test_every_shipped_recipe_fits_the_servers_default_limits(recipe, cli_in, ti
     assert taps <= limits.max_taps and width <= limits.max_width
     # the hello: the server builds this module from the hello's hparams and side config (sized on meta)
     spec = TapSpec(layers=list(range(taps)), hidden_size=width, arch="llama", is_decoder=True)
-    outputs = model.default_num_outputs(BBC_NEWS_CLASSES)
+    outputs = width if generative else model.default_num_outputs(BBC_NEWS_CLASSES)
     with torch.device("meta"):
         side = type(model).from_hparams_dict({**model.server_hparams(), **model.side_config.module_kwargs()})
-        side.build(spec, num_classes=BBC_NEWS_CLASSES, num_outputs=outputs)
+        side.build(spec, num_classes=outputs if generative else BBC_NEWS_CLASSES, num_outputs=outputs)
     assert outputs <= limits.max_outputs
     assert sum(p.numel() for p in side.parameters()) * BYTES_PER_PARAMETER / 2**20 <= limits.max_session_mb
 
