@@ -6,9 +6,11 @@
 * :class:`MeZOClassifier` -- zeroth-order fine-tuning (MeZO) with forward passes only, at the memory of
   inference and with no server;
 * :class:`SplitLearningClassifier` -- split learning over the framework's gRPC link (the device keeps the
-  first blocks with LoRA, a server the rest; activations up, gradients down).
+  first blocks with LoRA, a server the rest; activations up, gradients down);
+* :class:`OnDeviceCausalLM` -- the generative baselines: zero-shot, LoRA and full fine-tuning of the causal LM.
 """
 
+from lightning_mobillm.baselines.causal_lm import OnDeviceCausalLM
 from lightning_mobillm.baselines.common import OnDeviceClassifier
 from lightning_mobillm.baselines.finetune import FullFineTuneClassifier, LoRAClassifier
 from lightning_mobillm.baselines.lst import LadderSideNetwork, LadderSideTuningClassifier
@@ -22,6 +24,7 @@ __all__ = [
     "LoRAClassifier",
     "MeZO",
     "MeZOClassifier",
+    "OnDeviceCausalLM",
     "OnDeviceClassifier",
     "SplitLearningClassifier",
 ]

@@ -19,9 +19,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightning_mobillm.generation import generate_texts
-
-__all__ = ["GenerationEval", "exact_match", "generate_texts", "rouge_scores"]
+__all__ = ["GenerationEval", "exact_match", "rouge_scores"]
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -78,16 +76,20 @@ class GenerationEval(L.Callback):
         return rouge_scores(texts, references)
 
     def generate(self, trainer: L.Trainer, pl_module: Any, batches: Any) -> list[tuple[int, str]]:
-        backbone = trainer.strategy.backbone
-        return generate_texts(backbone.model, backbone.tokenizer, batches, side=pl_module.side,
-                              layers=backbone.layers, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
+        """The module's own generation (its ``generate_texts``: the side network's hooks, or the adapted model)."""
+        generate = getattr(pl_module, "generate_texts", None)
+        if generate is None:
+            raise TypeError(f"GenerationEval needs a generative module (with generate_texts); "
+                            f"{type(pl_module).__name__} has none")
+        return generate(batches, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
         if trainer.sanity_checking or (fitting and (trainer.current_epoch + 1) % self.every_n_epochs):
             return
-        if fitting:  # the server holds the trained side network
-            pl_module.load_state_dict(trainer.strategy.fetch_server_state()["model"])
+        fetch = getattr(trainer.strategy, "fetch_server_state", None)
+        if fitting and fetch is not None:  # the server holds the trained side network
+            pl_module.load_state_dict(fetch()["model"])
         dm = trainer.datamodule
         loader = dm.generation_dataloader("validation", self.samples)
         produced = self.generate(trainer, pl_module, loader)

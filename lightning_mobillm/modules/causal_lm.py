@@ -248,12 +248,18 @@ class CausalLMSideModule(SideTuningModule):
     #: ``generate`` arguments of :meth:`device_predict` (``max_new_tokens``, ``num_beams``, ``do_sample``...)
     generate_kwargs: dict[str, Any] = {"max_new_tokens": 32}
 
-    def device_predict(self, backbone: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
-        """``predict`` on the device: generate for a batch of left-padded prompts with the side network."""
+    def generate_texts(self, batches: Any, backbone: Any = None, **kwargs: Any) -> list[tuple[int, str]]:
+        """``(index, text)`` generated on the device for left-padded prompts: the frozen backbone's stock
+        ``generate`` with this side network's hooks (``backbone``: default, the strategy's)."""
         from lightning_mobillm.generation import generate_texts  # device code: the server never imports it
 
-        produced = generate_texts(backbone.model, backbone.tokenizer, [batch], side=self._require_built(),
-                                  layers=backbone.layers, **self.generate_kwargs)
+        backbone = backbone if backbone is not None else self.trainer.strategy.backbone
+        return generate_texts(backbone.model, backbone.tokenizer, batches, side=self._require_built(),
+                              layers=backbone.layers, **kwargs)
+
+    def device_predict(self, backbone: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """``predict`` on the device: generate for a batch of left-padded prompts with the side network."""
+        produced = self.generate_texts([batch], backbone, **self.generate_kwargs)
         return {"index": [i for i, _ in produced], "texts": [t for _, t in produced]}
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Tensor]:
