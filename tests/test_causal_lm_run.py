@@ -153,3 +153,22 @@ def test_on_device_baselines_train_the_same_answer_loss(tmp_path, answers_file, 
     assert float(after["val/loss"]) < before["val/loss"] - 0.3
     assert float(after["val/token_acc"]) > before["val/token_acc"] + 0.3
     assert float(after["val/exact_match"]) > before["val/exact_match"]
+
+
+def test_the_activation_cache_serves_answer_tokens_and_later_epochs_need_no_forward(tmp_path, answers_file,
+                                                                                    tiny_llama_dir, wire):
+    from lightning_mobillm.callbacks import ActivationCache
+
+    trainer, module, data = _run(tmp_path / "plain", answers_file, tiny_llama_dir, [str(tiny_llama_dir)], epochs=3)
+    trainer.fit(module, datamodule=data)
+    plain = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    wire.clear()
+    trainer, module, data = _run(tmp_path / "cached", answers_file, tiny_llama_dir, [str(tiny_llama_dir)], epochs=3,
+                                 callbacks=[ActivationCache()])
+    trainer.fit(module, datamodule=data)
+    cached = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    assert cached == pytest.approx(plain, rel=1e-5)  # fp32 taps are stored as they came: the same training
+    kinds = [decode_frame(q, P.REQUEST_SCHEMAS).kind for q, _ in wire]
+    steps = len(data.train_dataloader())
+    assert kinds.count(P.TRAIN) == steps and kinds.count(P.TRAIN_CACHED) == 2 * steps
+    assert trainer.strategy.device_stats.device_forwards == steps + 3 * len(data.val_dataloader())  # epoch 1 only

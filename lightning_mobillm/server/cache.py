@@ -499,23 +499,35 @@ class ActivationStore:
             self._insert(key, stored)
             self._enforce_bound()
 
-    def put_many(self, keys: list[str], tensors: dict[str, torch.Tensor]) -> bool:
-        """Store ``len(keys)`` samples: row ``i`` of every tensor is sample ``keys[i]`` (a later duplicate wins).
+    def put_many(self, keys: list[str], tensors: dict[str, torch.Tensor],
+                 rows_per_key: list[int] | None = None) -> bool:
+        """Store ``len(keys)`` samples: row ``i`` of every tensor is sample ``keys[i]`` (a later duplicate wins);
+        with ``rows_per_key``, sample ``i`` is the next ``rows_per_key[i]`` rows of every tensor instead (packed
+        samples of several tokens), stored with a ``rows`` entry ``[n]`` so that :meth:`get_many` with
+        ``join="cat"`` gives back the row counts as well.
 
         Returns False, storing nothing, when the samples would take the store past :attr:`quota_bytes`."""
         keys = list(keys)
         for key in keys:
             validate_key(key)
         tensors = _check_tensors(tensors)
+        if rows_per_key is not None and (len(rows_per_key) != len(keys) or any(n < 1 for n in rows_per_key)):
+            raise ValueError(f"rows_per_key must give each of the {len(keys)} keys at least one row")
+        total = len(keys) if rows_per_key is None else sum(rows_per_key)
         for name, t in tensors.items():
-            if t.ndim < 1 or t.shape[0] != len(keys):
-                raise ValueError(f"tensor {name!r} has shape {list(t.shape)}; its leading dim must be {len(keys)}")
+            if t.ndim < 1 or t.shape[0] != total:
+                raise ValueError(f"tensor {name!r} has shape {list(t.shape)}; its leading dim must be {total}")
         rows = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-        samples = [{name: t[i].clone() for name, t in rows.items()} for i in range(len(keys))]
+        if rows_per_key is None:
+            samples = [{name: t[i].clone() for name, t in rows.items()} for i in range(len(keys))]
+        else:
+            parts = {name: t.split(list(rows_per_key)) for name, t in rows.items()}
+            samples = [{**{name: parts[name][i].clone() for name in rows},
+                        "rows": torch.tensor([n], dtype=torch.int64)} for i, n in enumerate(rows_per_key)]
         with self._lock:
             self._check_open()
             if self.quota_bytes is not None:
-                new = sum(t.numel() * t.element_size() for t in rows.values())
+                new = sum(t.numel() * t.element_size() for sample in samples for t in sample.values())
                 replaced = set(keys)
                 held = sum(e.nbytes for k, e in self._entries.items() if k not in replaced)
                 if held + new > self.quota_bytes:

@@ -370,24 +370,26 @@ class SideServer(FrameServer):
                 keys = self._keys(session, frame, None)
                 if not keys:
                     raise FrameError("train_cached needs a non-empty list of keys")
-                found, missing = session.store.get_many(keys)
+                per_token = session.labels_per_token
+                found, missing = session.store.get_many(keys, join="cat" if per_token else "stack")
                 if missing:
                     # nothing trained: the device forwards these samples again and resends the step
                     return encode_frame(Frame(kind=P.OK, header={"step": step, "missing": missing,
                                                                   **self._cache_stats(session)}))
-                batch = {"acts": found["acts"].float(), "lengths": torch.ones(len(keys), dtype=torch.int64),
-                         session.target_key: found["y"]}
+                lengths = found["rows"] if per_token else torch.ones(len(keys), dtype=torch.int64)
+                batch = {"acts": found["acts"].float(), "lengths": lengths, session.target_key: found["y"]}
             else:
                 batch = self._batch(session, frame, with_target=True)
                 keys = self._keys(session, frame, int(batch["lengths"].numel()))
-                if keys is not None and int(batch["acts"].shape[0]) != len(keys):
+                if keys is not None and not session.labels_per_token and int(batch["acts"].shape[0]) != len(keys):
                     raise FrameError("the activation cache needs one token per sample (strategy select: loss)")
             header = self.policy.train(session, batch)
             header["step"] = step
             if keys is not None and not cached:
                 store_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(frame.header["codec"], torch.float16)
+                rows = batch["lengths"].tolist() if session.labels_per_token else None  # a sample's answer tokens
                 header["cached"] = session.store.put_many(
-                    keys, {"acts": batch["acts"].to(store_dtype), "y": batch[session.target_key]})
+                    keys, {"acts": batch["acts"].to(store_dtype), "y": batch[session.target_key]}, rows)
             self.policy.step_end(session)  # after the cache entries: a checkpoint holds them too
             header["checkpoint_step"] = session.checkpoint_step
             if session.store is not None:

@@ -211,10 +211,10 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
     def use_cache(self, cache: ActivationCache) -> None:
         """Let this callback name training samples so that the server can keep their activations."""
-        if self.token_select != "loss":
-            raise ValueError("ActivationCache needs one token per sample: trainer.strategy.init_args.select: loss "
-                             f"(or auto with a module that pools the loss token); it is {self.select!r}, which "
-                             f"sends {self.token_select!r} tokens")
+        if self.token_select not in ("loss", "answer"):
+            raise ValueError("ActivationCache needs the loss token (trainer.strategy.init_args.select: loss, or auto "
+                             "with a module that pools it) or a generative module's answer tokens (select: answer); "
+                             f"it is {self.select!r}, which sends {self.token_select!r} tokens")
         self.cache = cache
 
     @property
