@@ -85,12 +85,15 @@ class SideGeneration:
 
 def generate_texts(model: Any, tokenizer: Any, batches: Iterable[dict[str, Tensor]], side: Any = None,
                    layers: Sequence[int] | None = None, max_new_tokens: int = 32,
-                   **generate_kwargs: Any) -> list[tuple[int, str]]:
+                   stop_token_ids: Sequence[int] | None = None, **generate_kwargs: Any) -> list[tuple[int, str]]:
     """``(index, text)`` of the tokens ``model.generate`` writes after each left-padded prompt of ``batches``
     (greedy unless ``generate_kwargs`` say otherwise), with ``side`` (a trunk and a ``ResidualLMHead``, tapping
-    ``layers``) when given, else the backbone alone."""
+    ``layers``) when given, else the backbone alone. Generation stops at any of ``stop_token_ids`` (e.g. the data
+    module's end of turn), the model's ``generation_config.eos_token_id`` and the tokenizer's EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad, **generate_kwargs}
+    stops = _stop_ids(model, tokenizer, stop_token_ids)
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad, "eos_token_id": stops,
+              **generate_kwargs}
     hooks = SideGeneration(model, list(layers or []), side.trunk, side.head) if side is not None else nullcontext()
     out: list[tuple[int, str]] = []
     with torch.inference_mode(), hooks:
@@ -100,3 +103,10 @@ def generate_texts(model: Any, tokenizer: Any, batches: Iterable[dict[str, Tenso
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             out += [(int(i), text.strip()) for i, text in zip(batch["index"], texts)]
     return out
+
+
+def _stop_ids(model: Any, tokenizer: Any, extra: Sequence[int] | None) -> list[int]:
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config = [config] if isinstance(config, int) else list(config or [])
+    ids = [*(extra or []), *config, tokenizer.eos_token_id]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))

@@ -76,8 +76,10 @@ class ServerConfig:
             workdir every n training steps (and at each set_state and idle expiry), so a restarted server
             continues a session that says hello with ``resume: true``; 0 disables.
         allowed_backbones: backbones (``BackboneConfig.source`` values) a split-learning server may load
-            when a device asks; None allows the packaged offline models only. The side server never
-            loads a backbone. For the ``fed`` role: the backbone type keys
+            when a device asks; None allows the packaged offline models only. The side server loads no
+            backbone, only, for a generative (``causal_lm``) session, the final norm and LM head of an allowed
+            one (an alias, or a local folder matched by its name) checked against the device's digest, once per
+            server and shared by its sessions. For the ``fed`` role: the backbone type keys
             (``<name>/<arch>/d<width>-L<depth>``, :class:`~lightning_mobillm.fed.alignment.BackboneType`)
             whose devices may join; None admits every well-formed type.
 

@@ -51,16 +51,16 @@ def answers_file(tmp_path):
 
 
 def _run(tmp_path, answers_file, tiny_llama_dir, allowed, epochs=6, codec="fp32", layers=(1, 3), callbacks=(),
-         test_fraction=0.0):
+         test_fraction=0.0, select="auto", dtype="float32", **data_kw):
     L.seed_everything(0, verbose=False)
     data = InstructionDataModule(dataset=str(answers_file), template="Article : {text} Topic :", max_length=24,
                                  batch_size=8, eval_batch_size=16, val_fraction=0.2, test_fraction=test_fraction,
-                                 tokenizer=str(tiny_llama_dir), generate_samples=12)
-    module = CausalLMSideModule(backbone=BackboneConfig(source=str(tiny_llama_dir), layers=list(layers)), lr=3e-2,
-                                reduction=4, chunk_tokens=5)
+                                 tokenizer=str(tiny_llama_dir), generate_samples=12, **data_kw)
+    module = CausalLMSideModule(backbone=BackboneConfig(source=str(tiny_llama_dir), layers=list(layers), dtype=dtype),
+                                lr=3e-2, reduction=4, chunk_tokens=5)
     trainer = L.Trainer(
-        strategy=ServerAssistedStrategy(server=INPROCESS, embedded=ServerConfig(device="cpu", threads=1,
-                                                                                 allowed_backbones=allowed)),
+        strategy=ServerAssistedStrategy(server=INPROCESS, select=select,
+                                        embedded=ServerConfig(device="cpu", threads=1, allowed_backbones=allowed)),
         accelerator="cpu", max_epochs=epochs, callbacks=[QuantizedTransfer(codec), DeviceMonitor(), *callbacks],
         logger=CSVLogger(tmp_path, name="run"), enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, enable_checkpointing=False, default_root_dir=tmp_path)
@@ -103,6 +103,46 @@ def test_answer_taps_and_next_tokens_cross_and_training_lowers_the_backbones_los
 def test_the_server_reads_only_output_layers_it_allows(tmp_path, answers_file, tiny_llama_dir):
     trainer, module, data = _run(tmp_path, answers_file, tiny_llama_dir, ["smollm2-135m"], epochs=1)
     with pytest.raises(ServerError, match="does not load the output layer of backbone"):
+        trainer.fit(module, datamodule=data)
+
+
+def test_the_server_refuses_a_declared_digest_its_checkpoint_does_not_have(tmp_path, answers_file, tiny_llama_dir,
+                                                                          monkeypatch):
+    from lightning_mobillm.backbone import FrozenBackbone
+
+    original = FrozenBackbone.identity
+    monkeypatch.setattr(FrozenBackbone, "identity", lambda self: {**original(self), "digest": "0" * 64})
+    trainer, module, data = _run(tmp_path, answers_file, tiny_llama_dir, [str(tiny_llama_dir)], epochs=1)
+    with pytest.raises(ServerError, match="does not match the digest the device declared"):
+        trainer.fit(module, datamodule=data)
+
+
+def test_a_bf16_backbone_declares_the_digest_the_server_reads(tmp_path, answers_file, tiny_llama_dir):
+    trainer, module, data = _run(tmp_path, answers_file, tiny_llama_dir, [str(tiny_llama_dir)], epochs=1,
+                                 dtype="bfloat16", codec="int8o")
+    trainer.fit(module, datamodule=data)
+    assert module.hparams["output_dtype"] == "bfloat16"
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+def test_left_padding_and_training_on_the_prompt_send_every_real_position_but_the_last(tmp_path, answers_file,
+                                                                                      tiny_llama_dir, wire):
+    trainer, module, data = _run(tmp_path, answers_file, tiny_llama_dir, [str(tiny_llama_dir)], epochs=1,
+                                 padding_side="left", train_on_prompt=True)
+    trainer.fit(module, datamodule=data)
+    frames = [decode_frame(q, P.REQUEST_SCHEMAS) for q, _ in wire]
+    frames = [f for f in frames if f.kind == P.TRAIN]
+    first = next(iter(data.train_dataloader()))
+    real = first["attention_mask"].sum(1)
+    assert frames[0].tensors["lengths"].tolist() == (real - 1).tolist()
+    assert frames[0].tensors["labels"].tolist() == [t for row, n in zip(first["input_ids"], real)
+                                                    for t in row[-int(n) + 1:].tolist()]
+
+
+def test_a_generative_module_needs_select_answer(tmp_path, answers_file, tiny_llama_dir):
+    trainer, module, data = _run(tmp_path, answers_file, tiny_llama_dir, [str(tiny_llama_dir)], epochs=1,
+                                 select="all")
+    with pytest.raises(ValueError, match="trains on answer tokens: use select: answer"):
         trainer.fit(module, datamodule=data)
 
 

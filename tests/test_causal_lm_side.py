@@ -121,10 +121,21 @@ def test_chunked_cross_entropy_equals_the_whole_and_its_gradient():
         chunked_cross_entropy(h, y[:5], output)
 
 
-def test_the_side_head_keeps_the_output_layer_out_of_its_state_dict():
-    head = ResidualLMHead(16, 32)
-    assert set(head.state_dict()) == {"out.weight", "out.bias"}
-    assert head.out.weight.abs().sum() == 0
+def test_the_module_keeps_the_output_layer_out_of_its_parameters_and_checkpoints():
+    from lightning_mobillm.modules import CausalLMSideModule
+    from lightning_mobillm.specs import TapSpec
+
+    model = build_tiny_model("llama")
+    module = CausalLMSideModule(reduction=4)
+    module.build(TapSpec(layers=LAYERS, hidden_size=32, arch="llama", is_decoder=True))
+    before = set(module.state_dict())
+    output = OutputLayer.from_model(model)
+    module.attach_output_layer(output)
+    assert set(module.state_dict()) == before and all(k.startswith("side.") for k in before)
+    assert {"side.head.out.weight", "side.head.out.bias"} <= before
+    frozen = {t.data_ptr() for t in output.tensors()}
+    assert not any(p.data_ptr() in frozen for p in module.parameters())  # nothing of it trains or is saved
+    assert module.side.head.out.weight.abs().sum() == 0
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])

@@ -90,7 +90,9 @@ def test_chat_template_renders_system_user_and_generation_prompt(tmp_path):
     text = tok.decode(data.input_ids[0][:n])
     assert text.startswith("[system] today [end] [user] Topic " + rec.prompt + " [end]")
     assert text.rstrip().endswith("[end] [assistant]")
-    assert data.input_ids[0][-1] == tok.eos_token_id
+    end = tok.convert_tokens_to_ids("[end]")  # the answer ends as the template ends an assistant turn, not with EOS
+    assert dm.answer_end_ids == [end] and dm.stop_token_ids == [end, tok.eos_token_id]
+    assert data.input_ids[0][-1] == end
     with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
         _dm(tmp_path / "d.jsonl", _tok(), format="chat").split_dataset("train")
 
@@ -101,7 +103,7 @@ def test_messages_field_answers_with_the_last_assistant_message(tmp_path):
     dm = _dm(_write(tmp_path / "m.jsonl", rows), tok, messages_field="messages")
     data = dm.split_dataset("train")
     assert data.records[0].answer == "win" and data.records[0].references == ["win"]
-    answer = tok("win", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    answer = tok("win", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("[end]")]
     assert data.labels[0][data.prompt_lengths[0]:] == answer
     bad = [{"messages": [{"role": "user", "content": "goal"}, {"role": "user", "content": "team"}]}] * 3
     with pytest.raises(ValueError, match="the last message must be the assistant's answer"):

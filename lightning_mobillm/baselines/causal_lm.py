@@ -98,7 +98,7 @@ class OnDeviceCausalLM(lightning.LightningModule):
         """Logits ``[N, V]`` of the positions whose next token is in the answer, and those tokens ``[N]``."""
         assert self.model is not None
         labels = batch["labels"]
-        positions = answer_positions(labels)
+        positions = answer_positions(labels, batch["attention_mask"])
         causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = causal.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               use_cache=False).last_hidden_state

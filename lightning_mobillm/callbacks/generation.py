@@ -81,7 +81,8 @@ class GenerationEval(L.Callback):
         if generate is None:
             raise TypeError(f"GenerationEval needs a generative module (with generate_texts); "
                             f"{type(pl_module).__name__} has none")
-        return generate(batches, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
+        stops = getattr(trainer.datamodule, "stop_token_ids", None)
+        return generate(batches, max_new_tokens=self.max_new_tokens, stop_token_ids=stops, **self.generate_kwargs)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING

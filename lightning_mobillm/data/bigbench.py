@@ -288,7 +288,8 @@ def generative_records(task: str, data: dict[str, Any] | None = None,
     for i, example in enumerate(examples):
         target = example.get("target") if isinstance(example, dict) else None
         targets = [target] if isinstance(target, str) else target
-        if (not isinstance(example.get("input"), str) or not isinstance(targets, list) or not targets
+        if (not isinstance(example, dict) or not isinstance(example.get("input"), str)
+                or not isinstance(targets, list) or not targets
                 or not all(isinstance(t, str) and t.strip() for t in targets)):
             raise ValueError(f"BIG-bench task {task!r}, example {i}: not a generative example (needs a string "
                              f"'input' and a non-empty 'target' string or list of strings)")

@@ -3,7 +3,8 @@
 A sample is a prompt and the answer the model should write. The prompt is rendered either with the
 tokenizer's chat template (``format: chat``; a user turn, an optional system turn, then the template's
 generation prompt) or as plain text (``format: plain``); ``auto`` picks the chat template when the tokenizer
-has one. The answer follows, then the EOS token. Only the answer is trained on by default (the prompt's
+has one. The answer follows, then what ends it: the chat template's end of turn (``answer_end_ids``), or EOS
+in plain format. Only the answer is trained on by default (the prompt's
 labels are ``-100``, the Hugging Face convention: ``labels[t]`` is the token at ``t`` and a causal LM
 predicts it from position ``t - 1``).
 
@@ -283,6 +284,33 @@ class InstructionDataModule(L.LightningDataModule):
         return DEFAULT_TEMPLATES.get(self.dataset, {}).get(self.resolved_format, "{text}")
 
     @property
+    def answer_end_ids(self) -> list[int]:
+        """The tokens that end an answer: in chat format what the chat template writes after an assistant turn
+        (``<|im_end|>``, Gemma's ``<end_of_turn>``, Llama 3's ``<|eot_id|>``; trailing whitespace dropped), so a
+        fine-tuned model ends its turn as the chat stack expects; in plain format (or when the template writes
+        nothing) the EOS token."""
+        tok = self._tokenizer
+        eos = getattr(tok, "eos_token_id", None)
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token_id: the answer could not be ended")
+        if self.resolved_format == "chat":
+            messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}]
+            if self.system is not None:
+                messages.insert(0, {"role": "system", "content": self.system})
+            rendered = tok.apply_chat_template(messages, tokenize=False)
+            _, mark, after = rendered.partition(_MARK)
+            end = list(tok(after.rstrip(), add_special_tokens=False)["input_ids"]) if mark and after.strip() else []
+            if end:
+                return end
+        return [int(eos)]
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Token ids at which generation stops: the last token of :attr:`answer_end_ids`, and EOS."""
+        ids = [self.answer_end_ids[-1], int(self._tokenizer.eos_token_id)]
+        return list(dict.fromkeys(ids))
+
+    @property
     def answer_prefix(self) -> str:
         """Text before the answer: given, else a space in plain format and nothing in chat format."""
         if self._answer_prefix is not None:
@@ -369,9 +397,7 @@ class InstructionDataModule(L.LightningDataModule):
         if fmt == "chat" and not getattr(tok, "chat_template", None):
             raise ValueError("format='chat' needs a tokenizer with a chat template; this one has none "
                              "(use format='plain' or 'auto')")
-        eos = getattr(tok, "eos_token_id", None)
-        if eos is None:
-            raise ValueError("the tokenizer has no eos_token_id: the answer could not be ended")
+        end = self.answer_end_ids
         head = [] if fmt == "chat" else _special_tokens(tok)[0]  # a chat template writes its own BOS
 
         def encode(s: str) -> list[int]:
@@ -389,7 +415,7 @@ class InstructionDataModule(L.LightningDataModule):
                 stripped = before.rstrip()
                 rendered[key] = (head + encode(stripped), before[len(stripped):], encode(after))
             before_ids, lead, after_ids = rendered[key]
-            answer_ids = encode(self.answer_prefix + r.answer) + [int(eos)]
+            answer_ids = encode(self.answer_prefix + r.answer) + end
             budget = self.max_length - len(before_ids) - len(after_ids) - len(answer_ids)
             if budget < 0:
                 continue
@@ -498,11 +524,15 @@ class InstructionDataModule(L.LightningDataModule):
         return {s: named[s] for s in SPLITS}
 
 
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+def answer_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, T]`` bool: the positions whose next token is trained on (``labels[:, t + 1]`` is not ignored),
-    i.e. the positions whose output enters a causal LM's loss; the last position never does."""
+    i.e. the positions whose output enters a causal LM's loss; the last position never does, and with
+    ``attention_mask`` no padding position does (a left-padded sample trained on its prompt would otherwise mark
+    the pad before its first token)."""
     out = torch.zeros_like(labels, dtype=torch.bool)
     out[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    if attention_mask is not None:
+        out &= attention_mask.bool()
     return out
 
 

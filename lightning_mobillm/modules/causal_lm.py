@@ -17,6 +17,7 @@ applies its own final norm and LM head (teacher-forced loss, perplexity, next-to
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
@@ -33,6 +34,8 @@ from lightning_mobillm.specs import BackboneConfig, TapSpec
 from .side_tuning import SideTuningModule
 
 __all__ = ["CausalLMSideModule", "CausalSideNetwork"]
+
+log = logging.getLogger(__name__)
 
 
 class CausalSideNetwork(SideNetwork):
@@ -63,12 +66,15 @@ class CausalLMSideModule(SideTuningModule):
         backbone, reduction, normalize_taps, activation, final_norm, lr, weight_decay, betas, warmup_ratio,
             min_lr_ratio, total_steps, seed: as :class:`~lightning_mobillm.modules.SideTuningModule`.
         chunk_tokens: answer tokens per chunk of the cross-entropy (each chunk's ``[chunk, V]`` logits are
-            recomputed in the backward pass, never all held at once).
+            recomputed in the backward pass, never all held at once), and of the device's evaluation.
+        output_dtype: the dtype of the output layer whose digest the device declares (set from the backbone).
+        max_new_tokens: tokens ``predict`` generates per prompt (greedy).
         num_classes, pool, dropout, label_smoothing: the classifier's knobs; fixed here (there are no classes:
             ``num_classes`` and ``num_outputs`` are ``W_o``'s width, the backbone's).
     """
 
     server_module_name = "causal_lm"
+    device_only_hparams = (*SideTuningModule.device_only_hparams, "max_new_tokens")
     #: frames carry one label per sent token (the next answer token), not one per sample
     labels_per_token = True
 
@@ -92,6 +98,7 @@ class CausalLMSideModule(SideTuningModule):
         final_norm: Literal["layernorm", "rmsnorm"] = "layernorm",
         chunk_tokens: int = 256,
         output_dtype: str | None = None,
+        max_new_tokens: int = 32,
     ) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, reduction=reduction,
                          normalize_taps=normalize_taps, pool=pool, activation=activation, dropout=dropout, lr=lr,
@@ -99,7 +106,11 @@ class CausalLMSideModule(SideTuningModule):
                          label_smoothing=label_smoothing, total_steps=total_steps, seed=seed, final_norm=final_norm)
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.hparams["chunk_tokens"] = int(chunk_tokens)
+        self.hparams["max_new_tokens"] = int(max_new_tokens)  # what `predict` generates per prompt
+        self._warned_untrained = False
         # the dtype of the output layer the device declared a digest of (set on the device from its backbone)
         self.hparams["output_dtype"] = output_dtype
         self.output_layer: OutputLayer | None = None
@@ -112,13 +123,13 @@ class CausalLMSideModule(SideTuningModule):
         return "answer"
 
     def token_positions(self, batch: dict[str, Tensor]) -> Tensor:
-        return answer_positions(batch["labels"])
+        return answer_positions(batch["labels"], batch.get("attention_mask"))
 
     def device_labels(self, batch: dict[str, Tensor]) -> Tensor:
         """The next token of every sent position, in packed order: ``labels[b, t + 1]`` where position ``t`` of
         sample ``b`` is sent."""
         labels = batch["labels"]
-        return labels[:, 1:][answer_positions(labels)[:, :-1]].to(torch.int64)
+        return labels[:, 1:][self.token_positions(batch)[:, :-1]].to(torch.int64)
 
     def batch_size(self, batch: dict[str, Tensor]) -> int:
         return int(batch["input_ids"].shape[0])
@@ -189,26 +200,30 @@ class CausalLMSideModule(SideTuningModule):
         return loss, hidden
 
     def device_scores(self, out: Any, side_outputs: Tensor) -> Tensor:
-        """Next-token logits on the device: its own final norm and LM head over the server's hidden states."""
-        assert self.output_layer is not None
-        with torch.no_grad():
-            return self.output_layer(side_outputs.to(self.output_layer.weight.dtype)).float()
+        """The server's corrected hidden states ``[N, d]``: :meth:`update_eval_metrics` reads them through the
+        device's own final norm and LM head, a chunk of tokens at a time (the ``[N, V]`` logits never exist)."""
+        return side_outputs
 
-    def device_eval_loss(self, scores: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(scores, labels)
+    def device_eval_loss(self, scores: Tensor, labels: Tensor) -> None:
+        return None  # computed with the accuracy, chunk by chunk, in update_eval_metrics
 
-    def update_eval_metrics(self, stage: str, logits: Tensor, labels: Tensor, loss: Tensor | float | None = None) -> None:
-        """Accumulate the token-weighted loss and next-token accuracy of ``stage`` (plain sums: no metric state
-        that an inference-mode validation could turn into an inference tensor)."""
+    def update_eval_metrics(self, stage: str, hidden: Tensor, labels: Tensor, loss: Tensor | float | None = None) -> None:
+        """Accumulate the token-weighted loss and next-token accuracy of ``stage`` from hidden states ``[N, d]``
+        through the output layer, ``chunk_tokens`` at a time (plain sums: no metric state that an
+        inference-mode validation could turn into an inference tensor)."""
         key = self._stage(stage)
-        labels = labels.to(logits.device, torch.long)
-        n = int(labels.numel())
-        if loss is None:
-            loss = F.cross_entropy(logits.float(), labels)
+        if self.output_layer is None:
+            raise RuntimeError("no output layer attached")
+        labels = labels.to(hidden.device, torch.long)
+        chunk = int(self.hparams["chunk_tokens"])
         sums = self._sums.setdefault(key, [0.0, 0.0, 0])
-        sums[0] += float(loss) * n
-        sums[1] += float((logits.argmax(-1) == labels).sum())
-        sums[2] += n
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], chunk):
+                logits = self.output_layer(hidden[start:start + chunk].to(self.output_layer.weight.dtype)).float()
+                y = labels[start:start + chunk]
+                sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
+                sums[1] += float((logits.argmax(-1) == y).sum())
+        sums[2] += int(labels.numel())
 
     def compute_eval_metrics(self, stage: str) -> dict[str, float]:
         """``{stage}/loss`` (mean over answer tokens), ``{stage}/ppl`` and ``{stage}/token_acc`` so far."""
@@ -245,9 +260,6 @@ class CausalLMSideModule(SideTuningModule):
         if self._trainer is not None and values:
             self.log_dict(values, prog_bar=True)
 
-    #: ``generate`` arguments of :meth:`device_predict` (``max_new_tokens``, ``num_beams``, ``do_sample``...)
-    generate_kwargs: dict[str, Any] = {"max_new_tokens": 32}
-
     def generate_texts(self, batches: Any, backbone: Any = None, **kwargs: Any) -> list[tuple[int, str]]:
         """``(index, text)`` generated on the device for left-padded prompts: the frozen backbone's stock
         ``generate`` with this side network's hooks (``backbone``: default, the strategy's)."""
@@ -258,8 +270,16 @@ class CausalLMSideModule(SideTuningModule):
                               layers=backbone.layers, **kwargs)
 
     def device_predict(self, backbone: Any, batch: dict[str, Tensor]) -> dict[str, Any]:
-        """``predict`` on the device: generate for a batch of left-padded prompts with the side network."""
-        produced = self.generate_texts([batch], backbone, **self.generate_kwargs)
+        """``predict`` on the device: greedy generation of ``max_new_tokens`` for a batch of left-padded prompts with
+        the side network, stopping at the data module's end of turn."""
+        side = self._require_built()
+        if not self._warned_untrained and not any(bool(p.any()) for p in side.head.parameters()):
+            log.warning("predict with an untrained side network (W_o is zero): this is the backbone's own output; "
+                        "pass --ckpt_path to a trained checkpoint")
+            self._warned_untrained = True
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        produced = self.generate_texts([batch], backbone, max_new_tokens=int(self.hparams["max_new_tokens"]),
+                                       stop_token_ids=getattr(dm, "stop_token_ids", None))
         return {"index": [i for i, _ in produced], "texts": [t for _, t in produced]}
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, Tensor]:

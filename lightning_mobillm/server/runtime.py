@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,9 @@ class SideServer(FrameServer):
         super().__init__(config, **kwargs)
         self.policy = policy or PerDevicePolicy(self.config, self.fabric)
         self._caches: dict[Path, str] = {}  # open activation-cache folders -> the session key holding each
-        self._output_layers: dict[tuple, Any] = {}  # (source, dtype, digest) -> a backbone's frozen output layer
+        self._output_layers: dict[tuple, Any] = {}  # (source, dtype) -> a backbone's frozen output layer, as read
+        self._output_casts: dict[tuple, Any] = {}  # (source, dtype, compute dtype, device) -> its shared copy
+        self._output_lock = threading.Lock()
 
     # ---- hello ----------------------------------------------------------------------------------
     def _check_bounds(self, spec: TapSpec, h: dict) -> None:
@@ -147,10 +150,13 @@ class SideServer(FrameServer):
         if h["total_steps"] > 10**9:
             raise FrameError("hello: total_steps is beyond any real run")
 
-    def _output_layer(self, backbone: dict, dtype: Any) -> Any:
-        """The final norm and LM head of the backbone a generative hello names, read by the server itself from a
-        checkpoint it allows (``allowed_backbones``, else the packaged models: a packaged alias, or an allowed
-        folder of that name) and checked against the digest the device declared; loaded once per server."""
+    def _output_layer(self, backbone: dict, dtype: Any, compute_dtype: torch.dtype) -> Any:
+        """The final norm and LM head of the backbone a generative hello names, in ``compute_dtype`` on the
+        server's device: read by the server itself from a checkpoint it allows (``allowed_backbones``, else the
+        packaged models: an alias, or an allowed local folder of that name; each candidate is tried until one
+        matches) and checked against the digest the device declared. Each checkpoint is read once per dtype and
+        each cast copy made once: every session of that backbone shares them (frozen, never trained), so a
+        head costs the server its ``V x d`` once, and a hello with a wrong digest costs no second read."""
         from lightning_mobillm.assets import PACKAGED_MODELS, resolve_source
         from lightning_mobillm.side.causal_lm import OutputLayer
 
@@ -160,22 +166,31 @@ class SideServer(FrameServer):
         if not isinstance(dtype, str) or dtype not in ("float32", "bfloat16", "float16"):
             raise FrameError("hello: hparams.output_dtype must be float32, bfloat16 or float16")
         allowed = self.config.allowed_backbones
-        sources = [a for a in (allowed if allowed is not None else PACKAGED_MODELS) if a == name or Path(a).name == name]
+        allowed = list(allowed if allowed is not None else PACKAGED_MODELS)
+        sources = [a for a in allowed if a == name or (a not in PACKAGED_MODELS and Path(a).name == name)]
         if not sources:
-            raise FrameError(f"this server does not load the output layer of backbone {name!r} (allowed: "
-                             f"{allowed if allowed is not None else sorted(PACKAGED_MODELS)})")
-        key = (sources[0], dtype, digest)
-        with self._lock:
-            cached = self._output_layers.get(key)
-        if cached is None:
-            try:
-                folder = resolve_source(sources[0], dtype=dtype)
-                cached = OutputLayer.from_pretrained(folder, getattr(torch, dtype), expect_digest=digest)
-            except (OSError, ValueError) as err:
-                raise FrameError(f"backbone {name!r}: {err}") from None
-            with self._lock:
-                self._output_layers[key] = cached
-        return cached
+            raise FrameError(f"this server does not load the output layer of backbone {name!r} (allowed: {allowed})")
+        for source in sources:
+            with self._output_lock:  # one read per (checkpoint, dtype), however many hellos wait for it
+                read = self._output_layers.get((source, dtype))
+                if read is None:
+                    try:
+                        folder = Path(resolve_source(source, dtype=dtype))
+                        if not folder.is_dir():
+                            raise ValueError("not a local checkpoint folder (the server reads no hub id)")
+                        read = OutputLayer.from_pretrained(folder, getattr(torch, dtype))
+                    except Exception as err:  # noqa: BLE001 - any failure to read is the hello's refusal
+                        raise FrameError(f"backbone {name!r}: its output layer could not be read from {source!r}: "
+                                         f"{type(err).__name__}: {str(err)[:300]}") from None
+                    self._output_layers[(source, dtype)] = read
+                if read.digest_value != digest:
+                    continue
+                key = (source, dtype, str(compute_dtype), str(self.device))
+                if key not in self._output_casts:
+                    self._output_casts[key] = read.copy_to(dtype=compute_dtype, device=self.device)
+                return self._output_casts[key]
+        raise FrameError(f"backbone {name!r}: the output layer of {sources} in {dtype} does not match the digest the "
+                         "device declared (a different checkpoint or dtype)")
 
     def _build_module(self, h: dict, spec: TapSpec, num_classes: int, *, sizing_only: bool = False) -> Any:
         """Build the module a hello asks for, after sizing it on the meta device (nothing allocated) against
@@ -200,8 +215,8 @@ class SideServer(FrameServer):
         except (TypeError, ValueError, KeyError) as err:
             raise FrameError(f"hparams do not build {h['module']}: {err}") from None
         if hasattr(module, "attach_output_layer"):
-            output = self._output_layer(h.get("backbone", {}), h["hparams"].get("output_dtype"))
-            module.attach_output_layer(output.copy_to(dtype=module.side_dtype, device=self.device))
+            module.attach_output_layer(self._output_layer(h.get("backbone", {}), h["hparams"].get("output_dtype"),
+                                                          module.side_dtype))
         module.total_steps = h["total_steps"]
         return module
 

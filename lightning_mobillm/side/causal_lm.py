@@ -54,6 +54,7 @@ class OutputLayer:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.softcap = softcap
+        self._digest: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -83,6 +84,13 @@ class OutputLayer:
         if self.bias is not None:
             yield self.bias
         yield from (p for p in self.norm.parameters())
+
+    @property
+    def digest_value(self) -> str:
+        """:meth:`digest`, computed once (the layer is frozen)."""
+        if self._digest is None:
+            self._digest = self.digest()
+        return self._digest
 
     def digest(self) -> str:
         """SHA-256 over each tensor's dtype, shape and bytes, in :meth:`tensors`' order."""
@@ -126,10 +134,17 @@ class OutputLayer:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         base = getattr(skeleton, "base_model", skeleton)
-        norm_prefix = next(name for name, m in skeleton.named_modules() if m is getattr(base, "norm", None))
-        head_prefix = next(name for name, m in skeleton.named_modules() if m is skeleton.get_output_embeddings())
-        embed_prefix = next(name for name, m in skeleton.named_modules() if m is skeleton.get_input_embeddings())
-        wanted = {f"{norm_prefix}.weight", f"{head_prefix}.weight", f"{head_prefix}.bias", f"{embed_prefix}.weight"}
+        modules = {id(m): name for name, m in skeleton.named_modules()}
+        norm, head, embed = getattr(base, "norm", None), skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+        if not isinstance(norm, nn.Module) or head is None or embed is None:
+            raise ValueError(f"{type(skeleton).__name__} has no final norm (`base_model.norm`) and LM head to read")
+        if set(dict(norm.named_parameters())) != {"weight"}:
+            raise ValueError(f"{type(norm).__name__}: only a final norm with a single weight is supported")
+        norm_prefix, head_prefix, embed_prefix = modules[id(norm)], modules[id(head)], modules[id(embed)]
+        tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+        wanted = {f"{norm_prefix}.weight", f"{head_prefix}.weight", f"{head_prefix}.bias"}
+        if tied:
+            wanted.add(f"{embed_prefix}.weight")
         found: dict[str, Tensor] = {}
         files = sorted(folder.glob("*.safetensors"))
         index = folder / "model.safetensors.index.json"
@@ -141,20 +156,20 @@ class OutputLayer:
                 for key in wanted & set(f.keys()):
                     found[key] = f.get_tensor(key).to(dtype)
         head_weight = found.get(f"{head_prefix}.weight")
-        if head_weight is None and getattr(config.get_text_config(), "tie_word_embeddings", True):
+        if head_weight is None and tied:
             head_weight = found.get(f"{embed_prefix}.weight")
         if head_weight is None or f"{norm_prefix}.weight" not in found:
             raise ValueError(f"{folder}: no LM head ({head_prefix}.weight or a tied {embed_prefix}.weight) and final "
                              f"norm ({norm_prefix}.weight) in its safetensors")
-        norm = copy.deepcopy(base.norm).to_empty(device="cpu")
+        norm = copy.deepcopy(norm).to_empty(device="cpu")
         norm.load_state_dict({"weight": found[f"{norm_prefix}.weight"]})
         norm.to(dtype)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         out = cls(norm, head_weight, found.get(f"{head_prefix}.bias"),
                   getattr(text_config, "final_logit_softcapping", None))
-        if expect_digest is not None and out.digest() != expect_digest:
+        if expect_digest is not None and out.digest_value != expect_digest:
             raise ValueError(f"{folder}: its final norm and LM head do not match the digest the device declared "
-                             f"({out.digest()[:16]}... against {expect_digest[:16]}...): a different checkpoint "
+                             f"({out.digest_value[:16]}... against {expect_digest[:16]}...): a different checkpoint "
                              "or dtype")
         return out
 

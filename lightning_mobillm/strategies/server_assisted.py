@@ -247,6 +247,11 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             module.build(self.backbone.tap_spec, num_classes=num_classes)
         choose = getattr(module, "token_selection", None)  # a module without it gets every token
         self._auto_select = choose(self.backbone.is_decoder) if choose is not None else "all"
+        per_token = bool(getattr(module, "labels_per_token", False))
+        if per_token != (self.token_select == "answer"):
+            raise ValueError(f"select: {self.select!r} sends {self.token_select!r} tokens, but "
+                             f"{type(module).__name__} {'trains on' if per_token else 'has no'} answer tokens: use "
+                             f"select: {'answer (or auto)' if per_token else 'auto, all or loss'}")
 
     def setup(self, trainer) -> None:
         if self.transfer is None:  # callbacks' setup hooks ran before this one
