@@ -46,7 +46,7 @@ from lightning_mobillm.flower.device import HELLO_KEYS, PART_HEADER_KEYS, Flower
 from lightning_mobillm.flower.records import tensors_of, to_record
 from lightning_mobillm.flower.settings import FlowerSettings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flwr.mobillm")  # under Flower's logger: its handlers stream it to `flwr run`
 
 __all__ = ["client_app", "parse_upload", "run_server", "server_app"]
 
