@@ -29,6 +29,7 @@ from lightning_mobillm.baselines import (
     LadderSideTuningClassifier,
     LoRAClassifier,
     MeZOClassifier,
+    OnDeviceCausalLM,
     SplitLearningClassifier,
 )
 from lightning_mobillm.callbacks import ActivationCache, DeviceMonitor, GenerationEval, QuantizedTransfer
@@ -98,6 +99,8 @@ METHODS: dict[str, Method] = {
     **{f"recipes/fed/{name}.yaml": Method(FedDeviceModule, SingleDeviceStrategy, (DeviceMonitor,))
        for name in ("smollm2-135m-bbc", "smollm2-135m-bbc-fleet", "gemma3-270m-bbc", "qwen2.5-coder-0.5b-bbc",
                     "tiny-device")},
+    "recipes/sft/smollm2-bbc-headlines-lora.yaml": Method(OnDeviceCausalLM, SingleDeviceStrategy,
+                                                          (GenerationEval, DeviceMonitor, ModelCheckpoint)),
     "recipes/sft/smollm2-bbc-headlines.yaml": Method(CausalLMSideModule, ServerAssistedStrategy,
                                                      (QuantizedTransfer, GenerationEval, DeviceMonitor, ModelCheckpoint),
                                                      "auto", "int8o"),
@@ -221,7 +224,7 @@ def test_recipe_instantiates(recipe, cli_in, tiny_overrides, tiny_llama_dir, tmp
             got = {k: got[k] for k in value}
         assert (list(got) if isinstance(got, tuple) else got) == value, key
     if generative:  # no classes: W_o's width is the backbone's (32 for the tiny Llama), known once it is built
-        assert type(data) is InstructionDataModule and model.hparams["num_classes"] is None
+        assert type(data) is InstructionDataModule and model.hparams.get("num_classes") is None
     else:
         assert model.hparams["num_classes"] == 3 == data.num_classes
         assert type(data) is TextClassificationDataModule

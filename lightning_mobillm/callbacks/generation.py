@@ -5,7 +5,8 @@ downloads the side network from the server (the device's copy is otherwise stale
 module's fixed validation subset (``generate_samples``, left-padded prompts) with the stock ``generate``
 through :class:`~lightning_mobillm.generation.SideGeneration`, and logs ROUGE-1/2/L (torchmetrics, offline:
 ``rougeLsum`` is left out because it needs a download) or exact match against every reference. During
-``predict`` the strategy generates for each batch; with ``output`` set, the texts are written as JSON lines.
+``test`` it generates for the test split and logs ``test/<metric>``. During ``predict`` the strategy generates for
+each batch; with ``output`` set, the texts are written as JSON lines.
 """
 
 from __future__ import annotations
@@ -56,17 +57,18 @@ class GenerationEval(L.Callback):
         samples: how many validation samples (default: the data module's ``generate_samples``).
         output: a JSON-lines file for ``predict``'s texts (``{"index", "text"}``; nothing is written when None).
         generate_kwargs: passed to ``generate`` (``num_beams``, ``do_sample``, ``temperature``...).
+        test_samples: how many test samples ``test`` generates for (default: all of them).
     """
 
     def __init__(self, metric: str = "rouge", max_new_tokens: int = 32, every_n_epochs: int = 1,
                  samples: int | None = None, output: str | None = None,
-                 generate_kwargs: dict[str, Any] | None = None) -> None:
+                 generate_kwargs: dict[str, Any] | None = None, test_samples: int | None = None) -> None:
         if metric not in ("rouge", "exact_match"):
             raise ValueError(f"metric must be 'rouge' or 'exact_match', got {metric!r}")
         if max_new_tokens < 1 or every_n_epochs < 1:
             raise ValueError("max_new_tokens and every_n_epochs must be >= 1")
         self.metric, self.max_new_tokens, self.every_n_epochs = metric, max_new_tokens, every_n_epochs
-        self.samples, self.output = samples, output
+        self.samples, self.output, self.test_samples = samples, output, test_samples
         self.generate_kwargs = dict(generate_kwargs or {})
         self.last: dict[str, Any] = {}  # the last validation's texts and scores
 
@@ -99,6 +101,16 @@ class GenerationEval(L.Callback):
         scores = self.score(texts, refs)
         self.last = {"texts": texts, "references": refs, **scores}
         pl_module.log_dict({f"val/{k}": v for k, v in scores.items()}, prog_bar=True)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        """Generate for the test split (its first ``test_samples``, default all) and log ``test/<metric>``."""
+        dm = trainer.datamodule
+        produced = self.generate(trainer, pl_module, dm.generation_dataloader("test", self.test_samples))
+        texts = [t for _, t in produced]
+        refs = dm.references("test", len(texts))
+        scores = self.score(texts, refs)
+        self.last_test = {"texts": texts, "references": refs, **scores}
+        pl_module.log_dict({f"test/{k}": v for k, v in scores.items()})
 
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
