@@ -137,3 +137,20 @@ def tiny_gemma_dir(tmp_path, tiny_llama_dir) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def wire(monkeypatch) -> list[tuple[bytes, bytes]]:
+    """Every (request, reply) through an in-process link, in the order the replies came back."""
+    from lightning_mobillm.transport.link import InProcessLink
+
+    calls: list[tuple[bytes, bytes]] = []
+    original = InProcessLink.call
+
+    def tapped(self, request: bytes) -> bytes:
+        reply = original(self, request)
+        calls.append((request, reply))
+        return reply
+
+    monkeypatch.setattr(InProcessLink, "call", tapped)
+    return calls

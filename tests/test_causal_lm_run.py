@@ -22,23 +22,8 @@ from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.strategies import ServerAssistedStrategy
 from lightning_mobillm.transport.frames import decode_frame
-from lightning_mobillm.transport.link import InProcessLink
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread", "restore_seed_env"), pytest.mark.timeout(300)]
-
-
-@pytest.fixture
-def wire(monkeypatch) -> list[tuple[bytes, bytes]]:
-    calls: list[tuple[bytes, bytes]] = []
-    original = InProcessLink.call
-
-    def tapped(self, request: bytes) -> bytes:
-        reply = original(self, request)
-        calls.append((request, reply))
-        return reply
-
-    monkeypatch.setattr(InProcessLink, "call", tapped)
-    return calls
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.specs import BackboneConfig
 from lightning_mobillm.strategies import ServerAssistedStrategy
 from lightning_mobillm.transport.frames import Frame, decode_frame, encode_frame
-from lightning_mobillm.transport.link import InProcessLink
 
 GRPC = None  # an embedded server: a separate process on loopback
 
@@ -36,21 +35,6 @@ GRPC = None  # an embedded server: a separate process on loopback
 # device and server share this process over the in-process link (and the machine's two cores): one
 # intra-op thread, or two OpenMP threads spin-wait on each other; Lightning's seed variables are restored
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "restore_seed_env")
-
-
-@pytest.fixture
-def wire(monkeypatch) -> list[tuple[bytes, bytes]]:
-    """Every (request, reply) through an in-process link, in the order the replies came back."""
-    calls: list[tuple[bytes, bytes]] = []
-    original = InProcessLink.call
-
-    def tapped(self, request: bytes) -> bytes:
-        reply = original(self, request)
-        calls.append((request, reply))
-        return reply
-
-    monkeypatch.setattr(InProcessLink, "call", tapped)
-    return calls
 
 
 def _frames(calls: list[tuple[bytes, bytes]]) -> list[tuple[Frame, Frame]]:

@@ -43,11 +43,11 @@ from lightning_mobillm.data.text_classification import (
     _STAGE_SPLITS,
     SPLITS,
     ResumableDataLoader,
+    TokenizerMixin,
     _check_fields,
     _round,
     _special_tokens,
     pad_token_id,
-    resolve_tokenizer,
     stratified_split,
 )
 
@@ -158,7 +158,7 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]], template: 
     return before, text, after
 
 
-class InstructionDataModule(L.LightningDataModule):
+class InstructionDataModule(TokenizerMixin, L.LightningDataModule):
     """Prompt/answer pairs for causal-LM fine-tuning and generation.
 
     Splits: a source's own ``train``/``validation``/``test`` splits are used as given; missing ones are
@@ -257,17 +257,6 @@ class InstructionDataModule(L.LightningDataModule):
         """Samples dropped per split because their answer could not fit in ``max_length``."""
 
     # ---------------------------------------------------------------- public surface
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer in use, or None before ``set_tokenizer``/``setup``."""
-        return self._tokenizer
-
-    def set_tokenizer(self, tokenizer: Any) -> None:
-        """Use this (Hugging Face) tokenizer; drops any splits tokenized with another one."""
-        if tokenizer is not self._tokenizer:
-            self._tokenizer = tokenizer
-            self._encoded.clear()
 
     @property
     def resolved_format(self) -> Literal["chat", "plain"]:
@@ -387,10 +376,6 @@ class InstructionDataModule(L.LightningDataModule):
             collate_fn=InstructionCollator(pad_token_id(self._tokenizer), self.padding_side),
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
-
-    def _resolve_tokenizer(self) -> None:
-        if self._tokenizer is None:
-            self.set_tokenizer(resolve_tokenizer(self, self.tokenizer_name))
 
     def _encode(self, split: str, records: list[InstructionRecord]) -> InstructionSplit:
         tok, fmt = self._tokenizer, self.resolved_format

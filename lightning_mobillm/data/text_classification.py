@@ -312,7 +312,32 @@ class ResumableDataLoader(DataLoader):
 # --------------------------------------------------------------------------- the data module
 
 
-class TextClassificationDataModule(L.LightningDataModule):
+class TokenizerMixin:
+    """The tokenizer side of a data module: ``tokenizer``, ``set_tokenizer`` (which drops splits tokenized with
+    another tokenizer, ``self._encoded``) and ``_resolve_tokenizer`` (:func:`resolve_tokenizer` with
+    ``self.tokenizer_name``)."""
+
+    _tokenizer: Any
+    _encoded: dict
+    tokenizer_name: str | None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer in use, or None before ``set_tokenizer``/``setup``."""
+        return self._tokenizer
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use this (Hugging Face) tokenizer; drops any splits tokenized with another one."""
+        if tokenizer is not self._tokenizer:
+            self._tokenizer = tokenizer
+            self._encoded.clear()
+
+    def _resolve_tokenizer(self) -> None:
+        if self._tokenizer is None:
+            self.set_tokenizer(resolve_tokenizer(self, self.tokenizer_name))
+
+
+class TextClassificationDataModule(TokenizerMixin, L.LightningDataModule):
     """Text classification with a prompt template, for decoder or encoder backbones.
 
     Splits: a source's own ``train``/``validation``/``test`` splits are used as given; missing ones are
@@ -447,17 +472,6 @@ class TextClassificationDataModule(L.LightningDataModule):
         """Number of classes (available before ``setup``)."""
         return len(self.class_names)
 
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer in use, or None before ``set_tokenizer``/``setup``."""
-        return self._tokenizer
-
-    def set_tokenizer(self, tokenizer: Any) -> None:
-        """Use this (Hugging Face) tokenizer; drops any splits tokenized with another one."""
-        if tokenizer is not self._tokenizer:
-            self._tokenizer = tokenizer
-            self._encoded.clear()
-
     def prepare_data(self) -> None:
         """Download hub datasets into the ``datasets`` cache, or a BIG-bench task into ours (rank 0 only);
         the packaged sources need nothing."""
@@ -522,10 +536,6 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def _pad_token_id(self) -> int:
         return pad_token_id(self._tokenizer)
-
-    def _resolve_tokenizer(self) -> None:
-        if self._tokenizer is None:
-            self.set_tokenizer(resolve_tokenizer(self, self.tokenizer_name))
 
     def _load(self) -> dict[str, RawSplit]:
         """Read the source, encode labels, make the three splits and apply the limits (cached)."""
