@@ -13,7 +13,8 @@ Each method runs in a fresh process (so its peak memory is its own), built from 
 * ``pae_efficiency``: the same with :class:`~lightning_mobillm.callbacks.ActivationCache`: the server keeps each
   sample's answer taps, so epochs after the first need no device forward (labels are still sent: this is PAE's
   efficiency, not its label privacy);
-* ``lora``: on-device LoRA (PEFT, r 8 on q/v), the baseline recipe.
+* ``lora``: on-device LoRA (PEFT, r 8 on q/v), the baseline recipe, with fp32 master weights under Lightning's
+  ``bf16-mixed`` (the frozen-backbone methods and zero-shot forward in bf16).
 
 Then every trained method's test split (the first ``test_samples``) is scored with greedy decoding and a fixed
 ``max_new_tokens`` (ROUGE-1/2/L F-measures, torchmetrics), and generation speed is measured on the device: new
@@ -91,10 +92,13 @@ def derive(method: str, preset: Preset, workdir: Path) -> dict[str, Any]:
             c["init_args"]["codec"] = preset.codec
     if method == "pae_efficiency":
         callbacks.insert(1, {"class_path": "lightning_mobillm.callbacks.ActivationCache"})
-    if method == "zero_shot":
+    if method == "zero_shot":  # frozen, like the side methods' backbone: bf16
         model["trainable"] = "none"
-    if method == "lora":
+        model["backbone"]["dtype"] = "bfloat16"
+    if method == "lora":  # the fair bf16 setting (issue 11): fp32 master weights under Lightning's bf16-mixed
         model["lr"] = preset.lora_lr
+        model["backbone"]["dtype"] = "float32"
+        trainer["precision"] = "bf16-mixed"
     if method in ("mobillm", "pae_efficiency"):
         model["lr"] = preset.side_lr
         trainer["strategy"]["init_args"]["pipeline_depth"] = 0  # device and server share the cores: one at a time
