@@ -36,9 +36,14 @@ class SideGeneration:
             of them (its output is the residual's base).
         trunk: the side trunk, ``[N, L, d] -> [N, d_side]``.
         head: the trained :class:`~lightning_mobillm.side.causal_lm.ResidualLMHead`.
+        last_only: correct each row's last position only. ``generate`` reads the logits of the last position
+            alone (the side network changes no block's input, so the KV cache does not depend on it): exact for
+            generation, and a long prompt's taps are never stacked (``[B, L, d]`` instead of ``[B, T, L, d]``).
+            Leave it off to get every position's corrected logits (teacher forcing).
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int], trunk: nn.Module, head: ResidualLMHead) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[int], trunk: nn.Module, head: ResidualLMHead,
+                 last_only: bool = False) -> None:
         base = getattr(model, "base_model", model)
         self.blocks = find_blocks(base)
         self.norm = getattr(base, "norm", None)
@@ -48,27 +53,32 @@ class SideGeneration:
         if len(self.blocks) - 1 not in self.layers:
             raise ValueError(f"the last block ({len(self.blocks) - 1}) must be tapped: it is the residual's base; "
                              f"tapped: {list(layers)}")
-        self.trunk, self.head = trunk, head
+        self.trunk, self.head, self.last_only = trunk, head, last_only
         self._taps: dict[int, Tensor] = {}
         self._handles: list[Any] = []
 
     def _keep(self, j: int):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            self._taps[j] = _hidden_from_output(output)
+            hidden = _hidden_from_output(output)
+            self._taps[j] = hidden[:, -1:] if self.last_only else hidden
 
         return hook
 
     def _correct(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if len(self._taps) != len(self.layers):
             raise RuntimeError(f"the final norm ran after {len(self._taps)} of {len(self.layers)} tapped blocks")
-        x = args[0]
+        full = args[0]
+        x = full[:, -1:] if self.last_only else full
         bsz, seqlen, width = x.shape
         param = next(self.trunk.parameters())
         acts = torch.stack([self._taps[j] for j in range(len(self.layers))], dim=2)
-        acts = acts.reshape(bsz * seqlen, len(self.layers), width).to(param.dtype)
-        hidden = self.head(self.trunk(acts), x.reshape(bsz * seqlen, width))
+        acts = acts.reshape(bsz * seqlen, len(self.layers), width).to(device=param.device, dtype=param.dtype)
+        hidden = self.head(self.trunk(acts), x.reshape(bsz * seqlen, width).to(param.device))
         self._taps.clear()
-        return (hidden.reshape(bsz, seqlen, width).to(x.dtype), *args[1:])
+        hidden = hidden.reshape(bsz, seqlen, width).to(device=full.device, dtype=full.dtype)
+        if self.last_only and full.shape[1] > 1:
+            hidden = torch.cat([full[:, :-1], hidden], dim=1)
+        return (hidden, *args[1:])
 
     def __enter__(self) -> SideGeneration:
         if self._handles:
@@ -94,7 +104,8 @@ def generate_texts(model: Any, tokenizer: Any, batches: Iterable[dict[str, Tenso
     stops = _stop_ids(model, tokenizer, stop_token_ids)
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad, "eos_token_id": stops,
               **generate_kwargs}
-    hooks = SideGeneration(model, list(layers or []), side.trunk, side.head) if side is not None else nullcontext()
+    hooks = SideGeneration(model, list(layers or []), side.trunk, side.head, last_only=True) if side is not None \
+        else nullcontext()
     out: list[tuple[int, str]] = []
     with torch.inference_mode(), hooks:
         for batch in batches:

@@ -80,7 +80,11 @@ def test_generate_with_a_zero_side_network_is_the_backbone_and_kv_cache_decoding
         cached = model.generate(ids, **kw)
         uncached = model.generate(ids, use_cache=False, **kw)
         beams = model.generate(ids, num_beams=3, **kw)
+    with SideGeneration(model, LAYERS, trunk, head, last_only=True):  # what generate_texts uses
+        last_only = model.generate(ids, **kw)
+        last_only_beams = model.generate(ids, num_beams=3, **kw)
     assert torch.equal(cached, uncached)  # decoding one position at a time with the KV cache: the same tokens
+    assert torch.equal(last_only, cached) and torch.equal(last_only_beams, beams)  # only the last position is read
     assert not torch.equal(cached, plain) and beams.shape[0] == 2
 
 
