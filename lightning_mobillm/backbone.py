@@ -24,7 +24,6 @@ in token order either way.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import threading
@@ -395,16 +394,13 @@ class FrozenBackbone:
         the tensors a server would need to match to compute next-token distributions."""
         source = self.config.source
         name = source if is_packaged(source) else Path(source).name
-        digest = hashlib.sha256()
+        from lightning_mobillm.side.causal_lm import tensor_digest
+
         output = self.model.get_output_embeddings() if self.is_decoder else None
         final_norm = getattr(self.base_model, "norm", None)
-        for tensors in (output, final_norm):
-            for p in (tensors.parameters() if isinstance(tensors, nn.Module) else ()):
-                t = p.detach().to("cpu").contiguous()
-                digest.update(f"{t.dtype}{list(t.shape)}".encode())
-                digest.update(t.view(torch.uint8).numpy().data)  # the bytes, without a copy
+        digest = tensor_digest(p for m in (output, final_norm) if isinstance(m, nn.Module) for p in m.parameters())
         return {"arch": self.tap_spec.arch, "name": name, "hidden_size": self.hidden_size,
-                "num_layers": self.num_blocks, "is_decoder": self.is_decoder, "digest": digest.hexdigest()}
+                "num_layers": self.num_blocks, "is_decoder": self.is_decoder, "digest": digest}
 
     @property
     def num_taps(self) -> int:

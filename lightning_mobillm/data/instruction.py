@@ -29,7 +29,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -38,7 +37,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_mobillm.data.sources import BIGBENCH_PREFIX, load_bbc_headlines
 from lightning_mobillm.data.text_classification import (
-    _FILE_BUILDERS,
     _SPLIT_ALIASES,
     _STAGE_SPLITS,
     SPLITS,
@@ -47,6 +45,7 @@ from lightning_mobillm.data.text_classification import (
     _check_fields,
     _round,
     _special_tokens,
+    load_hub_dataset,
     pad_token_id,
     stratified_split,
 )
@@ -450,15 +449,8 @@ class InstructionDataModule(TokenizerMixin, L.LightningDataModule):
         return self._read_hub()
 
     def _read_hub(self) -> list[InstructionRecord]:
-        import datasets
 
-        name, data_files = self.dataset, self.data_files
-        suffix = Path(name).suffix.lower()
-        if data_files is None and suffix in _FILE_BUILDERS and Path(name).is_file():
-            name, data_files = _FILE_BUILDERS[suffix], name
-        ds = datasets.load_dataset(name, data_files=data_files) if data_files else datasets.load_dataset(name)
-        if isinstance(ds, datasets.Dataset):
-            ds = datasets.DatasetDict({"train": ds})
+        ds = load_hub_dataset(self.dataset, self.data_files)
         out: list[InstructionRecord] = []
         fields = (self.messages_field,) if self.messages_field else (self.prompt_field, self.answer_field)
         for split, part in ds.items():

@@ -572,13 +572,7 @@ class TextClassificationDataModule(TokenizerMixin, L.LightningDataModule):
     def _read_hub(self) -> tuple[dict[str, tuple[list[str], list[Any]]], list[str] | None]:
         import datasets
 
-        name, data_files = self.dataset, self.data_files
-        suffix = Path(name).suffix.lower()
-        if data_files is None and suffix in _FILE_BUILDERS and Path(name).is_file():
-            name, data_files = _FILE_BUILDERS[suffix], name
-        ds = datasets.load_dataset(name, data_files=data_files) if data_files else datasets.load_dataset(name)
-        if isinstance(ds, datasets.Dataset):
-            ds = datasets.DatasetDict({"train": ds})
+        ds = load_hub_dataset(self.dataset, self.data_files)
         raw: dict[str, tuple[list[str], list[Any]]] = {}
         source_names: list[str] | None = None
         for split, part in ds.items():
@@ -653,6 +647,19 @@ def resolve_tokenizer(datamodule: L.LightningDataModule, name: str | None) -> An
         "set_tokenizer(), or attach it to a Trainer whose strategy has a `tokenizer` or whose "
         "LightningModule has a `backbone_config`"
     )
+
+
+def load_hub_dataset(name: str, data_files: str | dict[str, str] | None) -> Any:
+    """``datasets.load_dataset`` for a data module's ``dataset``/``data_files``: a ``.json``/``.jsonl``/``.csv``/
+    ``.parquet`` path alone is read with its builder; a single ``Dataset`` becomes a ``DatasetDict`` with a
+    ``train`` split."""
+    import datasets
+
+    suffix = Path(name).suffix.lower()
+    if data_files is None and suffix in _FILE_BUILDERS and Path(name).is_file():
+        name, data_files = _FILE_BUILDERS[suffix], name
+    ds = datasets.load_dataset(name, data_files=data_files) if data_files else datasets.load_dataset(name)
+    return datasets.DatasetDict({"train": ds}) if isinstance(ds, datasets.Dataset) else ds
 
 
 def _check_fields(source: str, columns: Sequence[str], *fields: str) -> None:

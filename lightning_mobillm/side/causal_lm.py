@@ -34,7 +34,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["OutputLayer", "ResidualLMHead", "chunked_cross_entropy"]
+__all__ = ["OutputLayer", "ResidualLMHead", "chunked_cross_entropy", "tensor_digest"]
+
+
+def tensor_digest(tensors: Iterable[Tensor]) -> str:
+    """SHA-256 over each tensor's dtype, shape and bytes, in order: the digest a device declares of its backbone's
+    output side (:meth:`~lightning_mobillm.backbone.FrozenBackbone.identity`) and the server checks."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        digest.update(f"{t.dtype}{list(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().data)  # the bytes, without a copy
+    return digest.hexdigest()
 
 
 class OutputLayer:
@@ -93,13 +104,8 @@ class OutputLayer:
         return self._digest
 
     def digest(self) -> str:
-        """SHA-256 over each tensor's dtype, shape and bytes, in :meth:`tensors`' order."""
-        digest = hashlib.sha256()
-        for t in self.tensors():
-            t = t.detach().to("cpu").contiguous()
-            digest.update(f"{t.dtype}{list(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().data)
-        return digest.hexdigest()
+        """:func:`tensor_digest` of :meth:`tensors`."""
+        return tensor_digest(self.tensors())
 
     @classmethod
     def from_model(cls, model: nn.Module) -> OutputLayer:
