@@ -20,7 +20,8 @@ Then every trained method's test split (the first ``test_samples``) is scored wi
 ``max_new_tokens`` (ROUGE-1/2/L F-measures, torchmetrics), and generation speed is measured on the device: new
 tokens per second over ``speed_prompts`` prompts, with and without the side network's hooks. Device peak memory,
 busy seconds and bytes per training sample come from ``DeviceMonitor``'s ``summary.json``; ratios are against
-LoRA's run in the same script run. The JSON says which machine ran it and whether anything else ran beside it.
+LoRA's run in the same script run. Each process's whole peak (``process_peak_rss_mb``: load, fit, test, generation)
+is also put against zero-shot's, the inference yardstick (``ratios_vs_inference``). The JSON says which machine ran it and whether anything else ran beside it.
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ def child(method: str, config: str) -> None:
         seconds = time.perf_counter() - t
         tokens = len(produced) * gen.max_new_tokens
         speed[name] = {"new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    from lightning_mobillm.rss import peak_rss_mb
+
     report({"method": method, "fit_s": fit_s, "summary": summary, "test": scores, "examples": examples,
-            "generation_speed": speed, "torch_threads": torch.get_num_threads()})
+            "generation_speed": speed, "process_peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads()})
 
 
 def main() -> None:
@@ -189,6 +192,7 @@ def main() -> None:
         results[method] = run_child(__file__, method, [str(config)])
         results[method]["wall_s"] = time.perf_counter() - t0
         out["ratios_vs_lora"] = ratios(results)
+        out["ratios_vs_inference"] = vs_inference(results)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({m: {"test": r["test"], "speed": r["generation_speed"]} for m, r in results.items()}, indent=1))
@@ -206,6 +210,15 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         out[method] = {key: (s.get(key) / lora[key] if s.get(key) is not None and lora.get(key) else None)
                        for key in ("device_peak_rss_mb", "device_steady_peak_rss_mb", "device_busy_s_per_sample")}
     return out
+
+
+def vs_inference(results: dict[str, Any]) -> dict[str, float]:
+    """Each method's whole-process peak (load, training, the test split's teacher-forced pass and generation)
+    over zero-shot's: the same backbone, loaded the same way, doing the same evaluation and generation without
+    training, i.e. inference."""
+    base = results.get("zero_shot", {}).get("process_peak_rss_mb")
+    return {m: r["process_peak_rss_mb"] / base for m, r in results.items()
+            if base and m != "zero_shot" and r.get("process_peak_rss_mb")}
 
 
 if __name__ == "__main__":

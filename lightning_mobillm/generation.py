@@ -15,7 +15,7 @@ The side network is not a weight delta: it cannot be merged into the backbone's 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lightning_mobillm.backbone import _hidden_from_output, find_blocks
 from lightning_mobillm.side.causal_lm import ResidualLMHead
 
-__all__ = ["SideGeneration", "generate_texts"]
+__all__ = ["SideGeneration", "contiguous_head_input", "generate_texts"]
 
 
 class SideGeneration:
@@ -60,7 +60,8 @@ class SideGeneration:
     def _keep(self, j: int):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             hidden = _hidden_from_output(output)
-            self._taps[j] = hidden[:, -1:] if self.last_only else hidden
+            # contiguous: a view of the last position would keep the whole prompt's hidden state alive
+            self._taps[j] = hidden[:, -1:].contiguous() if self.last_only else hidden
 
         return hook
 
@@ -107,13 +108,38 @@ def generate_texts(model: Any, tokenizer: Any, batches: Iterable[dict[str, Tenso
     hooks = SideGeneration(model, list(layers or []), side.trunk, side.head, last_only=True) if side is not None \
         else nullcontext()
     out: list[tuple[int, str]] = []
-    with torch.inference_mode(), hooks:
+    with torch.inference_mode(), hooks, contiguous_head_input(model):
         for batch in batches:
             ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
             new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             out += [(int(i), text.strip()) for i, text in zip(batch["index"], texts)]
     return out
+
+
+@contextmanager
+def contiguous_head_input(model: Any):
+    """While active, the LM head's input is made contiguous before the head runs.
+
+    ``generate`` hands the head the last position as a strided view of the prompt's ``[B, T, d]`` hidden state
+    (``logits_to_keep=1``). PyTorch 2.13's CPU ``linear`` in bf16 takes a slow path on that view: with
+    SmolLM2-135M's 49152 x 576 head, a 16 x 250 prompt batch cost 0.87 GB of transient memory and 0.66 s per
+    prefill, against 3 MB and 5 ms for the same rows copied contiguous (fp32: 62 ms against 15 ms). The copy is
+    ``[B, 1, d]``; the logits are the same.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    handle = head.register_forward_pre_hook(_contiguous_first) if isinstance(head, nn.Module) else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _contiguous_first(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def _stop_ids(model: Any, tokenizer: Any, extra: Sequence[int] | None) -> list[int]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import build_tiny_model
 
 from lightning_mobillm.backbone import FrozenBackbone
-from lightning_mobillm.generation import SideGeneration
+from lightning_mobillm.generation import SideGeneration, contiguous_head_input
 from lightning_mobillm.side.causal_lm import OutputLayer, ResidualLMHead, chunked_cross_entropy
 from lightning_mobillm.side.parallel_adapters import ParallelAdapterTrunk
 from lightning_mobillm.specs import BackboneConfig
@@ -86,6 +86,27 @@ def test_generate_with_a_zero_side_network_is_the_backbone_and_kv_cache_decoding
     assert torch.equal(cached, uncached)  # decoding one position at a time with the KV cache: the same tokens
     assert torch.equal(last_only, cached) and torch.equal(last_only_beams, beams)  # only the last position is read
     assert not torch.equal(cached, plain) and beams.shape[0] == 2
+
+
+def test_the_lm_head_gets_a_contiguous_input_and_the_same_tokens():
+    """``generate`` hands the head a strided view of the last position (bf16 CPU ``linear`` is slow and takes
+    memory on it); the hook copies it contiguous, the tokens are the same, and the hook goes away after."""
+    model = build_tiny_model("llama").eval()
+    ids = torch.randint(3, 64, (3, 7))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    seen = []
+    spy = model.lm_head.register_forward_pre_hook(lambda _m, a: seen.append(a[0].is_contiguous()))
+    plain = model.generate(ids, **kw)
+    assert False in seen  # the prefill's head input is a view: what the hook is for
+    spy.remove()
+    seen.clear()
+    with contiguous_head_input(model):  # registered before the spy, so the spy sees what the head gets
+        spy = model.lm_head.register_forward_pre_hook(lambda _m, a: seen.append(a[0].is_contiguous()))
+        hooked = model.generate(ids, **kw)
+    spy.remove()
+    assert seen and all(seen)
+    assert torch.equal(hooked, plain)
+    assert not model.lm_head._forward_pre_hooks
 
 
 def test_the_last_block_must_be_tapped():
