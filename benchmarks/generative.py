@@ -18,7 +18,8 @@ Each method runs in a fresh process (so its peak memory is its own), built from 
 
 Then every trained method's test split (the first ``test_samples``) is scored with greedy decoding and a fixed
 ``max_new_tokens`` (ROUGE-1/2/L F-measures, torchmetrics), and generation speed is measured on the device: new
-tokens per second over ``speed_prompts`` prompts, with and without the side network's hooks. Device peak memory,
+tokens per second at batch 1 and 8, with 256-token test prompts and exactly 32 new tokens, with and without the
+side network's hooks (``side_overhead``: how much slower with them). Device peak memory,
 busy seconds and bytes per training sample come from ``DeviceMonitor``'s ``summary.json``; ratios are against
 LoRA's run in the same script run. Each process's whole peak (``process_peak_rss_mb``: load, fit, test, generation)
 is also put against zero-shot's, the inference yardstick (``ratios_vs_inference``). The JSON says which machine ran it and whether anything else ran beside it.
@@ -58,7 +59,9 @@ class Preset:
     generate_samples: int = 32  # validation subset generated after each epoch
     test_samples: int = 300  # held-out samples scored at the end
     max_new_tokens: int = 24
-    speed_prompts: int = 32
+    speed_runs: tuple[tuple[int, int], ...] = ((1, 8), (8, 32))  # (batch size, prompts) of the speed test
+    speed_prompt_tokens: int = 256
+    speed_new_tokens: int = 32
     codec: str = "int8o"
     side_lr: float = 1e-3
     lora_lr: float = 5e-4
@@ -66,8 +69,8 @@ class Preset:
 
 PRESETS = {
     "small": Preset(),
-    "smoke": Preset(limit_train_samples=48, epochs=1, generate_samples=8, test_samples=16, speed_prompts=8,
-                    max_length=128),
+    "smoke": Preset(limit_train_samples=48, epochs=1, generate_samples=8, test_samples=16,
+                    speed_runs=((1, 2), (8, 8)), speed_prompt_tokens=64, speed_new_tokens=8, max_length=128),
 }
 
 
@@ -131,29 +134,80 @@ def child(method: str, config: str) -> None:
     gen = next(c for c in trainer.callbacks if isinstance(c, GenerationEval))
     scores = {k: v for k, v in gen.last_test.items() if k not in ("texts", "references")}
     examples = [{"text": t, "reference": r[0]} for t, r in zip(gen.last_test["texts"][:5], gen.last_test["references"])]
-    speed = {}
-    loader = data.generation_dataloader("test", int(os.environ["GEN_SPEED_PROMPTS"]))
-    stops = data.stop_token_ids
-    runs = {"with_side": {}, "without_side": {"backbone_only": True}} if method in ("mobillm", "pae_efficiency") \
-        else {"model": {}}
-    for name, how in runs.items():
-        t = time.perf_counter()
-        if how.get("backbone_only"):
-            from lightning_mobillm.generation import generate_texts
-
-            backbone = trainer.strategy.backbone
-            produced = generate_texts(backbone.model, backbone.tokenizer, loader, max_new_tokens=gen.max_new_tokens,
-                                      stop_token_ids=stops, min_new_tokens=gen.max_new_tokens)
-        else:
-            produced = model.generate_texts(loader, max_new_tokens=gen.max_new_tokens, stop_token_ids=stops,
-                                            min_new_tokens=gen.max_new_tokens)
-        seconds = time.perf_counter() - t
-        tokens = len(produced) * gen.max_new_tokens
-        speed[name] = {"new_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
     from lightning_mobillm.rss import peak_rss_mb
 
+    process_peak = peak_rss_mb()  # load, fit and test (teacher-forced and generated), before the speed test
+    speed = generation_speed(method, model, data, trainer, speed_settings())
     report({"method": method, "fit_s": fit_s, "summary": summary, "test": scores, "examples": examples,
-            "generation_speed": speed, "process_peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads()})
+            "generation_speed": speed, "process_peak_rss_mb": process_peak, "torch_threads": torch.get_num_threads()})
+
+
+def speed_settings() -> dict[str, Any]:
+    """The speed test's settings, which the parent hands its children in ``GEN_SPEED``."""
+    return json.loads(os.environ["GEN_SPEED"])
+
+
+def fixed_prompts(data: Any, count: int, tokens: int) -> list[list[int]]:
+    """The first ``count`` test prompts that have at least ``tokens`` tokens, each cut to its last ``tokens``
+    (which keep the template's turn to the assistant), read from a copy of the data module whose ``max_length``
+    leaves the prompts long enough."""
+    import inspect
+
+    accepted = inspect.signature(type(data)).parameters
+    args = {k: v for k, v in data.hparams.items() if k in accepted}  # not LightningCLI's `_class_path`
+    long = type(data)(**{**args, "max_length": 2 * tokens + 64, "eval_batch_size": 64})
+    long.set_tokenizer(data._tokenizer)
+    long.setup("test")
+    out: list[list[int]] = []
+    for batch in long.generation_dataloader("test"):
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            row = ids[mask.bool()].tolist()
+            if len(row) >= tokens:
+                out.append(row[-tokens:])
+            if len(out) == count:
+                return out
+    raise RuntimeError(f"only {len(out)} test prompts have {tokens} tokens")
+
+
+def generation_speed(method: str, model: Any, data: Any, trainer: Any, speed: dict[str, Any]) -> dict[str, Any]:
+    """New tokens per second of greedy generation on the device, at each ``(batch size, prompts)`` of
+    ``speed["runs"]``, ``speed["prompt_tokens"]``-token prompts and exactly ``speed["new_tokens"]`` new tokens;
+    with and without the side network for the side methods. One batch of each setting runs first, untimed."""
+    import torch
+
+    from lightning_mobillm.generation import generate_texts
+
+    new_tokens = int(speed["new_tokens"])
+    prompts = fixed_prompts(data, max(n for _, n in speed["runs"]), int(speed["prompt_tokens"]))
+    side = method in ("mobillm", "pae_efficiency")
+    out: dict[str, Any] = {}
+    for batch_size, count in speed["runs"]:
+        batches = [{"input_ids": torch.tensor(prompts[i:i + batch_size]),
+                    "attention_mask": torch.ones(len(prompts[i:i + batch_size]), len(prompts[0]), dtype=torch.long),
+                    "index": torch.arange(i, i + len(prompts[i:i + batch_size]))}
+                   for i in range(0, count, batch_size)]
+        for name in (("with_side", "without_side") if side else ("model",)):
+            if name == "without_side":
+                backbone = trainer.strategy.backbone
+
+                def run(b: list, backbone: Any = backbone) -> Any:
+                    return generate_texts(backbone.model, backbone.tokenizer, b, max_new_tokens=new_tokens,
+                                          min_new_tokens=new_tokens)
+            else:
+                def run(b: list) -> Any:
+                    return model.generate_texts(b, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            run(batches[:1])  # warm-up
+            t = time.perf_counter()
+            produced = run(batches)
+            seconds = time.perf_counter() - t
+            tokens = len(produced) * new_tokens
+            out.setdefault(f"batch_{batch_size}", {})[name] = {
+                "prompts": len(produced), "prompt_tokens": len(prompts[0]), "new_tokens": tokens,
+                "seconds": seconds, "tokens_per_s": tokens / seconds}
+        if side:
+            runs = out[f"batch_{batch_size}"]
+            runs["side_overhead"] = runs["without_side"]["tokens_per_s"] / runs["with_side"]["tokens_per_s"] - 1
+    return out
 
 
 def main() -> None:
@@ -177,7 +231,8 @@ def main() -> None:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mobillm-generative-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", GEN_SPEED_PROMPTS=str(preset.speed_prompts))
+    os.environ.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", GEN_SPEED=json.dumps(
+        {"runs": preset.speed_runs, "prompt_tokens": preset.speed_prompt_tokens, "new_tokens": preset.speed_new_tokens}))
     results: dict[str, Any] = {}
     out: dict[str, Any] = {"preset": args.preset, "settings": asdict(preset), "methods": results,
                            "command": " ".join(["python", *sys.argv]), "machine": {
@@ -213,7 +268,8 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 
 
 def vs_inference(results: dict[str, Any]) -> dict[str, float]:
-    """Each method's whole-process peak (load, training, the test split's teacher-forced pass and generation)
+    """Each method's whole-process peak (load, training, the test split's teacher-forced pass and generation;
+    not the speed test)
     over zero-shot's: the same backbone, loaded the same way, doing the same evaluation and generation without
     training, i.e. inference."""
     base = results.get("zero_shot", {}).get("process_peak_rss_mb")

@@ -154,6 +154,38 @@ def test_generation_on_the_device_learns_the_answers_and_predict_writes_them(tmp
     assert sum(r["text"] in names for r in rows) > 0.6 * len(rows)
 
 
+def test_generate_picks_the_servers_teacher_forced_argmax_after_training(tmp_path, answers_file, tiny_llama_dir):
+    """No train/serve skew: the tokens the device generates greedily with the trained side network's hooks are,
+    on the same prefixes, the argmax of the server's teacher-forced prediction (its side network, through the
+    device's head: ``val/token_acc`` is 1 on the generated tokens)."""
+    from lightning_mobillm.data.instruction import InstructionCollator
+    from lightning_mobillm.generation import SideGeneration
+
+    trainer, module, data = _run(tmp_path, answers_file, tiny_llama_dir, [str(tiny_llama_dir)], epochs=3)
+    trainer.fit(module, datamodule=data)
+    backbone = trainer.strategy.backbone
+    items = []
+    with torch.inference_mode(), SideGeneration(backbone.model, backbone.layers, module.side.trunk, module.side.head,
+                                                last_only=True):
+        for i, sample in enumerate(data.split_dataset("validation")):
+            if i == 8:
+                break
+            prompt = sample["input_ids"][:sample["prompt_length"]]
+            ids = torch.tensor([prompt])  # one prompt at a time: no padding, the same positions as teacher forcing
+            new = backbone.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                          pad_token_id=0)[0, len(prompt):].tolist()
+            items.append({"input_ids": [*prompt, *new], "labels": [IGNORE_INDEX] * len(prompt) + new,
+                          "prompt_length": len(prompt), "index": i})
+    with torch.inference_mode():  # the backbone alone writes something else: the side network is in the tokens
+        plain = [backbone.model.generate(torch.tensor([it["input_ids"][:it["prompt_length"]]]), max_new_tokens=4,
+                                         do_sample=False, pad_token_id=0)[0, it["prompt_length"]:]
+                 .tolist() for it in items]
+    assert sum(p != it["input_ids"][it["prompt_length"]:] for p, it in zip(plain, items)) >= 4
+    loader = torch.utils.data.DataLoader(items, batch_size=4, collate_fn=InstructionCollator(0))
+    scores = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    assert scores["val/token_acc"] == 1.0
+
+
 @pytest.mark.parametrize("trainable", ["lora", "full"])
 def test_on_device_baselines_train_the_same_answer_loss(tmp_path, answers_file, tiny_llama_dir, trainable):
     from lightning_mobillm.baselines import OnDeviceCausalLM

@@ -109,6 +109,28 @@ def test_the_lm_head_gets_a_contiguous_input_and_the_same_tokens():
     assert not model.lm_head._forward_pre_hooks
 
 
+def test_the_residual_is_measured_in_units_of_the_last_taps_rms():
+    """``scale="rms"``: scaling a token's last tap scales its residual by the same factor, so after the final
+    RMS norm the side network's change does not shrink with the backbone's magnitudes; ``"none"`` adds
+    ``W_o(s)`` as it is. Both start at exactly the last tap."""
+    torch.manual_seed(0)
+    states, base = torch.randn(5, 8), torch.randn(5, 12)
+    rms, plain = ResidualLMHead(8, 12), ResidualLMHead(8, 12, scale="none")
+    assert torch.equal(rms(states, base), base) and torch.equal(plain(states, base), base)  # step 0
+    plain.load_state_dict(rms.state_dict())
+    for p in rms.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    plain.load_state_dict(rms.state_dict())
+    delta = plain(states, base) - base  # W_o(s)
+    scale = torch.tensor([[1.0], [3.0], [0.5], [10.0], [2.0]])
+    torch.testing.assert_close(plain(states, scale * base) - scale * base, delta)  # independent of the base
+    torch.testing.assert_close(rms(states, scale * base) - scale * base, scale * (rms(states, base) - base))
+    torch.testing.assert_close(rms(states, base) - base, delta * base.pow(2).mean(-1, keepdim=True).sqrt(),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        ResidualLMHead(8, 12, scale="layer")
+
+
 def test_the_last_block_must_be_tapped():
     model = build_tiny_model("llama")
     trunk, head = _side(model.config.hidden_size)

@@ -69,6 +69,10 @@ class CausalLMSideModule(SideTuningModule):
             recomputed in the backward pass, never all held at once), and of the device's evaluation.
         output_dtype: the dtype of the output layer whose digest the device declares (set from the backbone).
         max_new_tokens: tokens ``predict`` generates per prompt (greedy).
+        residual_scale: ``"rms"`` (default): the side network's residual is measured in units of the last tap's
+            RMS, so it acts on the scale the LM head reads after the final norm; ``"none"``: the plain
+            ``last_tap + W_o(s)``, which the norm shrinks by the last state's RMS (about 34 on SmolLM2-135M), so it
+            learns far more slowly (see :class:`~lightning_mobillm.side.causal_lm.ResidualLMHead`).
         num_classes, pool, dropout, label_smoothing: the classifier's knobs; fixed here (there are no classes:
             ``num_classes`` and ``num_outputs`` are ``W_o``'s width, the backbone's).
     """
@@ -99,6 +103,7 @@ class CausalLMSideModule(SideTuningModule):
         chunk_tokens: int = 256,
         output_dtype: str | None = None,
         max_new_tokens: int = 32,
+        residual_scale: Literal["rms", "none"] = "rms",
     ) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, reduction=reduction,
                          normalize_taps=normalize_taps, pool=pool, activation=activation, dropout=dropout, lr=lr,
@@ -108,7 +113,10 @@ class CausalLMSideModule(SideTuningModule):
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if residual_scale not in ResidualLMHead.SCALES:
+            raise ValueError(f"residual_scale must be one of {ResidualLMHead.SCALES}, got {residual_scale!r}")
         self.hparams["chunk_tokens"] = int(chunk_tokens)
+        self.hparams["residual_scale"] = residual_scale
         self.hparams["max_new_tokens"] = int(max_new_tokens)  # what `predict` generates per prompt
         self._warned_untrained = False
         # the dtype of the output layer the device declared a digest of (set on the device from its backbone)
@@ -156,7 +164,7 @@ class CausalLMSideModule(SideTuningModule):
             trunk = TRUNK_TYPES[config.trunk](tap_spec.num_taps, width, reduction=config.reduction,
                                               normalize_taps=config.normalize_taps, activation=config.activation,
                                               final_norm=config.final_norm)
-            head = ResidualLMHead(trunk.out_features, width)
+            head = ResidualLMHead(trunk.out_features, width, scale=self.hparams["residual_scale"])
         self.hparams["num_classes"] = width
         self.tap_spec = TapSpec.from_dict(tap_spec.to_dict())
         self.side = CausalSideNetwork(trunk, head).to(self.device)

@@ -28,6 +28,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -206,19 +207,40 @@ class ResidualLMHead(nn.Module):
     """``W_o`` (zero-initialised, trained): side states ``[N, d_side]`` to a residual on the last tap ``[N, d]``;
     the frozen :class:`OutputLayer` turns the sum into next-token logits.
 
+    The backbone's final norm divides the sum by its RMS, and a decoder's last hidden state is large (SmolLM2-
+    135M: a median per-token RMS of about 34), so a plain residual reaches the logits 34 times weaker than its
+    size, and Adam, whose steps do not scale with that, moves the prediction slowly. With ``scale="rms"``
+    (default) the residual is measured in units of the base's own RMS, ``last_tap + rms(last_tap) * W_o(s)``,
+    which after the norm is about ``W_o(s)`` added to the normalised state: the side network acts on the scale
+    the LM head reads, whatever the backbone's magnitudes. ``scale="none"`` is the plain ``last_tap + W_o(s)``.
+    Both are exactly the backbone at step 0.
+
     Args:
         in_features: the side trunk's width.
         hidden_size: the backbone's width ``d``.
+        scale: ``"rms"`` or ``"none"``, as above.
+        eps: added to the mean square before its root.
     """
 
-    def __init__(self, in_features: int, hidden_size: int) -> None:
+    SCALES = ("rms", "none")
+
+    def __init__(self, in_features: int, hidden_size: int, scale: Literal["rms", "none"] = "rms",
+                 eps: float = 1e-6) -> None:
         super().__init__()
+        if scale not in self.SCALES:
+            raise ValueError(f"scale must be one of {self.SCALES}, got {scale!r}")
+        self.scale, self.eps = scale, float(eps)
         self.out = nn.Linear(int(in_features), int(hidden_size))
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, states: Tensor, last_tap: Tensor) -> Tensor:
-        """The corrected hidden state ``last_tap + W_o(states)``, ``[N, d]`` (in ``W_o``'s dtype)."""
+        """The corrected hidden state ``last_tap + [rms(last_tap) *] W_o(states)``, ``[N, d]`` (in ``W_o``'s
+        dtype)."""
         if states.shape[0] != last_tap.shape[0]:
             raise ValueError(f"states has {states.shape[0]} tokens but last_tap {last_tap.shape[0]}")
-        return last_tap.to(self.out.weight.dtype) + self.out(states.to(self.out.weight.dtype))
+        base = last_tap.to(self.out.weight.dtype)
+        residual = self.out(states.to(self.out.weight.dtype))
+        if self.scale == "rms":
+            residual = residual * base.pow(2).mean(-1, keepdim=True).add(self.eps).sqrt()
+        return base + residual
