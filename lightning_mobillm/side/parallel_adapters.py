@@ -172,13 +172,13 @@ class ParallelAdapterTrunk(nn.Module):
         """Final side state ``s_L`` of every packed token, ``[N, d]`` (before the final norm)."""
         self.check_acts(acts)
         gates = self.gates.to(acts.dtype)
+        # every layer's normalisation and (1 - mu_i) weight in one pass: the ladder below is sequential, and with
+        # few tokens (a decode step on the device) its cost is the number of ops, not their size
+        taps = rms_normalize(acts, self.eps) if self.normalize_taps else acts
+        taps = taps * (1 - gates)[:, None]
         state = acts.new_zeros(acts.shape[0], self.hidden_size)
         for i, adapter in enumerate(self.adapters):
-            tap = acts[:, i, :]
-            if self.normalize_taps:
-                tap = rms_normalize(tap, self.eps)
-            mu = gates[i]
-            state = adapter((1 - mu) * tap + mu * state)
+            state = adapter(taps[:, i, :] + gates[i] * state)
         return state
 
     def forward(self, acts: Tensor) -> Tensor:
