@@ -36,7 +36,14 @@ from typing import Any
 from lightning_mobillm import protocol as P
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.transport.frames import Frame, FrameSchema, decode_frame, encode_frame
-from lightning_mobillm.transport.link import GrpcLink, InProcessLink, Link, LinkError, LinkStats
+from lightning_mobillm.transport.link import (
+    FRAME_SLACK_BYTES,
+    GrpcLink,
+    InProcessLink,
+    Link,
+    LinkError,
+    LinkStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +269,8 @@ class ServerClient:
         if self.address == INPROCESS:
             self.in_process_server = _in_process_handler(self.role, self.embedded)
             self.link = InProcessLink(self.in_process_server.handle,
-                                      max_message_bytes=self.embedded.max_frame_mb * 2**20 + 2**20)
+                                      max_message_bytes=self.embedded.max_frame_bytes + FRAME_SLACK_BYTES,
+                                      max_reply_bytes=self.embedded.max_reply_bytes + FRAME_SLACK_BYTES)
             return self
         address = self.address
         try:  # an interrupt (Ctrl-C) while the server starts must not leave it running
@@ -275,7 +283,8 @@ class ServerClient:
 
                 kwargs["tls"] = TlsClientConfig(**self.tls)
             self.link = GrpcLink(address, self.token, connect_timeout=self.connect_timeout,
-                                 call_timeout=self.call_timeout, retries=self.retries, **kwargs)
+                                 call_timeout=self.call_timeout, retries=self.retries,
+                                 max_reply_bytes=self.embedded.max_reply_bytes + FRAME_SLACK_BYTES, **kwargs)
         except BaseException:
             self._stop_embedded()
             raise

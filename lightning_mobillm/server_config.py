@@ -40,6 +40,10 @@ class ServerConfig:
         grad_clip: max global gradient norm per step (None disables clipping).
         max_frame_mb: frames larger than this are refused by the transport before they are decoded
             (sized to the largest shipped recipe's training frame with headroom).
+        max_reply_mb: the largest reply the server sends, and (for the device, from the strategy's
+            ``embedded`` settings) the largest it accepts. Replies are the server's own: the largest is a side
+            network's whole state with its optimizer, which checkpoints and the end of ``fit`` download (199 MB on
+            Qwen2.5-Coder-1.5B, over ``max_frame_mb``). A larger reply is refused with an error that names this key.
         max_concurrent_rpcs: authenticated calls in the gRPC server at once (running or waiting for a
             worker); more are refused with RESOURCE_EXHAUSTED before their body is read.
         max_calls_per_identity: the same bound for one identity of ``tokens_file`` (two calls for each of
@@ -126,6 +130,7 @@ class ServerConfig:
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
     grad_clip: float | None = 1.0
     max_frame_mb: int = 128
+    max_reply_mb: int = 1024
     max_concurrent_rpcs: int = 64
     max_calls_per_identity: int = 8
     max_workers: int = 8
@@ -162,7 +167,7 @@ class ServerConfig:
     fed_head_rank: int | None = 16  # fed.model.DEFAULT_HEAD_RANK (a test keeps them equal)
 
     #: limits that must be positive (a zero or negative one would refuse everything or nothing)
-    _POSITIVE = ("max_frame_mb", "max_concurrent_rpcs", "max_calls_per_identity", "max_workers",
+    _POSITIVE = ("max_frame_mb", "max_reply_mb", "max_concurrent_rpcs", "max_calls_per_identity", "max_workers",
                  "max_concurrent_steps", "keepalive_s", "max_connection_idle_s", "max_sessions",
                  "max_sessions_per_identity", "session_idle_s", "max_taps", "max_width", "max_outputs",
                  "max_session_mb", "max_tokens_per_frame", "devices", "fed_batch_size", "fed_max_replay_steps",
@@ -209,6 +214,10 @@ class ServerConfig:
     @property
     def max_frame_bytes(self) -> int:
         return int(self.max_frame_mb * 2**20)
+
+    @property
+    def max_reply_bytes(self) -> int:
+        return int(self.max_reply_mb * 2**20)
 
     def root(self) -> Path:
         """The server's working folder."""

@@ -310,6 +310,44 @@ def test_oversized_frame_is_refused():
     assert reply.kind == P.ERROR and "bytes" in reply.header["message"]
 
 
+def test_a_reply_over_max_reply_mb_is_refused_with_the_key():
+    """A side network's whole state can outgrow the request bound (199 MB on Qwen2.5-1.5B against max_frame_mb
+    128); replies have their own bound, and a reply over it becomes an error that names the key."""
+    wide = TapSpec(layers=[0, 1, 2, 3], hidden_size=1024, arch="llama", is_decoder=True)  # 4 MB of adapters
+    hello = _hello()
+    hello.header["tap_spec"] = wide.to_dict()
+    small = SideServer(ServerConfig(device="cpu", max_frame_mb=1, max_reply_mb=1))
+    session = _new_session(small, copy.deepcopy(hello))
+    reply = _call(small, Frame(kind=P.GET_STATE, header={**session}))
+    assert reply.kind == P.ERROR and "max_reply_mb=1" in reply.header["message"]
+    assert session["session"] in small.sessions  # the session is still there
+    large = SideServer(ServerConfig(device="cpu", max_frame_mb=1, max_reply_mb=8))
+    state = _get_state(large, _new_session(large, hello))  # over max_frame_mb, under max_reply_mb
+    assert sum(t.numel() * t.element_size() for t in _leaves(state).values() if isinstance(t, torch.Tensor)) > 2**20
+
+
+def test_grpc_replies_and_requests_have_their_own_bounds():
+    size = {"reply": 3 * 2**20}
+
+    def handler(data: bytes, identity: str) -> bytes:
+        return b"r" * size["reply"]
+
+    server, port = serve_link(handler, host="127.0.0.1", port=0, max_message_bytes=2**20, max_reply_bytes=4 * 2**20)
+    try:
+        link = GrpcLink(f"127.0.0.1:{port}", connect_timeout=10, max_message_bytes=2**20, max_reply_bytes=4 * 2**20)
+        assert len(link.call(b"x")) == 3 * 2**20  # a reply over the request bound
+        with pytest.raises(LinkError, match="RESOURCE_EXHAUSTED"):
+            link.call(b"x" * (2 * 2**20))  # a request over it
+        size["reply"] = 5 * 2**20
+        with pytest.raises(LinkError, match="RESOURCE_EXHAUSTED"):
+            link.call(b"x")  # a reply over the reply bound
+        size["reply"] = 10
+        assert link.call(b"x") == b"r" * 10  # still serving
+        link.close()
+    finally:
+        server.stop(0)
+
+
 def test_hello_refuses_unregistered_module():
     server = SideServer(ServerConfig(device="cpu"))
     hello = _hello()

@@ -128,6 +128,7 @@ def serve(config: ServerConfig, *, parent_pid: int | None = None, role: str = "s
         credentials=credentials,
         tls=tls,
         max_message_bytes=config.max_frame_bytes + FRAME_SLACK_BYTES,
+        max_reply_bytes=config.max_reply_bytes + FRAME_SLACK_BYTES,
         max_workers=config.max_workers,
         max_concurrent_rpcs=config.max_concurrent_rpcs,
         max_calls_per_identity=config.max_calls_per_identity,

@@ -44,6 +44,7 @@ from lightning_mobillm.engine import make_fabric
 from lightning_mobillm.server.memory import release_free_memory
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.transport.frames import PREAMBLE_BYTES, Frame, FrameError, decode_frame, encode_frame
+from lightning_mobillm.transport.link import FRAME_SLACK_BYTES
 
 log = logging.getLogger("lightning_mobillm.server")
 
@@ -124,6 +125,12 @@ class FrameServer:
         # inference_mode (validation hooks); over gRPC a worker thread starts with grad enabled anyway
         with torch.inference_mode(False), torch.enable_grad():
             reply, session = self._handle(data, identity)
+        if len(reply) > self.config.max_reply_bytes + FRAME_SLACK_BYTES:
+            log.warning("refused to send a reply of %d bytes (max_reply_mb=%d)", len(reply), self.config.max_reply_mb)
+            reply = encode_frame(P.error_frame(
+                f"the reply is {len(reply) / 2**20:.0f} MiB, over the server's max_reply_mb={self.config.max_reply_mb} "
+                "(a side network's whole state with its optimizer is the largest reply); raise max_reply_mb in the "
+                "server's config (for an embedded server, the strategy's `embedded.max_reply_mb`)"))
         with self._lock:
             self.bytes_out += len(reply)
             if session is not None:  # a session's own traffic, which only it may read back

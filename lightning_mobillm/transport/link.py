@@ -45,8 +45,12 @@ METHOD = f"/{SERVICE}/Exchange"
 TOKEN_KEY = "x-mobillm-token"
 #: room for a frame's JSON header and safetensors table beyond its ``max_frame_mb`` of tensors
 FRAME_SLACK_BYTES = 2**20
-#: ``ServerConfig().max_frame_mb`` (128 MiB) plus the slack: the largest message either end accepts by default
+#: ``ServerConfig().max_frame_mb`` (128 MiB) plus the slack: the largest request by default
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 2**20 + FRAME_SLACK_BYTES
+#: ``ServerConfig().max_reply_mb`` (1 GiB) plus the slack: the largest reply by default. Replies are the server's
+#: own (a side network's whole state with its optimizer is 199 MB on Qwen2.5-1.5B), requests are untrusted input:
+#: each way has its own bound.
+DEFAULT_MAX_REPLY_BYTES = 1024 * 2**20 + FRAME_SLACK_BYTES
 
 
 class LinkError(RuntimeError):
@@ -78,18 +82,19 @@ class LinkStats:
             return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "calls": self.calls}
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def _channel_options(max_send_bytes: int, max_receive_bytes: int) -> list[tuple[str, int]]:
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_send_bytes),
+        ("grpc.max_receive_message_length", max_receive_bytes),
     ]
 
 
-def _server_options(max_message_bytes: int, keepalive_s: float, max_connection_idle_s: float) -> list[tuple[str, int]]:
+def _server_options(max_message_bytes: int, max_reply_bytes: int, keepalive_s: float,
+                    max_connection_idle_s: float) -> list[tuple[str, int]]:
     """Message limits and connection hygiene for a server that untrusted devices reach."""
     keepalive_ms = max(1000, int(keepalive_s * 1000))
     return [
-        *_channel_options(max_message_bytes),
+        *_channel_options(max_reply_bytes, max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on the same port fails to bind instead of sharing it
         # ping a connection every keepalive_s (with or without calls) and drop it if the ping is not
         # answered within 20 s: dead peers do not hold connections
@@ -213,6 +218,7 @@ def serve_link(
     credentials: Credentials | None = None,
     tls: TlsServerConfig | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     max_workers: int = 8,
     max_concurrent_rpcs: int = 64,
     max_calls_per_identity: int = 8,
@@ -230,7 +236,9 @@ def serve_link(
         credentials: who may call (None: anyone). A call whose token they refuse gets UNAUTHENTICATED
             before its request message is read (see :class:`_Authenticator`).
         tls: serve over TLS (mutual TLS when it names a client CA); None serves plain text.
-        max_message_bytes: larger messages are refused (RESOURCE_EXHAUSTED) before they are decoded.
+        max_message_bytes: larger requests are refused (RESOURCE_EXHAUSTED) before they are decoded.
+        max_reply_bytes: the largest reply gRPC will send (the handler should refuse larger ones itself, with
+            an error frame that says why).
         max_workers: worker threads running calls.
         max_concurrent_rpcs: accepted calls in the server at once (running or waiting for a worker); more
             are refused with RESOURCE_EXHAUSTED before their body is read. Calls refused for their token
@@ -252,7 +260,7 @@ def serve_link(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mobillm-link"),
         handlers=[grpc.method_handlers_generic_handler(SERVICE, {"Exchange": unreached})],
         interceptors=[authenticator],
-        options=_server_options(max_message_bytes, keepalive_s, max_connection_idle_s),
+        options=_server_options(max_message_bytes, max_reply_bytes, keepalive_s, max_connection_idle_s),
     )
     address = f"{host}:{port}"
     try:
@@ -308,22 +316,29 @@ class InProcessLink(Link):
             ``FrameServer.handle``), which never raises for bad input.
         identity: the identity every call presents, as a tokens file would name it (``""``: none).
         max_message_bytes: requests larger than this are refused, as the gRPC link refuses them.
+        max_reply_bytes: replies larger than this are refused, likewise.
     """
 
     def __init__(self, handler: Callable[[bytes, str], bytes], *, identity: str = "",
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, address: str = "inprocess") -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES, address: str = "inprocess") -> None:
         super().__init__()
         self.address = address
         self._handler = handler
         self._identity = identity
         self._max = max_message_bytes
+        self._max_reply = max_reply_bytes
 
     def _exchange_bytes(self, request: bytes) -> bytes:
         if len(request) > self._max:
             raise LinkError(f"call to {self.address} failed: RESOURCE_EXHAUSTED: request of {len(request)} bytes "
                             f"exceeds {self._max}")
         # bytes(...) so the handler never holds a view of the caller's buffer, as with a real network
-        return bytes(self._handler(bytes(request), self._identity))
+        reply = bytes(self._handler(bytes(request), self._identity))
+        if len(reply) > self._max_reply:
+            raise LinkError(f"call to {self.address} failed: RESOURCE_EXHAUSTED: reply of {len(reply)} bytes "
+                            f"exceeds {self._max_reply}")
+        return reply
 
 
 class GrpcLink(Link):
@@ -336,7 +351,8 @@ class GrpcLink(Link):
         connect_timeout: how long to wait for the server to accept a connection.
         call_timeout: the deadline of each call.
         retries: how many times a call that failed with UNAVAILABLE is retried.
-        max_message_bytes: the largest request or reply either way.
+        max_message_bytes: the largest request.
+        max_reply_bytes: the largest reply.
     """
 
     def __init__(
@@ -349,6 +365,7 @@ class GrpcLink(Link):
         call_timeout: float = 600.0,
         retries: int = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
         super().__init__()
         self.address = address
@@ -356,7 +373,7 @@ class GrpcLink(Link):
         self._call_timeout = call_timeout
         self._retries = retries
         self._tls = tls
-        options = _channel_options(max_message_bytes)
+        options = _channel_options(max_message_bytes, max_reply_bytes)
         if tls is None:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
