@@ -421,7 +421,8 @@ class ServerClient:
         skeleton, blob = P.pack_state(state)
         return self.request(Frame(kind=P.SET_STATE, header={"skeleton": skeleton}, tensors={"state": blob}))
 
-    def pull_state(self) -> dict:
-        """Download the session's model, optimizer, scheduler and step (call :meth:`drain` first)."""
-        reply = self.request(Frame(kind=P.GET_STATE))
+    def pull_state(self, model_only: bool = False) -> dict:
+        """Download the session's model, optimizer, scheduler and step (call :meth:`drain` first); with
+        ``model_only``, the model and step alone (a third of the bytes with AdamW)."""
+        reply = self.request(Frame(kind=P.GET_STATE, header={"model_only": True} if model_only else {}))
         return P.unpack_state(reply.header["skeleton"], reply.tensors["state"])

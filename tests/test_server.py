@@ -326,6 +326,17 @@ def test_a_reply_over_max_reply_mb_is_refused_with_the_key():
     assert sum(t.numel() * t.element_size() for t in _leaves(state).values() if isinstance(t, torch.Tensor)) > 2**20
 
 
+def test_get_state_model_only_is_the_same_model_without_the_optimizer(trained):
+    server, session = trained.server, trained.session
+    full = _get_state(server, session)
+    reply = _call(server, Frame(kind=P.GET_STATE, header={**session, "model_only": True}))
+    assert reply.kind == P.OK
+    state = P.unpack_state(reply.header["skeleton"], reply.tensors["state"])
+    assert set(state) == {"model", "step"} and state["step"] == full["step"]
+    _assert_same_state(state["model"], full["model"])
+    assert len(reply.tensors["state"]) < 0.5 * len(encode_frame(Frame(kind=P.OK, tensors={"state": P.pack_state(full)[1]})))
+
+
 def test_grpc_replies_and_requests_have_their_own_bounds():
     size = {"reply": 3 * 2**20}
 

@@ -92,7 +92,7 @@ class GenerationEval(L.Callback):
             return
         fetch = getattr(trainer.strategy, "fetch_server_state", None)
         if fitting and fetch is not None:  # the server holds the trained side network
-            pl_module.load_state_dict(fetch()["model"])
+            pl_module.load_state_dict(fetch(model_only=True)["model"])
         dm = trainer.datamodule
         loader = dm.generation_dataloader("validation", self.samples)
         produced = self.generate(trainer, pl_module, loader)

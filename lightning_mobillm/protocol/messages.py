@@ -102,7 +102,8 @@ REQUEST_SCHEMAS: dict[str, FrameSchema] = {
         required_tensors=("acts.q", "lengths"),
         required_header={**_SESSION, "codec": str},
     ),
-    GET_STATE: FrameSchema(kind=GET_STATE, tensors={}, required_header=dict(_SESSION)),
+    GET_STATE: FrameSchema(kind=GET_STATE, tensors={}, required_header=dict(_SESSION),
+                           optional_header={"model_only": bool}),
     SET_STATE: FrameSchema(
         kind=SET_STATE,
         tensors={"state": TensorRule(dtypes=(torch.uint8,), ndim=1)},

@@ -428,7 +428,10 @@ class SideServer(FrameServer):
 
     def _on_get_state(self, frame: Frame, session: SideSession) -> Frame:
         with session.lock:
-            skeleton, blob = P.pack_state(self.policy.state(session))
+            state = self.policy.state(session)
+            if frame.header.get("model_only"):  # the weights alone: no optimizer moments to send and hold
+                state = {"model": state["model"], "step": state["step"]}
+            skeleton, blob = P.pack_state(state)
             if session.store is not None:
                 session.store.flush()  # the cache's index and files are on disk with every checkpoint
         with self._lock:  # this session's own traffic only: another device's is none of its business

@@ -366,10 +366,11 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.device_stats.link = self.client.stats
 
     # ---- requests -----------------------------------------------------------------------------------
-    def fetch_server_state(self) -> dict:
-        """Wait for in-flight steps, then download the side network, optimizer, scheduler and step."""
+    def fetch_server_state(self, model_only: bool = False) -> dict:
+        """Wait for in-flight steps, then download the side network, optimizer, scheduler and step (with
+        ``model_only``: the side network and step, what generation and the end of ``fit`` need)."""
         self._drain()
-        return self._resilient(lambda: self.client.pull_state())
+        return self._resilient(lambda: self.client.pull_state(model_only=model_only))
 
     def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], BackboneOutput]:
         """Run the backbone (with the LM-head logits the module composes with, if any), its taps quantised into
@@ -565,7 +566,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
 
     def on_train_end(self) -> None:
         # The device's copy of the side network becomes the trained one.
-        state = self.fetch_server_state()
+        state = self.fetch_server_state(model_only=True)
         self.lightning_module.load_state_dict(state["model"])
 
     # ---- evaluation ---------------------------------------------------------------------------------
