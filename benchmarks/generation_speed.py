@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,7 +34,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from generative import fixed_prompts
+    from generative import fixed_prompts, prompt_batches, timed
 
     from lightning_mobillm.backbone import FrozenBackbone
     from lightning_mobillm.data import InstructionDataModule
@@ -54,18 +53,15 @@ def main() -> None:
     side = SimpleNamespace(trunk=trunk, head=ResidualLMHead(trunk.out_features, backbone.hidden_size).eval())
     results: dict[str, Any] = {}
     for batch_size, count in runs:
-        batches = [{"input_ids": torch.tensor(prompts[i:i + batch_size]),
-                    "attention_mask": torch.ones(batch_size, args.prompt_tokens, dtype=torch.long),
-                    "index": torch.arange(i, i + batch_size)} for i in range(0, count, batch_size)]
+        batches = prompt_batches(prompts, batch_size, count)
         tps: dict[str, list[float]] = {"without_side": [], "with_side": []}
         for _ in range(args.repeats):
             for name, s in (("without_side", None), ("with_side", side)):
                 kw = {"side": s, "layers": backbone.layers, "max_new_tokens": args.new_tokens,
                       "min_new_tokens": args.new_tokens}
-                generate_texts(backbone.model, backbone.tokenizer, batches[:1], **kw)  # warm-up
-                t = time.perf_counter()
-                generate_texts(backbone.model, backbone.tokenizer, batches, **kw)
-                tps[name].append(count * args.new_tokens / (time.perf_counter() - t))
+                _, seconds = timed(lambda b, kw=kw: generate_texts(backbone.model, backbone.tokenizer, b, **kw),
+                                   batches)
+                tps[name].append(count * args.new_tokens / seconds)
         results[f"batch_{batch_size}"] = {"prompts": count, "tokens_per_s": tps,
                                           "side_overhead": max(tps["without_side"]) / max(tps["with_side"]) - 1}
         print(batch_size, json.dumps(results[f"batch_{batch_size}"]), flush=True)

@@ -169,12 +169,28 @@ def fixed_prompts(data: Any, count: int, tokens: int) -> list[list[int]]:
     raise RuntimeError(f"only {len(out)} test prompts have {tokens} tokens")
 
 
+def prompt_batches(prompts: list[list[int]], batch_size: int, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` equal-length ``prompts`` as unpadded batches of ``batch_size`` for ``generate_texts``."""
+    import torch
+
+    rows = prompts[:count]
+    return [{"input_ids": torch.tensor(rows[i:i + batch_size]),
+             "attention_mask": torch.ones(len(rows[i:i + batch_size]), len(rows[0]), dtype=torch.long),
+             "index": torch.arange(i, i + len(rows[i:i + batch_size]))} for i in range(0, len(rows), batch_size)]
+
+
+def timed(run: Any, batches: list[dict[str, Any]]) -> tuple[Any, float]:
+    """``run(batches)`` after one untimed batch (warm-up): its result and its seconds."""
+    run(batches[:1])
+    t = time.perf_counter()
+    produced = run(batches)
+    return produced, time.perf_counter() - t
+
+
 def generation_speed(method: str, model: Any, data: Any, trainer: Any, speed: dict[str, Any]) -> dict[str, Any]:
     """New tokens per second of greedy generation on the device, at each ``(batch size, prompts)`` of
     ``speed["runs"]``, ``speed["prompt_tokens"]``-token prompts and exactly ``speed["new_tokens"]`` new tokens;
     with and without the side network for the side methods. One batch of each setting runs first, untimed."""
-    import torch
-
     from lightning_mobillm.generation import generate_texts
 
     new_tokens = int(speed["new_tokens"])
@@ -182,10 +198,7 @@ def generation_speed(method: str, model: Any, data: Any, trainer: Any, speed: di
     side = method in ("mobillm", "pae_efficiency")
     out: dict[str, Any] = {}
     for batch_size, count in speed["runs"]:
-        batches = [{"input_ids": torch.tensor(prompts[i:i + batch_size]),
-                    "attention_mask": torch.ones(len(prompts[i:i + batch_size]), len(prompts[0]), dtype=torch.long),
-                    "index": torch.arange(i, i + len(prompts[i:i + batch_size]))}
-                   for i in range(0, count, batch_size)]
+        batches = prompt_batches(prompts, batch_size, count)
         for name in (("with_side", "without_side") if side else ("model",)):
             if name == "without_side":
                 backbone = trainer.strategy.backbone
@@ -196,10 +209,7 @@ def generation_speed(method: str, model: Any, data: Any, trainer: Any, speed: di
             else:
                 def run(b: list) -> Any:
                     return model.generate_texts(b, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-            run(batches[:1])  # warm-up
-            t = time.perf_counter()
-            produced = run(batches)
-            seconds = time.perf_counter() - t
+            produced, seconds = timed(run, batches)
             tokens = len(produced) * new_tokens
             out.setdefault(f"batch_{batch_size}", {})[name] = {
                 "prompts": len(produced), "prompt_tokens": len(prompts[0]), "new_tokens": tokens,

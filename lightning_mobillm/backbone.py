@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from lightning_mobillm.assets import PACKAGED_MODELS, is_packaged, resolve_source
+from lightning_mobillm.side.causal_lm import tensor_digest
 from lightning_mobillm.specs import BackboneConfig, TapSpec
 
 logger = logging.getLogger(__name__)
@@ -394,8 +395,6 @@ class FrozenBackbone:
         the tensors a server would need to match to compute next-token distributions."""
         source = self.config.source
         name = source if is_packaged(source) else Path(source).name
-        from lightning_mobillm.side.causal_lm import tensor_digest
-
         output = self.model.get_output_embeddings() if self.is_decoder else None
         final_norm = getattr(self.base_model, "norm", None)
         digest = tensor_digest(p for m in (output, final_norm) if isinstance(m, nn.Module) for p in m.parameters())

@@ -449,7 +449,6 @@ class InstructionDataModule(TokenizerMixin, L.LightningDataModule):
         return self._read_hub()
 
     def _read_hub(self) -> list[InstructionRecord]:
-
         ds = load_hub_dataset(self.dataset, self.data_files)
         out: list[InstructionRecord] = []
         fields = (self.messages_field,) if self.messages_field else (self.prompt_field, self.answer_field)
