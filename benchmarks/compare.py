@@ -567,15 +567,53 @@ def build_report(
     }
 
 
-def merged_rows(earlier: Mapping[str, Any], preset: str, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The rows of an earlier report of ``preset`` for the methods not in ``methods``, as summaries.
+def merged_rows(earlier: Mapping[str, Any], preset: str | Preset, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier report for the methods not in ``methods``, as summaries.
 
-    A row keeps every figure ``make_row`` reads (per-sample figures under their ``_per_sample`` names, the
+    A report of the same preset gives every row. A report of another preset gives the rows of this preset's
+    methods that ran there with exactly the config they would run with here (``derive_config`` under both
+    presets, seeds included): the ``mezo`` preset takes ``small``'s LoRA and MobiLLM rows this way. A row
+    keeps every figure ``make_row`` reads (per-sample figures under their ``_per_sample`` names, the
     validation history, the epochs), so the rebuilt report equals the earlier one for those methods, with
     this run's machine measurement. Failed rows are carried as failures."""
-    if earlier.get("preset") != preset:
-        raise SystemExit(f"--merge: the report is of preset {earlier.get('preset')!r}, not {preset!r}")
-    return {m: dict(row) for m, row in earlier.get("rows", {}).items() if m not in methods}
+    name = preset if isinstance(preset, str) else _preset_name(preset)
+    if earlier.get("preset") == name:
+        return {m: dict(row) for m, row in earlier.get("rows", {}).items() if m not in methods}
+    here = PRESETS[name] if isinstance(preset, str) else preset
+    if earlier.get("preset") not in PRESETS:
+        raise SystemExit(f"--merge: the report is of an unknown preset {earlier.get('preset')!r}")
+    there = replace(PRESETS[earlier["preset"]], train_seed=earlier.get("settings", {}).get("train_seed"))
+    workdir = Path("/same")  # both derivations log to the same place: only the settings are compared
+
+    def same_config(method: str) -> bool:
+        recipe = yaml.safe_load((REPO / METHODS[method]).read_text())
+        return derive_config(recipe, method, there, workdir) == derive_config(recipe, method, here, workdir)
+
+    rows = {m: dict(row) for m, row in earlier.get("rows", {}).items()
+            if m in here.methods and m not in methods and "error" not in row and same_config(m)}
+    if not rows:
+        raise SystemExit(f"--merge: no method of preset {name!r} ran in the {earlier['preset']!r} report "
+                         "with the config it has here")
+    return rows
+
+
+def _preset_name(preset: Preset) -> str:
+    """The name of ``preset`` in :data:`PRESETS`, its seed aside."""
+    return next(n for n, p in PRESETS.items() if replace(p, train_seed=preset.train_seed) == preset)
+
+
+def merged_reports(reports: Sequence[tuple[str, Mapping[str, Any]]], preset: Preset,
+                   methods: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The rows ``merged_rows`` takes from each of several reports (named by their files), and the name each
+    row came from; a method found in two of them is refused, naming both."""
+    rows: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}
+    for name, report in reports:
+        for m, row in merged_rows(report, preset, methods).items():
+            if m in rows:
+                raise SystemExit(f"--merge: {m} is in both {origin[m]} and {name}; run it or merge one of them")
+            rows[m], origin[m] = row, name
+    return rows, origin
 
 
 def order_methods(methods: Iterable[str], preferred: Sequence[str]) -> list[str]:
@@ -824,9 +862,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, help="seed_everything of every method (the data split keeps the preset's)")
     p.add_argument("--dry-run", action="store_true", help="write the derived configs and print the commands")
     p.add_argument("--table-only", type=Path, metavar="JSON", help="print the tables of an existing JSON")
-    p.add_argument("--merge", type=Path, metavar="JSON",
-                   help="an earlier report of the same preset: its rows stand for the methods not run now "
-                   "(--methods may be empty: then only the machine is re-measured and the report rebuilt)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="earlier reports: their rows stand for the methods not run now (a report of another "
+                   "preset gives only the methods that ran there with the same config; --methods may be "
+                   "empty: then only the machine is re-measured and the report rebuilt)")
     p.add_argument("--mean-of", type=Path, nargs="+", metavar="JSON",
                    help="runs of several seeds: write their mean accuracies and gaps to LoRA to --out")
     args = p.parse_args()
@@ -841,20 +880,20 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m] if args.methods is not None else list(
         PRESETS[args.preset].methods
     )
-    earlier: dict[str, Any] = {}
-    merged_report: dict[str, Any] = {}
-    if args.merge:
-        merged_report = json.loads(args.merge.read_text())
-        earlier = merged_rows(merged_report, args.preset, methods)
+    preset = PRESETS[args.preset]
+    if args.seed is not None:
+        preset = replace(preset, train_seed=args.seed)
+    merged = [(str(f), json.loads(f.read_text())) for f in args.merge or []]
+    earlier, origin = merged_reports(merged, preset, methods)
+    # a merge keeps the zero-shot row of an earlier run of the same preset (same data)
+    zero_shot = next((r["zero_shot"] for _, r in merged if r.get("preset") == args.preset and "zero_shot" in r),
+                     None)
     # a merge interleaves the earlier rows in the preset's order; otherwise the order asked for
     order = order_methods([*methods, *earlier], PRESETS[args.preset].methods) if earlier else methods
     if unknown := sorted(set(methods) - set(METHODS)):
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     profiles = {**PROFILES, **{q.name: q for q in args.profile}}
     links = {**LINKS, **{lk.name: lk for lk in args.link}}
-    preset = PRESETS[args.preset]
-    if args.seed is not None:
-        preset = replace(preset, train_seed=args.seed)
     target_acc = preset.target_acc if args.target_acc is None else args.target_acc
     workdir = args.workdir.resolve()
 
@@ -886,7 +925,6 @@ def main() -> None:
     print(f"machine: {json.dumps(machine)}", flush=True)
     process_s = {m: row["process_wall_s"] for m, row in earlier.items() if row.get("process_wall_s") is not None}
 
-    zero_shot = merged_report.get("zero_shot")  # a merge keeps the earlier run's (same preset and data)
     if preset.zero_shot and zero_shot is None:
         zero_shot = zero_shot_accuracy(preset)
         print(f"zero-shot: {json.dumps(zero_shot)}", flush=True)
@@ -898,7 +936,9 @@ def main() -> None:
             preset, ordered, machine, target_acc, profiles, links, process_s, workdir
         )
         if earlier:
-            built["settings"]["merged_from"] = {"file": str(args.merge), "methods": list(earlier)}
+            built["settings"]["merged_from"] = [
+                {"file": name, "preset": report.get("preset"), "methods": [m for m in earlier if origin[m] == name]}
+                for name, report in merged]
         if zero_shot is not None:
             built["zero_shot"] = zero_shot
         return built

@@ -28,6 +28,7 @@ class DeviceStats:
             are (de)serialised.
         train_samples: training samples sent (or named by cache key).
         device_forwards: backbone forwards on the device (training and evaluation); None if not counted.
+        eval_cache_hits: validation batches sent from the device's :class:`EvalTapCache`, without a forward.
         by_epoch: ``{epoch: {"device_busy_s": s, "train_bytes_up": n}}``.
         last_device_step_s, last_server_step_s: the latest training step's times.
         last_train_reply: the latest training reply's header (loss, lr, cache counters...).
@@ -44,6 +45,7 @@ class DeviceStats:
     train_bytes_down: int = 0
     train_samples: int = 0
     device_forwards: int | None = 0
+    eval_cache_hits: int = 0
     by_epoch: dict[int, dict[str, float]] = field(default_factory=dict)
     last_device_step_s: float = 0.0
     last_server_step_s: float = 0.0

@@ -515,3 +515,29 @@ def test_merged_rows_rebuild_the_same_report_and_refuse_another_preset(report):
     assert compare.order_methods(["pae", "x", "lora"], ["lora", "mobillm", "pae"]) == ["lora", "pae", "x"]
     with pytest.raises(SystemExit, match="bf16"):
         compare.merged_rows(earlier, "bf16", [])
+
+
+def test_another_presets_rows_merge_only_where_the_method_ran_with_the_same_config(report):
+    small = json.loads(json.dumps(report))
+    small["rows"]["mezo"] = small["rows"]["lora"]  # a row the mezo preset would run differently (steps)
+    mezo = compare.PRESETS["mezo"]
+    # mezo is small with MeZO's step budget: small's LoRA and MobiLLM ran exactly as they would there; PAE
+    # ran 3 epochs in small and 1 in mezo, and small's full_ft is not one of mezo's methods
+    rows = compare.merged_rows(small, "mezo", ["mezo"])
+    assert set(rows) == {"lora", "mobillm"} and rows["lora"] == small["rows"]["lora"]
+    # a method run now is not taken from the report
+    assert set(compare.merged_rows(small, "mezo", ["mezo", "lora"])) == {"mobillm"}
+    # a seed is part of the config: small at seed 0 does not stand for mezo at seed 1
+    with pytest.raises(SystemExit, match="'mezo'"):
+        compare.merged_rows(small, replace(mezo, train_seed=1), [])
+    seeded = {**small, "settings": {**small["settings"], "train_seed": 1}}
+    assert set(compare.merged_rows(seeded, replace(mezo, train_seed=1), [])) == {"lora", "mobillm"}
+    # bf16 differs from mezo in every method's dtype: nothing to take
+    with pytest.raises(SystemExit, match="'bf16'"):
+        compare.merged_rows({**small, "preset": "bf16"}, "mezo", [])
+    # two reports giving the same method are refused, naming both; disjoint ones combine
+    only_mezo = {**small, "preset": "mezo", "rows": {"mezo": small["rows"]["mezo"]}}
+    rows, origin = compare.merged_reports([("small.json", small), ("mezo.json", only_mezo)], mezo, [])
+    assert set(rows) == {"lora", "mobillm", "mezo"} and origin["mezo"] == "mezo.json"
+    with pytest.raises(SystemExit, match="lora is in both small.json and again.json"):
+        compare.merged_reports([("small.json", small), ("again.json", small)], mezo, [])

@@ -226,11 +226,82 @@ def test_pae_epochs_after_the_first_send_only_cached_keys(tmp_path, tiny_data_fi
     # ... and they still train: the loss keeps falling in the cached epochs
     losses = [r.header["loss"] for _, _, r in later]
     assert _mean(losses[-train_batches:]) < _mean(losses[:train_batches])
-    # the device forwarded each training batch once; every other forward is validation
-    assert s["device_forwards"] == train_batches + epochs * val_batches
+    # the device forwarded each training batch once, and each validation batch once (later validations
+    # are sent from its EvalTapCache)
+    assert s["device_forwards"] == train_batches + val_batches
+    assert s["eval_cache_hits"] == (epochs - 1) * val_batches
     by_epoch = {int(k): v for k, v in s["train_bytes_up_by_epoch"].items()}
     assert by_epoch[0] == sum(len(c.request) for c, _, _ in first)
     assert by_epoch[1] + by_epoch[2] == sum(len(c.request) for c, _, _ in later) < by_epoch[0] / 2
+
+
+# ---- validation from the device's tap cache ------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["mobillm", "pae"])
+def test_validation_batches_seen_before_are_sent_without_a_forward_and_score_the_same(
+        method, tmp_path, tiny_data_file, tiny_llama_dir, wire, monkeypatch):
+    epochs = 3
+
+    def run(eval_cache_mb: float) -> tuple[L.Trainer, dict, list[Frame]]:
+        wire.clear()
+        original = METHODS[method]
+
+        def with_limit(src: str, n: int):
+            module, strategy, callbacks = original(src, n)
+            strategy.eval_cache = type(strategy.eval_cache)(eval_cache_mb)
+            return module, strategy, callbacks
+
+        monkeypatch.setitem(METHODS, method, with_limit)
+        trainer, s, _ = _fit(method, wire, tmp_path / str(eval_cache_mb), tiny_data_file, tiny_llama_dir, epochs)
+        return trainer, s, [q for q, _ in _frames(wire, method) if q.kind in EVAL_KINDS]
+
+    fresh_trainer, fresh, fresh_evals = run(0.0)
+    trainer, cached, cached_evals = run(16.0)
+    train_batches, val_batches = trainer.num_training_batches, sum(trainer.num_val_batches)
+    forwards_in_training = fresh["device_forwards"] - epochs * val_batches
+    # without the cache every validation forwards every batch; with it only the first does
+    assert fresh["eval_cache_hits"] == 0
+    assert cached["eval_cache_hits"] == (epochs - 1) * val_batches
+    assert cached["device_forwards"] == forwards_in_training + val_batches
+    assert forwards_in_training >= train_batches  # (PAE forwards its training batches in the first epoch only)
+    # the server was sent the same taps, and every validation scored the same
+    assert len(cached_evals) == len(fresh_evals) == epochs * val_batches
+    for a, b in zip(cached_evals, fresh_evals, strict=True):
+        assert a.tensors.keys() == b.tensors.keys()
+        for name in a.tensors:
+            torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=0, atol=0)
+    assert [(h["val_acc"], h["val_f1"]) for h in cached["val_history"]] == [
+        (h["val_acc"], h["val_f1"]) for h in fresh["val_history"]]
+    # test batches are never cached: a test after fit forwards every batch
+    before = trainer.strategy.device_stats.device_forwards
+    trainer.test(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
+    assert trainer.strategy.device_stats.device_forwards - before == sum(trainer.num_test_batches)
+
+
+def test_the_tap_cache_keeps_to_its_bound_and_keys_by_batch_codec_and_selection():
+    from lightning_mobillm.backbone import BackboneOutput
+    from lightning_mobillm.strategies.eval_cache import EvalTapCache
+
+    batch = {"input_ids": torch.arange(12).view(3, 4), "attention_mask": torch.ones(3, 4, dtype=torch.long)}
+    other = {**batch, "input_ids": batch["input_ids"].flip(0)}
+    keys = {EvalTapCache.key(b, codec=c, select=s) for b in (batch, other) for c in ("int8", "fp16")
+            for s in ("loss", "all")}
+    assert len(keys) == 8
+    assert EvalTapCache.key(dict(batch), codec="int8", select="loss") == EvalTapCache.key(
+        {k: v.clone() for k, v in batch.items()}, codec="int8", select="loss")
+
+    tensors = {"acts.q": torch.zeros(3, 2, 1000, dtype=torch.int8)}  # 6000 bytes
+    out = BackboneOutput(acts=None, lengths=torch.ones(3, dtype=torch.long), logits=torch.zeros(3, 5))
+    cache = EvalTapCache(limit_mb=10_000 / 2**20)  # room for one such batch, not two
+    assert cache.put("a", tensors, out) and len(cache) == 1
+    assert not cache.put("b", tensors, out) and len(cache) == 1 and cache.bytes == 6000 + 24 + 60
+    assert cache.get("b") is None and cache.hits == 0
+    kept_tensors, kept = cache.get("a")
+    assert kept_tensors is tensors and kept.acts is None and kept.sink is None and cache.hits == 1
+    assert not EvalTapCache(0).put("a", tensors, out)
+    cache.clear()
+    assert len(cache) == 0 and cache.bytes == 0
+    with pytest.raises(ValueError, match="eval_cache_mb must be >= 0"):
+        ServerAssistedStrategy(server="inprocess", eval_cache_mb=-1)
 
 
 # ---- select: auto --------------------------------------------------------------------------------------------

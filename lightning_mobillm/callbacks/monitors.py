@@ -172,6 +172,7 @@ class DeviceMonitor(L.Callback):
             "train_bytes_up_by_epoch": {str(k): int(v["train_bytes_up"]) for k, v in stats.by_epoch.items()},
             "device_busy_s_by_epoch": {str(k): v["device_busy_s"] for k, v in stats.by_epoch.items()},
             "device_forwards": stats.device_forwards,
+            "eval_cache_hits": stats.eval_cache_hits,
             "server_busy_s": counters["server_busy_s"],
             "wall_s": counters["wall_s"],
             "train_loss": float(m["train/loss_epoch"]) if "train/loss_epoch" in m else None,

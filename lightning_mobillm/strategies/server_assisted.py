@@ -45,6 +45,7 @@ from lightning_mobillm.client import INPROCESS, ServerClient, ServerError, read_
 from lightning_mobillm.faults import fault_point
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.stats import DeviceStats
+from lightning_mobillm.strategies.eval_cache import EvalTapCache
 from lightning_mobillm.transport.frames import Frame, encode_frame
 from lightning_mobillm.transport.link import LinkError
 
@@ -135,6 +136,9 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         reconnect_timeout: how long to keep trying to reach a server that became unreachable (a restarted
             embedded server, or a remote one coming back) before the run fails; 0 fails at once.
         backbone_device: where the backbone runs on the device (``cpu`` on a phone-class device).
+        eval_cache_mb: device memory for the frame tensors of validation batches, so that a validation batch
+            seen before is sent without a backbone forward (:class:`EvalTapCache`; the backbone is frozen);
+            0 forwards every validation batch every time. Test and predict batches are never cached.
     """
 
     strategy_name = "mobillm"
@@ -158,6 +162,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         retries: int = 3,
         reconnect_timeout: float = 300.0,
         backbone_device: str = "cpu",
+        eval_cache_mb: float = 16.0,
     ) -> None:
         super().__init__(device=backbone_device)
         if pipeline_depth < 0:
@@ -179,6 +184,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.call_timeout = call_timeout
         self.retries = retries
         self.reconnect_timeout = reconnect_timeout
+        self.eval_cache = EvalTapCache(eval_cache_mb)
 
         self.backbone: FrozenBackbone | None = None
         self.transfer: QuantizedTransfer | None = None
@@ -342,6 +348,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             self._resumed_run = {}
             self._replay.clear()
             self._ack_step.clear()
+            self.eval_cache.clear()
             self._interrupted = False
             super().teardown()
 
@@ -570,10 +577,19 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.lightning_module.load_state_dict(state["model"])
 
     # ---- evaluation ---------------------------------------------------------------------------------
-    def _scores(self, batch: dict[str, Tensor]) -> Tensor:
+    def _scores(self, batch: dict[str, Tensor], *, reuse: bool = False) -> Tensor:
         """Class scores for a batch, composed on the device by the module from the side network's outputs
-        (and the backbone's own prediction, for modules that compose with it)."""
-        tensors, out = self._forward(batch)
+        (and the backbone's own prediction, for modules that compose with it). With ``reuse`` (validation) a
+        batch whose taps the :class:`EvalTapCache` holds is not forwarded again."""
+        key = EvalTapCache.key(batch, codec=self.transfer.codec, select=self.token_select) if reuse else None
+        cached = self.eval_cache.get(key) if key is not None else None
+        if cached is None:
+            tensors, out = self._forward(batch)
+            if key is not None:
+                self.eval_cache.put(key, tensors, out)
+        else:
+            tensors, out = cached
+            self.device_stats.eval_cache_hits += 1
         module = self.lightning_module
         if self.inference == "local" and module.trainer.state.fn != TrainerFn.FITTING:
             acts, lengths = P.unpack_acts(tensors, self.transfer.codec)
@@ -587,7 +603,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         return module.device_scores(out, side)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        scores = self._scores(batch)
+        scores = self._scores(batch, reuse=stage == "val")
         module = self.lightning_module
         labels = module.device_labels(batch).to(scores.device)
         module.update_eval_metrics(stage, scores, labels, loss=module.device_eval_loss(scores, labels))
