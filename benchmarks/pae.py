@@ -70,7 +70,9 @@ def child(args) -> dict:
         "train_samples_per_epoch": s["train_samples"] // epochs if s["train_samples"] else None,
         "bytes_up": s["bytes_up"],
         "device_forwards": s["device_forwards"],
-        "val_forwards": epochs * sum(trainer.num_val_batches) if run != "pae_fullseq" else 0,
+        # validation batches forwarded: every one the first time, then only those the tap cache did not hold
+        "val_forwards": epochs * sum(trainer.num_val_batches) - s["eval_cache_hits"] if run != "pae_fullseq" else 0,
+        "eval_cache_hits": s["eval_cache_hits"],
         "train_batches_per_epoch": trainer.num_training_batches,
         "device_busy_s_by_epoch": s["device_busy_s_by_epoch"],
         "val_acc": s["val_acc"],
