@@ -503,6 +503,20 @@ def check_targets(rows: Rows) -> dict[str, dict[str, Any]]:
     return out
 
 
+def preset_settings(preset: Preset, methods: Sequence[str]) -> dict[str, Any]:
+    """The settings a report of ``preset`` records for ``methods``: the preset's fields, and each method's
+    epochs, steps and recipe."""
+    settings = {k: v for k, v in asdict(preset).items() if k not in ("epochs_by_method", "steps_by_method")}
+    settings.update(
+        preset=_preset_name(preset),
+        methods=list(methods),
+        epochs_by_method={m: preset.epochs(m) for m in methods},
+        steps_by_method={m: preset.steps(m) for m in methods},
+        recipes={m: METHODS.get(m) for m in methods},
+    )
+    return settings
+
+
 def build_report(
     preset_name: str | Preset,
     summaries: Mapping[str, Mapping[str, Any]],
@@ -522,7 +536,7 @@ def build_report(
         preset = PRESETS[preset_name]
     else:  # a preset with ``--seed``: named after the one it came from
         preset = preset_name
-        preset_name = next((n for n, q in PRESETS.items() if q == replace(preset, train_seed=None)), "custom")
+        preset_name = _preset_name(preset)
     cpu_gflops = machine.get("cpu_gflops", {}).get(preset.dtype)
     factors = {name: p.factor(cpu_gflops) for name, p in profiles.items()}
     rows = {m: make_row(m, s) for m, s in summaries.items()}
@@ -544,13 +558,8 @@ def build_report(
             curves.setdefault(pname, {})[lname] = {
                 m: [list(p) for p in simulated_curve(r, factor, link, r["overlap"])] for m, r in ran.items()
             }
-    settings = {k: v for k, v in asdict(preset).items() if k not in ("epochs_by_method", "steps_by_method")}
+    settings = preset_settings(preset, list(summaries))
     settings.update(
-        preset=preset_name,
-        methods=list(summaries),
-        epochs_by_method={m: preset.epochs(m) for m in summaries},
-        steps_by_method={m: preset.steps(m) for m in summaries},
-        recipes={m: METHODS.get(m) for m in summaries},
         target_acc=target_acc,
         workdir=str(workdir) if workdir is not None else None,
         profiles={n: {**asdict(p), "factor": factors[n]} for n, p in profiles.items()},
@@ -567,39 +576,66 @@ def build_report(
     }
 
 
+#: the preset settings a method's run depends on (besides its own epochs, steps and recipe)
+RUN_SETTINGS = ("source", "dtype", "trained_precision", "max_length", "batch_size", "eval_batch_size",
+                "limit_train_samples", "val_check_interval", "dataset", "prompt", "verbalizers", "limit_eval_samples")
+
+
+def run_conditions(settings: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """What ``method``'s run in a report with these ``settings`` depended on: the shared settings, the split and
+    training seeds, its recipe, epochs and steps (and the validation points of a step budget). A key an older
+    report lacks counts as the preset default it had then (``None``)."""
+    seed = settings.get("train_seed")
+    steps = settings.get("steps_by_method", {}).get(method)
+    return {
+        **{k: settings.get(k) for k in RUN_SETTINGS},
+        "split_seed": settings.get("seed"),
+        "train_seed": settings.get("seed") if seed is None else seed,
+        "recipe": settings.get("recipes", {}).get(method),
+        "epochs": settings.get("epochs_by_method", {}).get(method),
+        "steps": steps,
+        "val_points": settings.get("val_points") if steps not in (None, -1) else None,
+    }
+
+
 def merged_rows(earlier: Mapping[str, Any], preset: str | Preset, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The rows of an earlier report for the methods not in ``methods``, as summaries.
+    """The rows of an earlier report for the methods not in ``methods``, as summaries, where each ran as it
+    would run now (:func:`run_conditions` from the report's recorded settings against this preset's).
 
-    A report of the same preset gives every row. A report of another preset gives the rows of this preset's
-    methods that ran there with exactly the config they would run with here (``derive_config`` under both
-    presets, seeds included): the ``mezo`` preset takes ``small``'s LoRA and MobiLLM rows this way. A row
-    keeps every figure ``make_row`` reads (per-sample figures under their ``_per_sample`` names, the
-    validation history, the epochs), so the rebuilt report equals the earlier one for those methods, with
-    this run's machine measurement. Failed rows are carried as failures."""
-    name = preset if isinstance(preset, str) else _preset_name(preset)
-    if earlier.get("preset") == name:
-        return {m: dict(row) for m, row in earlier.get("rows", {}).items() if m not in methods}
-    here = PRESETS[name] if isinstance(preset, str) else preset
-    if earlier.get("preset") not in PRESETS:
-        raise SystemExit(f"--merge: the report is of an unknown preset {earlier.get('preset')!r}")
-    there = replace(PRESETS[earlier["preset"]], train_seed=earlier.get("settings", {}).get("train_seed"))
-    workdir = Path("/same")  # both derivations log to the same place: only the settings are compared
+    A report of the same preset gives every row, and is refused if a row ran otherwise (another seed, or a
+    preset changed since). A report of another preset gives the rows of this preset's methods that ran there
+    as they would here, and skips the rest: the ``mezo`` preset takes ``small``'s LoRA and MobiLLM rows this
+    way, not its 3-epoch PAE. A row keeps every figure ``make_row`` reads (per-sample figures under their
+    ``_per_sample`` names, the validation history, the epochs), so the rebuilt report equals the earlier one
+    for those methods, with this run's machine measurement. A same-preset report's failed rows are carried
+    as failures; another preset's are skipped. (The recipes are compared by path, not content.)"""
+    here = PRESETS[preset] if isinstance(preset, str) else preset
+    name = _preset_name(here)
+    recorded = earlier.get("settings", {})
+    rows = earlier.get("rows", {})
+    same_preset = earlier.get("preset") == name
 
-    def same_config(method: str) -> bool:
-        recipe = yaml.safe_load((REPO / METHODS[method]).read_text())
-        return derive_config(recipe, method, there, workdir) == derive_config(recipe, method, here, workdir)
+    def differs(method: str) -> list[str]:
+        now = run_conditions(preset_settings(here, [method]), method)
+        then = run_conditions(recorded, method)
+        return sorted(k for k in now if now[k] != then[k])
 
-    rows = {m: dict(row) for m, row in earlier.get("rows", {}).items()
-            if m in here.methods and m not in methods and "error" not in row and same_config(m)}
-    if not rows:
-        raise SystemExit(f"--merge: no method of preset {name!r} ran in the {earlier['preset']!r} report "
-                         "with the config it has here")
-    return rows
+    if same_preset:
+        taken = {m: dict(row) for m, row in rows.items() if m not in methods}
+        if bad := {m: d for m in taken if (d := differs(m))}:
+            raise SystemExit(f"--merge: the {name!r} report's rows ran otherwise than they would now: {bad}")
+        return taken
+    taken = {m: dict(row) for m, row in rows.items()
+             if m in here.methods and m not in methods and "error" not in row and not differs(m)}
+    if not taken:
+        raise SystemExit(f"--merge: no method of preset {name!r} ran in the {earlier.get('preset')!r} report "
+                         "as it would run here")
+    return taken
 
 
 def _preset_name(preset: Preset) -> str:
-    """The name of ``preset`` in :data:`PRESETS`, its seed aside."""
-    return next(n for n, p in PRESETS.items() if replace(p, train_seed=preset.train_seed) == preset)
+    """The name of ``preset`` in :data:`PRESETS` (its seed aside), or ``custom``."""
+    return next((n for n, q in PRESETS.items() if q == replace(preset, train_seed=None)), "custom")
 
 
 def merged_reports(reports: Sequence[tuple[str, Mapping[str, Any]]], preset: Preset,

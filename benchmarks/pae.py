@@ -73,6 +73,7 @@ def child(args) -> dict:
         # validation batches forwarded: every one the first time, then only those the tap cache did not hold
         "val_forwards": epochs * sum(trainer.num_val_batches) - s["eval_cache_hits"] if run != "pae_fullseq" else 0,
         "eval_cache_hits": s["eval_cache_hits"],
+        "val_forwards_first": sum(trainer.num_val_batches) if run != "pae_fullseq" else 0,
         "train_batches_per_epoch": trainer.num_training_batches,
         "device_busy_s_by_epoch": s["device_busy_s_by_epoch"],
         "val_acc": s["val_acc"],
@@ -119,6 +120,8 @@ def main() -> None:
         busy = {int(k): v for k, v in r["device_busy_s_by_epoch"].items()}
         checks["cache_device_forwards_equal_train_plus_val"] = (
             r["device_forwards"] == r["train_batches_per_epoch"] + r["val_forwards"])
+        # the device's tap cache: each validation batch forwarded once in the whole run
+        checks["val_batches_forwarded_once"] = r["val_forwards"] == r["val_forwards_first"]
         checks["cache_later_epochs_busy_ratio"] = max(busy[e] for e in busy if e > 0) / busy[0] if len(busy) > 1 else None
         raw = 30 * 576 * codecs.bytes_per_value(args.codec)
         checks["shortcut_bytes_per_sample_over_raw"] = r["first_epoch_bytes_up_per_sample"] / raw

@@ -527,16 +527,31 @@ def test_another_presets_rows_merge_only_where_the_method_ran_with_the_same_conf
     assert set(rows) == {"lora", "mobillm"} and rows["lora"] == small["rows"]["lora"]
     # a method run now is not taken from the report
     assert set(compare.merged_rows(small, "mezo", ["mezo", "lora"])) == {"mobillm"}
-    # a seed is part of the config: small at seed 0 does not stand for mezo at seed 1
+    # a seed is part of the run: small at seed 0 does not stand for mezo at seed 1, nor for small at seed 1
     with pytest.raises(SystemExit, match="'mezo'"):
         compare.merged_rows(small, replace(mezo, train_seed=1), [])
+    with pytest.raises(SystemExit, match="train_seed"):
+        compare.merged_rows(small, replace(compare.PRESETS["small"], train_seed=1), ["pae"])
     seeded = {**small, "settings": {**small["settings"], "train_seed": 1}}
     assert set(compare.merged_rows(seeded, replace(mezo, train_seed=1), [])) == {"lora", "mobillm"}
+    # what a report recorded counts, not what its preset's name means today: a small run of 256 tokens
+    # stands for nothing here, and is refused as a small report
+    longer = {**small, "settings": {**small["settings"], "max_length": 256}}
+    with pytest.raises(SystemExit, match="'mezo'"):
+        compare.merged_rows(longer, "mezo", [])
+    with pytest.raises(SystemExit, match="max_length"):
+        compare.merged_rows(longer, "small", [])
+    # a failed row of another preset is not taken
+    failed = json.loads(json.dumps(small))
+    failed["rows"]["lora"] = {"error": "exit code 1"}
+    assert set(compare.merged_rows(failed, "mezo", [])) == {"mobillm"}
     # bf16 differs from mezo in every method's dtype: nothing to take
+    bf16 = {**small, "preset": "bf16", "settings": {**small["settings"], "dtype": "bfloat16",
+                                                    "trained_precision": "bf16-mixed"}}
     with pytest.raises(SystemExit, match="'bf16'"):
-        compare.merged_rows({**small, "preset": "bf16"}, "mezo", [])
+        compare.merged_rows(bf16, "mezo", [])
     # two reports giving the same method are refused, naming both; disjoint ones combine
-    only_mezo = {**small, "preset": "mezo", "rows": {"mezo": small["rows"]["mezo"]}}
+    only_mezo = json.loads(json.dumps(compare.build_report("mezo", {"mezo": SUMMARIES["lora"]}, MACHINE, 0.9)))
     rows, origin = compare.merged_reports([("small.json", small), ("mezo.json", only_mezo)], mezo, [])
     assert set(rows) == {"lora", "mobillm", "mezo"} and origin["mezo"] == "mezo.json"
     with pytest.raises(SystemExit, match="lora is in both small.json and again.json"):

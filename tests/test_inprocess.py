@@ -235,6 +235,18 @@ def test_pae_epochs_after_the_first_send_only_cached_keys(tmp_path, tiny_data_fi
     assert by_epoch[1] + by_epoch[2] == sum(len(c.request) for c, _, _ in later) < by_epoch[0] / 2
 
 
+class CacheProbe(L.Callback):
+    """The device's tap cache's size after each validation or test batch."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        self.sizes.append(len(trainer.strategy.eval_cache))
+
+    on_test_batch_end = on_validation_batch_end
+
+
 # ---- validation from the device's tap cache ------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["mobillm", "pae"])
 def test_validation_batches_seen_before_are_sent_without_a_forward_and_score_the_same(
@@ -271,10 +283,15 @@ def test_validation_batches_seen_before_are_sent_without_a_forward_and_score_the
             torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=0, atol=0)
     assert [(h["val_acc"], h["val_f1"]) for h in cached["val_history"]] == [
         (h["val_acc"], h["val_f1"]) for h in fresh["val_history"]]
-    # test batches are never cached: a test after fit forwards every batch
-    before = trainer.strategy.device_stats.device_forwards
-    trainer.test(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
-    assert trainer.strategy.device_stats.device_forwards - before == sum(trainer.num_test_batches)
+    # only fit caches: validate() and test() after it forward every batch and leave the cache empty
+    for run_stage in (trainer.validate, trainer.test):
+        probe = CacheProbe()
+        trainer.callbacks.append(probe)
+        before = trainer.strategy.device_stats.device_forwards
+        run_stage(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
+        trainer.callbacks.remove(probe)
+        assert trainer.strategy.device_stats.device_forwards - before == len(probe.sizes) > 0
+        assert set(probe.sizes) == {0}, run_stage
 
 
 def test_the_tap_cache_keeps_to_its_bound_and_keys_by_batch_codec_and_selection():
@@ -294,10 +311,13 @@ def test_the_tap_cache_keeps_to_its_bound_and_keys_by_batch_codec_and_selection(
     cache = EvalTapCache(limit_mb=10_000 / 2**20)  # room for one such batch, not two
     assert cache.put("a", tensors, out) and len(cache) == 1
     assert not cache.put("b", tensors, out) and len(cache) == 1 and cache.bytes == 6000 + 24 + 60
-    assert cache.get("b") is None and cache.hits == 0
+    assert cache.get("b") is None
     kept_tensors, kept = cache.get("a")
-    assert kept_tensors is tensors and kept.acts is None and kept.sink is None and cache.hits == 1
-    assert not EvalTapCache(0).put("a", tensors, out)
+    assert kept_tensors is tensors and kept.acts is None and kept.sink is None
+    # a tensor both in the frame and in the outputs (the lengths, usually) is counted once
+    shared = EvalTapCache(limit_mb=1)
+    assert shared.put("a", {**tensors, "lengths": out.lengths}, out) and shared.bytes == 6000 + 24 + 60
+    assert not EvalTapCache(0).put("a", tensors, out) and not EvalTapCache(0).enabled
     cache.clear()
     assert len(cache) == 0 and cache.bytes == 0
     with pytest.raises(ValueError, match="eval_cache_mb must be >= 0"):

@@ -31,26 +31,27 @@ class EvalTapCache:
         self.limit_bytes = int(limit_mb * 2**20)
         self._entries: dict[str, tuple[dict[str, Tensor], BackboneOutput]] = {}
         self.bytes = 0
-        self.hits = 0
 
     @staticmethod
     def key(batch: dict[str, object], *, codec: str, select: str) -> str:
         tensors = [batch[k] for k in sorted(batch) if isinstance(batch[k], Tensor)]
         return f"{codec}/{select}/{sorted(batch)}/{tensor_digest(tensors)}"
 
+    @property
+    def enabled(self) -> bool:
+        return self.limit_bytes > 0
+
     def get(self, key: str) -> tuple[dict[str, Tensor], BackboneOutput] | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self.hits += 1
-        return entry
+        return self._entries.get(key)
 
     def put(self, key: str, tensors: dict[str, Tensor], out: BackboneOutput) -> bool:
         """Keep a batch's frame tensors and outputs if they fit under the bound; whether they were kept."""
         if not self.limit_bytes or key in self._entries:
             return False
         kept = replace(out, acts=None, sink=None)  # the taps are in ``tensors``, encoded; nothing else is needed
-        size = sum(t.nbytes for t in tensors.values()) + sum(
-            t.nbytes for t in (kept.lengths, kept.logits) if t is not None)
+        held = list(tensors.values())
+        held += [t for t in (kept.lengths, kept.logits) if t is not None and not any(t is h for h in held)]
+        size = sum(t.nbytes for t in held)
         if self.bytes + size > self.limit_bytes:
             return False
         self._entries[key] = (tensors, kept)

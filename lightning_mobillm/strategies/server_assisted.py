@@ -138,7 +138,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         backbone_device: where the backbone runs on the device (``cpu`` on a phone-class device).
         eval_cache_mb: device memory for the frame tensors of validation batches, so that a validation batch
             seen before is sent without a backbone forward (:class:`EvalTapCache`; the backbone is frozen);
-            0 forwards every validation batch every time. Test and predict batches are never cached.
+            0 forwards every validation batch every time. Only ``fit`` caches (it validates the same batches
+            again and again); ``validate``, ``test`` and ``predict`` batches are forwarded.
     """
 
     strategy_name = "mobillm"
@@ -603,7 +604,9 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         return module.device_scores(out, side)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        scores = self._scores(batch, reuse=stage == "val")
+        # only fit validates the same batches more than once (a validate() or test() call runs each once)
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        scores = self._scores(batch, reuse=stage == "val" and fitting and self.eval_cache.enabled)
         module = self.lightning_module
         labels = module.device_labels(batch).to(scores.device)
         module.update_eval_metrics(stage, scores, labels, loss=module.device_eval_loss(scores, labels))
