@@ -59,16 +59,21 @@ METHODS: dict[str, str] = {
     "split": "recipes/baselines/split.yaml",
     "mobillm": "recipes/quickstart.yaml",
     "mobillm_all": "recipes/quickstart.yaml",
+    "mobillm_cache": "recipes/quickstart.yaml",
     "pae": "recipes/pae/smollm2-bbc.yaml",
     "pae_names": "recipes/pae/smollm2-bbc.yaml",
     "mezo": "recipes/baselines/mezo.yaml",
 }
-#: a method that is another's recipe with some keys changed (dotted paths into the config)
+#: a method that is another's recipe with some keys changed (dotted paths into the config; a path ending in
+#: ``+`` appends its items to the list there)
 OVERRIDES: dict[str, dict[str, Any]] = {
     # the MobiLLM paper's configuration: every non-pad token's activations, where select: auto sends the last
     "mobillm_all": {"trainer.strategy.init_args.select": "all"},
     # PAE with the class names as its verbalizer words, where the preset gives words of its own
     "pae_names": {"data.init_args.verbalizers": None},
+    # MobiLLM's side network with PAE's server-side activation cache: the device forwards each sample once,
+    # the server trains on labels for several epochs (select: auto sends one token a sample, as the cache needs)
+    "mobillm_cache": {"trainer.callbacks+": [{"class_path": "lightning_mobillm.callbacks.ActivationCache"}]},
 }
 
 
@@ -88,7 +93,7 @@ DEFAULT_METHODS = ("full_ft", "lora", "lst", "split", "mobillm", "mobillm_all", 
 TRAINS_BACKBONE = frozenset({"full_ft", "lora", "split", "mezo"})
 #: methods whose device work overlaps the link and the server (MobiLLM's pipeline); the simulation applies
 #: it even though the measurement runs them synchronously (see derive_config)
-OVERLAPPED = frozenset({"mobillm", "mobillm_all", "pae", "pae_names"})
+OVERLAPPED = frozenset({"mobillm", "mobillm_all", "mobillm_cache", "pae", "pae_names"})
 SERVER_ASSISTED = "lightning_mobillm.strategies.ServerAssistedStrategy"
 DEVICE_MONITOR = "lightning_mobillm.callbacks.DeviceMonitor"
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
@@ -192,7 +197,7 @@ PRESETS: dict[str, Preset] = {
         limit_train_samples=800,
         max_epochs=1,
         val_check_interval=0.2,
-        epochs_by_method={"pae": 3},
+        epochs_by_method={"pae": 3, "mobillm_cache": 3},
     ),
     # A few steps of every method: checks that each one runs, not what it reaches.
     "smoke": Preset(
@@ -295,13 +300,18 @@ def derive_config(recipe: Mapping[str, Any], method: str, preset: Preset, workdi
         },
     )
     for dotted, value in OVERRIDES.get(method, {}).items():  # last: a method's own keys win over the preset's
-        *parents, leaf = dotted.split(".")
+        *parents, leaf = dotted.removesuffix("+").split(".")
         node = cfg
         for key in parents:
             if not isinstance(node.get(key), dict):
                 raise ValueError(f"{method}: the recipe has no mapping at {key!r} of {dotted}")
             node = node[key]
-        node[leaf] = value
+        if dotted.endswith("+"):
+            if not isinstance(node.get(leaf), list):
+                raise ValueError(f"{method}: the recipe has no list at {dotted[:-1]} to append to")
+            node[leaf] = [*node[leaf], *copy.deepcopy(value)]
+        else:
+            node[leaf] = value
     return cfg
 
 

@@ -235,8 +235,9 @@ def test_the_bf16_preset_is_small_in_bf16_with_mixed_precision_for_trained_weigh
 
 def test_presets_epochs():
     small, full = compare.PRESETS["small"], compare.PRESETS["full"]
-    pae = ("pae", "pae_names")
-    assert small.epochs("pae") == 3 and {small.epochs(m) for m in compare.METHODS if m not in pae} == {1}
+    cached = ("pae", "pae_names", "mobillm_cache")  # the methods whose later epochs cost the device nothing
+    assert {small.epochs(m) for m in cached} == {3} and {small.epochs(m) for m in compare.METHODS
+                                                         if m not in cached} == {1}
     assert compare.PRESETS["smoke"].epochs("pae_names") == 2
     assert {full.epochs(m) for m in compare.METHODS} == {3} and compare.PRESETS["smoke"].epochs("pae") == 2
     assert (small.limit_train_samples, full.limit_train_samples, full.max_length) == (800, None, 256)
@@ -556,3 +557,20 @@ def test_another_presets_rows_merge_only_where_the_method_ran_with_the_same_conf
     assert set(rows) == {"lora", "mobillm", "mezo"} and origin["mezo"] == "mezo.json"
     with pytest.raises(SystemExit, match="lora is in both small.json and again.json"):
         compare.merged_reports([("small.json", small), ("again.json", small)], mezo, [])
+
+
+def test_mobillm_with_the_activation_cache_is_the_quickstart_plus_the_callback_for_three_epochs(tmp_path, monkeypatch):
+    recipe = yaml.safe_load((compare.REPO / compare.METHODS["mobillm_cache"]).read_text())
+    small = compare.PRESETS["small"]
+    cfg = compare.derive_config(recipe, "mobillm_cache", small, tmp_path)
+    plain = compare.derive_config(recipe, "mobillm", small, tmp_path)
+    paths = [compare._class_path(cb) for cb in cfg["trainer"]["callbacks"]]
+    assert paths.count("lightning_mobillm.callbacks.ActivationCache") == 1
+    assert paths[:-1] == [compare._class_path(cb) for cb in plain["trainer"]["callbacks"]]
+    assert "lightning_mobillm.callbacks.ActivationCache" not in map(compare._class_path, recipe["trainer"]["callbacks"])
+    assert cfg["trainer"]["max_epochs"] == small.epochs("pae") == 3 and plain["trainer"]["max_epochs"] == 1
+    assert compare.base_method("mobillm_cache") == "mobillm" and "mobillm_cache" in compare.OVERLAPPED
+    # an append needs a list there
+    monkeypatch.setitem(compare.OVERRIDES, "mobillm_cache", {"data.init_args+": [1]})
+    with pytest.raises(ValueError, match="no list at data.init_args to append to"):
+        compare.derive_config(recipe, "mobillm_cache", small, tmp_path)
