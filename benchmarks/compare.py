@@ -842,7 +842,8 @@ def seed_means(reports: Sequence[Mapping[str, Any]], names: Sequence[str] | None
 
     def same(settings: Mapping[str, Any]) -> dict[str, Any]:
         kept = {k: v for k, v in settings.items() if k not in ("train_seed", "methods", "workdir", "recipes",
-                                                                   "epochs_by_method", "steps_by_method")}
+                                                                   "epochs_by_method", "steps_by_method",
+                                                                   "merged_from")}
         # a profile's factor is measured in each run (this CPU's GFLOPS), not a setting: the profiles must
         # agree in their definitions only
         kept["profiles"] = {n: {k: v for k, v in q.items() if k != "factor"}

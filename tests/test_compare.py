@@ -470,6 +470,7 @@ def test_seed_means_average_runs_that_differ_only_in_their_seed(report):
     assert pae["points_vs_lora"] == pytest.approx(-8.0 / 3) and pae["within_1_point_of_lora"] is False
     assert "full_ft" not in means["methods"]  # it failed in every run
     runs[1]["settings"]["profiles"]["phone"]["factor"] *= 1.5  # measured per run: not a difference
+    runs[2]["settings"]["merged_from"] = [{"file": "seed2.json", "preset": "small", "methods": ["lora"]}]  # nor this
     runs[0]["settings"]["train_seed"] = None  # run without --seed: the preset's seed
     assert compare.seed_means(runs)["seeds"] == [compare.PRESETS["small"].seed, 1, 2]
     other = run(3, {"lora": 0.9})
