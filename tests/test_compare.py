@@ -231,6 +231,19 @@ def test_the_bf16_preset_is_small_in_bf16_with_mixed_precision_for_trained_weigh
     assert (bf16.backbone_dtype("lora"), bf16.precision("lora")) == ("float32", "bf16-mixed")
     assert (bf16.backbone_dtype("mobillm"), bf16.precision("mobillm")) == ("bfloat16", "32")
     assert (small.backbone_dtype("lora"), small.precision("lora")) == ("float32", "32")
+    # small validates on a fixed subset of 120 documents; bf16 (and mezo) on all 178, as their results were run
+    assert (small.limit_eval_samples, bf16.limit_eval_samples, compare.PRESETS["mezo"].limit_eval_samples) == (
+        120, None, None)
+
+
+def test_every_method_of_a_preset_validates_on_the_same_documents(tmp_path):
+    for name in ("small", "bf16"):
+        preset = compare.PRESETS[name]
+        for method in compare.METHODS:
+            recipe = yaml.safe_load((compare.REPO / compare.METHODS[method]).read_text())
+            recipe["data"]["init_args"]["limit_eval_samples"] = 7  # a recipe's own subset does not survive
+            data = compare.derive_config(recipe, method, preset, tmp_path)["data"]["init_args"]
+            assert data["limit_eval_samples"] == preset.limit_eval_samples, (name, method)
 
 
 def test_presets_epochs():
@@ -523,6 +536,10 @@ def test_another_presets_rows_merge_only_where_the_method_ran_with_the_same_conf
     small = json.loads(json.dumps(report))
     small["rows"]["mezo"] = small["rows"]["lora"]  # a row the mezo preset would run differently (steps)
     mezo = compare.PRESETS["mezo"]
+    # small validates on 120 documents today, mezo on all 178: none of today's small rows stands for mezo's ...
+    with pytest.raises(SystemExit, match="'mezo'"):
+        compare.merged_rows(small, "mezo", ["mezo"])
+    small["settings"]["limit_eval_samples"] = None  # ... a small report of all 178 (as small ran before) does
     # mezo is small with MeZO's step budget: small's LoRA and MobiLLM ran exactly as they would there; PAE
     # ran 3 epochs in small and 1 in mezo, and small's full_ft is not one of mezo's methods
     rows = compare.merged_rows(small, "mezo", ["mezo"])

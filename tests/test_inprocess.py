@@ -325,10 +325,9 @@ def test_the_tap_cache_keeps_to_its_bound_and_keys_by_batch_codec_and_selection(
 
 
 # ---- select: auto --------------------------------------------------------------------------------------------
-def _fit_last_token_head(select: str, wire: list[Exchange], tmp_path, tiny_data_file,
-                         tiny_llama_dir) -> tuple[list[float], int, dict, list[Frame]]:
-    """One epoch of MobiLLM with a head pooling the last token, sent exactly (fp32): the server's losses,
-    the training frames' bytes, the device's summary and the training frames."""
+def _last_token_trainer(select: str, wire: list[Exchange], tmp_path, tiny_data_file, tiny_llama_dir,
+                        validate: bool = False) -> L.Trainer:
+    """One epoch of MobiLLM with a head pooling the last token, sent exactly (fp32), fitted."""
     wire.clear()
     L.seed_everything(0, verbose=False)
     data = _data(tiny_data_file, tiny_llama_dir)
@@ -339,9 +338,18 @@ def _fit_last_token_head(select: str, wire: list[Exchange], tmp_path, tiny_data_
         strategy=ServerAssistedStrategy(server="inprocess", select=select, embedded=_server()), accelerator="cpu",
         max_epochs=1, callbacks=[QuantizedTransfer("fp32"), monitor], logger=CSVLogger(tmp_path, name=select),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False,
-        limit_val_batches=0,
+        limit_val_batches=1.0 if validate else 0,
     )
     trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def _fit_last_token_head(select: str, wire: list[Exchange], tmp_path, tiny_data_file,
+                         tiny_llama_dir) -> tuple[list[float], int, dict, list[Frame]]:
+    """:func:`_last_token_trainer`'s fit: the server's losses, the training frames' bytes, the device's summary
+    and the training frames."""
+    trainer = _last_token_trainer(select, wire, tmp_path, tiny_data_file, tiny_llama_dir)
+    monitor = next(c for c in trainer.callbacks if isinstance(c, DeviceMonitor))
     training = [(c, q, r) for c, (q, r) in zip(wire, _frames(wire, "mobillm")) if q.kind in TRAIN_KINDS]
     assert len(training) == trainer.num_training_batches > 1
     return ([r.header["loss"] for _, _, r in training], sum(len(c.request) for c, _, _ in training),
@@ -361,6 +369,30 @@ def test_select_auto_sends_only_the_last_token_for_a_last_token_head_and_trains_
     assert bytes_auto < bytes_every / 4
     # the side network is token-wise and the head pools the last token: the same losses, step for step
     torch.testing.assert_close(torch.tensor(auto), torch.tensor(every), rtol=1e-5, atol=1e-6)
+
+
+def test_select_all_evaluates_with_the_tokens_that_reach_the_prediction_and_scores_the_same(
+        tmp_path, tiny_data_file, tiny_llama_dir, wire, monkeypatch):
+    trainer = _last_token_trainer("all", wire, tmp_path, tiny_data_file, tiny_llama_dir, validate=True)
+    strategy = trainer.strategy
+    assert (strategy.token_select, strategy.eval_select) == ("all", "loss")
+    assert strategy.device_stats.run["eval_select"] == "loss"
+    frames = _frames(wire, "mobillm")
+    assert min(int(q.tensors["lengths"].min()) for q, _ in frames if q.kind in TRAIN_KINDS) > 1
+    assert all(bool((q.tensors["lengths"] == 1).all()) for q, _ in frames if q.kind in EVAL_KINDS)
+
+    def replies() -> list[Frame]:
+        wire.clear()
+        trainer.validate(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
+        return [(q, r) for q, r in _frames(wire, "mobillm") if q.kind in EVAL_KINDS]
+
+    last = replies()
+    monkeypatch.setattr(type(strategy), "eval_select", property(lambda self: self.token_select))
+    every = replies()  # the same trained side network, validated on every token as training sent them
+    assert len(last) == len(every) > 1
+    assert all(int(q.tensors["lengths"].min()) > 1 for q, _ in every)
+    for (_, a), (_, b) in zip(last, every, strict=True):
+        torch.testing.assert_close(a.tensors["logits"], b.tensors["logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_select_auto_resolves_from_the_module_pooling_and_the_backbone_kind():

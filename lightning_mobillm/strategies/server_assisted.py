@@ -126,6 +126,8 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             it, the same loss for far fewer bytes); ``all`` non-pad tokens (the MobiLLM paper's
             configuration); only the ``loss`` token (the PAE shortcut); the ``answer`` positions of a generative
             module (those whose next token is in the answer: :meth:`SideTuningModule.token_positions`).
+            Evaluation sends what ``auto`` would when training sends ``all`` (:attr:`eval_select`: the same
+            scores, as there is no gradient).
         inference: where validation/test/predict run the side network: on the ``server`` (during ``fit``
             always) or ``local``ly on the device with weights downloaded from the server.
         embedded: settings of the embedded server (ignored when ``server`` is set).
@@ -225,6 +227,15 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self.cache = cache
 
     @property
+    def eval_select(self) -> Literal["all", "loss", "answer"]:
+        """The tokens evaluation and prediction send: the module's own choice (what ``auto`` resolves to) when
+        training sends every token (``select: all``): with no gradient only the tokens that reach the prediction
+        matter, and the side network is token-wise, so the scores are the same for a fraction of the bytes;
+        otherwise training's tokens."""
+        select = self.token_select
+        return self._auto_select if select == "all" and self._auto_select is not None else select
+
+    @property
     def token_select(self) -> Literal["all", "loss", "answer"]:
         """The tokens this run sends: ``select``, with ``auto`` resolved once the module is built."""
         if self.select != "auto":
@@ -266,6 +277,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             log.info("no QuantizedTransfer callback configured; sending %s", self.transfer.codec)
         self.device_stats.run["codec"] = self.transfer.codec
         self.device_stats.run["select"] = self.token_select
+        self.device_stats.run["eval_select"] = self.eval_select
         super().setup(trainer)
         if self.client is None:
             self._connect()  # after checkpoint restore, so a resumed run finds its activation cache
@@ -380,12 +392,14 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         self._drain()
         return self._resilient(lambda: self.client.pull_state(model_only=model_only))
 
-    def _forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], BackboneOutput]:
+    def _forward(self, batch: dict[str, Tensor], select: str | None = None) -> tuple[dict[str, Tensor], BackboneOutput]:
         """Run the backbone (with the LM-head logits the module composes with, if any), its taps quantised into
-        frame tensors inside the hooks as the forward runs (the float ``[N, L, d]`` stack never exists)."""
+        frame tensors inside the hooks as the forward runs (the float ``[N, L, d]`` stack never exists).
+        ``select``: the tokens sent (default: training's, :attr:`token_select`)."""
         module = self.lightning_module
-        positions = module.token_positions(batch) if self.token_select == "answer" else None
-        out = self.backbone(batch["input_ids"], batch["attention_mask"], select=self.token_select,
+        select = select or self.token_select
+        positions = module.token_positions(batch) if select == "answer" else None
+        out = self.backbone(batch["input_ids"], batch["attention_mask"], select=select,
                             label_token_ids=module.backbone_label_token_ids,
                             sink=self.transfer.layer_encoder, positions=positions)
         self.device_stats.device_forwards += 1
@@ -582,10 +596,11 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
         """Class scores for a batch, composed on the device by the module from the side network's outputs
         (and the backbone's own prediction, for modules that compose with it). With ``reuse`` (validation) a
         batch whose taps the :class:`EvalTapCache` holds is not forwarded again."""
-        key = EvalTapCache.key(batch, codec=self.transfer.codec, select=self.token_select) if reuse else None
+        select = self.eval_select
+        key = EvalTapCache.key(batch, codec=self.transfer.codec, select=select) if reuse else None
         cached = self.eval_cache.get(key) if key is not None else None
         if cached is None:
-            tensors, out = self._forward(batch)
+            tensors, out = self._forward(batch, select)
             if key is not None:
                 self.eval_cache.put(key, tensors, out)
         else:
