@@ -80,7 +80,7 @@ from lightning_mobillm.fed.model import DEFAULT_HEAD_RANK, FedDownload, FedSideM
 from lightning_mobillm.fed.trainer import FedTrainer, simulate_async
 from lightning_mobillm.fed.upload import Upload
 from lightning_mobillm.privacy import TargetTransform
-from lightning_mobillm.simulate import LINKS, PROFILES, measure_cpu_gflops
+from lightning_mobillm.simulate import LINKS, PROFILES, measure_cpu_gflops, reaches
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_ACC = 0.85
@@ -310,7 +310,8 @@ def evaluate_devices(fed: Federation, download_of: Callable[[SimDevice], FedDown
 
 def time_to_target(curve: Sequence[Mapping[str, Any]], target: float) -> float | None:
     """The virtual time of the first curve point whose ``val_acc`` reaches ``target`` (None: never)."""
-    return next((row["t"] for row in curve if row.get("val_acc") is not None and row["val_acc"] >= target), None)
+    return next((row["t"] for row in curve if row.get("val_acc") is not None and reaches(row["val_acc"], target)),
+                None)
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_mobillm.simulate import (
@@ -142,6 +143,17 @@ def test_validation_points_are_placed_linearly_within_their_epoch():
     assert time_to_accuracy(TWO_EPOCHS, 2.0, NO_LATENCY, False, 0.8) == pytest.approx(10.0)
     assert time_to_accuracy(TWO_EPOCHS, 1.0, NO_LATENCY, False, 0.5) == pytest.approx(5.0)
     assert time_to_accuracy(TWO_EPOCHS, 1.0, NO_LATENCY, False, 0.95) is None
+
+
+def test_an_accuracy_logged_in_float32_reaches_a_target_it_equals():
+    # 108 of 120 documents is 90%, but torchmetrics logs it in float32: 0.8999999761581421
+    logged = float(torch.tensor(108 / 120, dtype=torch.float32))
+    assert logged < 0.9
+    history = [{**p, "val_acc": logged if p["step"] == 10 else p["val_acc"]} for p in TWO_EPOCHS["val_history"]]
+    assert time_to_accuracy({**TWO_EPOCHS, "val_history": history}, 1.0, NO_LATENCY, False, 0.9) == pytest.approx(10.0)
+    # one document short of it (107 of 120) does not
+    short = [{**p, "val_acc": 107 / 120} for p in TWO_EPOCHS["val_history"]]
+    assert time_to_accuracy({**TWO_EPOCHS, "val_history": short}, 1.0, NO_LATENCY, False, 0.9) is None
 
 
 # --------------------------------------------------------------------------- derived configs
@@ -412,7 +424,16 @@ def test_targets_met_not_met_and_not_measured(report):
     better = {**report["rows"], "mobillm": {**report["rows"]["mobillm"], "val_acc": 0.99}}
     gap = compare.check_targets(better)["mobillm_val_acc_gap_vs_lora_points"]
     assert gap["value"] == pytest.approx(-6.5) and gap["met"] is True  # better than LoRA counts as within
-    assert all(v["measured"] for k, v in t.items() if k != "mobillm_peak_memory_vs_full_ft")
+    assert all(v["measured"] for k, v in t.items() if k not in ("mobillm_peak_memory_vs_full_ft", "methods_minutes"))
+    # the preset's run time: measured when every default method ran and has its process time
+    assert "full_ft" in t["methods_minutes"]["not_measured"]
+    timed = {m: {**report["rows"]["lora"], "process_wall_s": 300.0} for m in compare.DEFAULT_METHODS}
+    minutes = compare.check_targets(timed)["methods_minutes"]
+    assert minutes["value"] == pytest.approx(300 * len(compare.DEFAULT_METHODS) / 60) and minutes["met"] is True
+    timed["lst"] = {**timed["lst"], "process_wall_s": 2000.0}
+    assert compare.check_targets(timed)["methods_minutes"]["met"] is False
+    del timed["lst"]["process_wall_s"]
+    assert compare.check_targets(timed)["methods_minutes"]["measured"] is False
 
 
 def test_time_to_accuracy_block(report):
