@@ -187,9 +187,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # PAE gets 3 epochs: its activation cache (no device forward after epoch 1) is what it is measured for.
     # Five validations an epoch, so that the time to accuracy is not coarse, on a fixed stratified subset of
-    # 120 of the 178 validation documents (24 a class; one document is 0.83 points), the same for every method:
-    # the validations of the methods that train the backbone cannot be cached, and all 178 put the preset
-    # over its 40 minutes.
+    # 120 of the 178 validation documents (28/21/22/28/21 by class; one document is 0.83 points), the same for
+    # every method: the validations of the methods that train the backbone cannot be cached, and all 178 put
+    # the preset over its 40 minutes.
     "small": Preset(
         seed=0,
         source="smollm2-135m",
@@ -500,7 +500,8 @@ TARGETS: dict[str, Target] = {
         1.0,
     ),
     "methods_minutes": Target(
-        f"minutes of the {len(DEFAULT_METHODS)} default methods' processes (the small preset's run time)",
+        f"minutes of the {len(DEFAULT_METHODS)} default methods' processes (the small preset's run time; "
+        "summed over the reports when rows were merged)",
         DEFAULT_METHODS,
         _methods_minutes,
         "<=",

@@ -526,3 +526,14 @@ def test_layer_encoder_turns_the_frame_float32_when_a_later_layer_has_outliers_b
     got, whole = codecs.decode(parts, "int8o"), codecs.decode(codecs.encode(acts, "int8o", 2), "int8o")
     assert torch.equal(got[:, 1], whole[:, 1])  # the layer beyond float16: exact
     torch.testing.assert_close(got[:, 0], whole[:, 0], rtol=2**-10, atol=1e-6)  # written before: float16 rounding
+
+
+@pytest.mark.parametrize("codec", codecs.CODECS)
+def test_a_tokenwise_codec_decodes_a_token_the_same_alone_or_in_a_frame(codec):
+    acts, _ = _llm_acts(n=64, layers=2, d=64)
+    together = decode(encode(acts, codec), codec)[-1:]
+    alone = decode(encode(acts[-1:], codec), codec)
+    # the strategy evaluates select: all on the loss token alone only for codecs where this holds
+    assert torch.equal(together, alone) == codecs.tokenwise(codec), codec
+    with pytest.raises(ValueError, match="unknown codec"):
+        codecs.tokenwise("int3")

@@ -326,8 +326,8 @@ def test_the_tap_cache_keeps_to_its_bound_and_keys_by_batch_codec_and_selection(
 
 # ---- select: auto --------------------------------------------------------------------------------------------
 def _last_token_trainer(select: str, wire: list[Exchange], tmp_path, tiny_data_file, tiny_llama_dir,
-                        validate: bool = False) -> L.Trainer:
-    """One epoch of MobiLLM with a head pooling the last token, sent exactly (fp32), fitted."""
+                        validate: bool = False, codec: str = "fp32") -> L.Trainer:
+    """One epoch of MobiLLM with a head pooling the last token, sent exactly (fp32) by default, fitted."""
     wire.clear()
     L.seed_everything(0, verbose=False)
     data = _data(tiny_data_file, tiny_llama_dir)
@@ -336,7 +336,7 @@ def _last_token_trainer(select: str, wire: list[Exchange], tmp_path, tiny_data_f
     monitor = DeviceMonitor()
     trainer = L.Trainer(
         strategy=ServerAssistedStrategy(server="inprocess", select=select, embedded=_server()), accelerator="cpu",
-        max_epochs=1, callbacks=[QuantizedTransfer("fp32"), monitor], logger=CSVLogger(tmp_path, name=select),
+        max_epochs=1, callbacks=[QuantizedTransfer(codec), monitor], logger=CSVLogger(tmp_path, name=select),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False,
         limit_val_batches=1.0 if validate else 0,
     )
@@ -371,28 +371,47 @@ def test_select_auto_sends_only_the_last_token_for_a_last_token_head_and_trains_
     torch.testing.assert_close(torch.tensor(auto), torch.tensor(every), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
 def test_select_all_evaluates_with_the_tokens_that_reach_the_prediction_and_scores_the_same(
-        tmp_path, tiny_data_file, tiny_llama_dir, wire, monkeypatch):
-    trainer = _last_token_trainer("all", wire, tmp_path, tiny_data_file, tiny_llama_dir, validate=True)
+        codec, tmp_path, tiny_data_file, tiny_llama_dir, wire, monkeypatch):
+    trainer = _last_token_trainer("all", wire, tmp_path, tiny_data_file, tiny_llama_dir, validate=True, codec=codec)
     strategy = trainer.strategy
     assert (strategy.token_select, strategy.eval_select) == ("all", "loss")
-    assert strategy.device_stats.run["eval_select"] == "loss"
+    monitor = next(c for c in trainer.callbacks if isinstance(c, DeviceMonitor))
+    assert (monitor.summary["select"], monitor.summary["eval_select"]) == ("all", "loss")
     frames = _frames(wire, "mobillm")
+    evals = [q for q, _ in frames if q.kind in EVAL_KINDS]
     assert min(int(q.tensors["lengths"].min()) for q, _ in frames if q.kind in TRAIN_KINDS) > 1
-    assert all(bool((q.tensors["lengths"] == 1).all()) for q, _ in frames if q.kind in EVAL_KINDS)
+    assert evals and all(bool((q.tensors["lengths"] == 1).all()) for q in evals)
 
-    def replies() -> list[Frame]:
+    def replies(run) -> list[tuple[Frame, Frame]]:
         wire.clear()
-        trainer.validate(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
+        run(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
         return [(q, r) for q, r in _frames(wire, "mobillm") if q.kind in EVAL_KINDS]
 
-    last = replies()
+    last, last_test = replies(trainer.validate), replies(trainer.test)
+    assert all(bool((q.tensors["lengths"] == 1).all()) for q, _ in last + last_test)
     monkeypatch.setattr(type(strategy), "eval_select", property(lambda self: self.token_select))
-    every = replies()  # the same trained side network, validated on every token as training sent them
-    assert len(last) == len(every) > 1
-    assert all(int(q.tensors["lengths"].min()) > 1 for q, _ in every)
-    for (_, a), (_, b) in zip(last, every, strict=True):
+    # the same trained side network, evaluated on every token as training sent them
+    every, every_test = replies(trainer.validate), replies(trainer.test)
+    assert len(last) == len(every) > 1 and len(last_test) == len(every_test) > 1
+    assert all(int(q.tensors["lengths"].min()) > 1 for q, _ in every + every_test)
+    for (_, a), (_, b) in zip(last + last_test, every + every_test, strict=True):
         torch.testing.assert_close(a.tensors["logits"], b.tensors["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_narrows_only_select_all_and_only_with_a_codec_that_encodes_tokens_alone():
+    def eval_select(select: str, auto: str, codec: str) -> str:
+        strategy = ServerAssistedStrategy(server="inprocess", select=select)
+        strategy._auto_select, strategy.transfer = auto, QuantizedTransfer(codec)
+        return strategy.eval_select
+
+    assert eval_select("all", "loss", "int8") == "loss"
+    assert eval_select("all", "all", "int8") == "all"  # a head pooling every token needs them all
+    assert eval_select("loss", "all", "int8") == "loss"  # evaluation never sends more than training
+    # outlier-aware codecs pick their fp16 channels over the frame's tokens: fewer tokens, other bytes
+    assert eval_select("all", "loss", "int8o") == eval_select("all", "loss", "int4o") == "all"
+    assert eval_select("auto", "loss", "int8o") == "loss"
 
 
 def test_select_auto_resolves_from_the_module_pooling_and_the_backbone_kind():

@@ -150,6 +150,7 @@ class DeviceMonitor(L.Callback):
             "method": type(pl_module).__name__,
             "codec": stats.run.get("codec", getattr(transfer, "codec", None)),
             "select": stats.run.get("select"),
+            "eval_select": stats.run.get("eval_select"),
             "pipeline_depth": stats.run.get("pipeline_depth"),
             "overlap": stats.overlaps_server,
             "steps": trainer.global_step,

@@ -9,7 +9,8 @@ forward (a test checks this).
 
 The cache lives in the device process only (nothing of it is sent), is keyed by a digest of the batch's
 tensors together with the codec and token selection, and is bounded in bytes: a batch that would exceed the
-bound is forwarded every time, so with ``select: all`` (a few MB a sample) it simply stays mostly empty.
+bound is forwarded every time, so with every token of a sample evaluated (a few MB a sample: a head pooling
+all tokens, or an outlier-aware codec) it simply stays mostly empty.
 """
 
 from __future__ import annotations

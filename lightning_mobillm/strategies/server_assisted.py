@@ -46,6 +46,7 @@ from lightning_mobillm.faults import fault_point
 from lightning_mobillm.server_config import ServerConfig
 from lightning_mobillm.stats import DeviceStats
 from lightning_mobillm.strategies.eval_cache import EvalTapCache
+from lightning_mobillm.transport.codecs import tokenwise
 from lightning_mobillm.transport.frames import Frame, encode_frame
 from lightning_mobillm.transport.link import LinkError
 
@@ -127,7 +128,7 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
             configuration); only the ``loss`` token (the PAE shortcut); the ``answer`` positions of a generative
             module (those whose next token is in the answer: :meth:`SideTuningModule.token_positions`).
             Evaluation sends what ``auto`` would when training sends ``all`` (:attr:`eval_select`: the same
-            scores, as there is no gradient).
+            scores, as there is no gradient; not with the outlier-aware codecs).
         inference: where validation/test/predict run the side network: on the ``server`` (during ``fit``
             always) or ``local``ly on the device with weights downloaded from the server.
         embedded: settings of the embedded server (ignored when ``server`` is set).
@@ -229,11 +230,13 @@ class ServerAssistedStrategy(SingleDeviceStrategy):
     @property
     def eval_select(self) -> Literal["all", "loss", "answer"]:
         """The tokens evaluation and prediction send: the module's own choice (what ``auto`` resolves to) when
-        training sends every token (``select: all``): with no gradient only the tokens that reach the prediction
-        matter, and the side network is token-wise, so the scores are the same for a fraction of the bytes;
-        otherwise training's tokens."""
+        training sends every token (``select: all``) with a codec that encodes each token on its own: with no
+        gradient only the tokens that reach the prediction matter, and the side network is token-wise, so the
+        scores are the same for a fraction of the bytes. Otherwise training's tokens (an outlier-aware codec
+        picks its channels over the frame's tokens, so fewer tokens would change the loss token's bytes)."""
         select = self.token_select
-        return self._auto_select if select == "all" and self._auto_select is not None else select
+        narrow = select == "all" and self._auto_select is not None and tokenwise(self.transfer.codec)
+        return self._auto_select if narrow else select
 
     @property
     def token_select(self) -> Literal["all", "loss", "answer"]:

@@ -76,6 +76,13 @@ def _check_codec(codec: str) -> None:
         raise ValueError(f"unknown codec {codec!r}; allowed codecs: {', '.join(CODECS)}")
 
 
+def tokenwise(codec: str) -> bool:
+    """Whether ``codec`` encodes each token on its own, so that a token decodes the same whatever else the
+    frame holds: every codec but the outlier-aware ones, which pick their channels over the whole frame."""
+    _check_codec(codec)
+    return codec not in _BASE
+
+
 def bytes_per_value(codec: str) -> float:
     """Payload bytes per encoded value (scales and other side parts not included).
 
