@@ -62,6 +62,7 @@ METHODS: dict[str, str] = {
     "mobillm_cache": "recipes/quickstart.yaml",
     "pae": "recipes/pae/smollm2-bbc.yaml",
     "pae_names": "recipes/pae/smollm2-bbc.yaml",
+    "pae_no_rr": "recipes/pae/smollm2-bbc.yaml",
     "mezo": "recipes/baselines/mezo.yaml",
 }
 #: a method that is another's recipe with some keys changed (dotted paths into the config; a path ending in
@@ -71,6 +72,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "mobillm_all": {"trainer.strategy.init_args.select": "all"},
     # PAE with the class names as its verbalizer words, where the preset gives words of its own
     "pae_names": {"data.init_args.verbalizers": None},
+    # PAE without randomized response on the label (the secret embedding alone): what the label-DP noise of
+    # the default (epsilon 4) costs in accuracy and in time to accuracy
+    "pae_no_rr": {"model.init_args.transform_rr_epsilon": None},
     # MobiLLM's side network with PAE's server-side activation cache: the device forwards each sample once,
     # the server trains on labels for several epochs (select: auto sends one token a sample, as the cache needs)
     "mobillm_cache": {"trainer.callbacks+": [{"class_path": "lightning_mobillm.callbacks.ActivationCache"}]},
@@ -93,7 +97,7 @@ DEFAULT_METHODS = ("full_ft", "lora", "lst", "split", "mobillm", "mobillm_all", 
 TRAINS_BACKBONE = frozenset({"full_ft", "lora", "split", "mezo"})
 #: methods whose device work overlaps the link and the server (MobiLLM's pipeline); the simulation applies
 #: it even though the measurement runs them synchronously (see derive_config)
-OVERLAPPED = frozenset({"mobillm", "mobillm_all", "mobillm_cache", "pae", "pae_names"})
+OVERLAPPED = frozenset({"mobillm", "mobillm_all", "mobillm_cache", "pae", "pae_names", "pae_no_rr"})
 SERVER_ASSISTED = "lightning_mobillm.strategies.ServerAssistedStrategy"
 DEVICE_MONITOR = "lightning_mobillm.callbacks.DeviceMonitor"
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"

@@ -260,7 +260,7 @@ def test_every_method_of_a_preset_validates_on_the_same_documents(tmp_path):
 
 def test_presets_epochs():
     small, full = compare.PRESETS["small"], compare.PRESETS["full"]
-    cached = ("pae", "pae_names", "mobillm_cache")  # the methods whose later epochs cost the device nothing
+    cached = ("pae", "pae_names", "pae_no_rr", "mobillm_cache")  # later epochs cost the device nothing
     assert {small.epochs(m) for m in cached} == {3} and {small.epochs(m) for m in compare.METHODS
                                                          if m not in cached} == {1}
     assert compare.PRESETS["smoke"].epochs("pae_names") == 2
@@ -511,6 +511,18 @@ def test_seed_means_average_runs_that_differ_only_in_their_seed(report):
     other["settings"]["max_length"] = 256
     with pytest.raises(ValueError, match="max_length"):
         compare.seed_means([runs[0], other])
+
+
+def test_pae_no_rr_is_pae_with_randomized_response_off_and_nothing_else(tmp_path):
+    recipe = yaml.safe_load((compare.REPO / compare.METHODS["pae"]).read_text())
+    assert recipe["model"]["init_args"]["transform_rr_epsilon"] == 4.0  # the default it is measured against
+    pae, off = (compare.derive_config(recipe, m, compare.PRESETS["bf16"], tmp_path) for m in ("pae", "pae_no_rr"))
+    assert off["model"]["init_args"].pop("transform_rr_epsilon") is None
+    pae["model"]["init_args"].pop("transform_rr_epsilon")
+    assert compare.base_method("pae_no_rr") == "pae" and "pae_no_rr" in compare.OVERLAPPED
+    # the rest is the same but for the run's name (its logger and folder)
+    renamed = json.dumps(pae, sort_keys=True).replace('"pae"', '"pae_no_rr"').replace("/pae/", "/pae_no_rr/")
+    assert renamed == json.dumps(off, sort_keys=True)
 
 
 def test_the_harder_task_preset_replaces_the_data_and_pae_names_keeps_the_class_names(tmp_path):
