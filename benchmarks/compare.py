@@ -95,9 +95,9 @@ DEFAULT_METHODS = ("full_ft", "lora", "lst", "split", "mobillm", "mobillm_all", 
 #: MeZO's perturbed adapters): their weights stay float32 and a bf16 preset trains them with Lightning's
 #: ``bf16-mixed`` (float32 master weights) instead of loading the backbone in bfloat16
 TRAINS_BACKBONE = frozenset({"full_ft", "lora", "split", "mezo"})
-#: methods whose device work overlaps the link and the server (MobiLLM's pipeline); the simulation applies
-#: it even though the measurement runs them synchronously (see derive_config)
-OVERLAPPED = frozenset({"mobillm", "mobillm_all", "mobillm_cache", "pae", "pae_names", "pae_no_rr"})
+#: methods whose device work overlaps the link and the server (MobiLLM's pipeline), variants included; the
+#: simulation applies it even though the measurement runs them synchronously (see derive_config)
+OVERLAPPED = frozenset(m for m in METHODS if base_method(m) in ("mobillm", "pae"))
 SERVER_ASSISTED = "lightning_mobillm.strategies.ServerAssistedStrategy"
 DEVICE_MONITOR = "lightning_mobillm.callbacks.DeviceMonitor"
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
